@@ -1,0 +1,38 @@
+"""lorafit: LoRA from scratch for pretrained transformer encoders, and a tool that
+trains and compares fine-tuning strategies on text classification.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from lorafit.adapter import load_adapter, save_adapter
+from lorafit.errors import LorafitError
+from lorafit.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    unload_lora,
+    unmerge_lora,
+)
+from lorafit.targets import target_presets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "LorafitError",
+    "apply_lora",
+    "count_parameters",
+    "load_adapter",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "save_adapter",
+    "target_presets",
+    "unload_lora",
+    "unmerge_lora",
+]

@@ -1,0 +1,151 @@
+"""Which modules LoRA adapts: role presets per architecture and target resolution.
+
+A target is one of
+- a *role* (`query`, `key`, `value`, `output`, `ffn`, `classifier`, `head`), looked up
+  in the architecture's preset below;
+- a *module-name suffix* (`key`, `attention.self.key`, `classifier`): matches a module
+  whose dotted name equals it or ends with `.` + it, as PEFT matches `target_modules`;
+- a *regex* (any string holding one of ``*+?[](){}|^$\\``), matched against the whole
+  dotted module name with `re.fullmatch`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from lorafit.errors import TargetError
+
+ROLES = ("query", "key", "value", "output", "ffn", "classifier", "head")
+
+_LAYER = r"(?:.*\.)?"  # any prefix ending in a dot, or none
+
+# Regexes (fullmatch on dotted module names) for each role, per `config.model_type`.
+_BERT_LIKE = {
+    "query": _LAYER + r"attention\.self\.query",
+    "key": _LAYER + r"attention\.self\.key",
+    "value": _LAYER + r"attention\.self\.value",
+    "output": _LAYER + r"attention\.output\.dense",
+    "ffn": _LAYER + r"layer\.\d+\.(?:intermediate|output)\.dense",
+}
+_PRESETS: dict[str, dict[str, str]] = {
+    "distilbert": {
+        "query": _LAYER + r"attention\.q_lin",
+        "key": _LAYER + r"attention\.k_lin",
+        "value": _LAYER + r"attention\.v_lin",
+        "output": _LAYER + r"attention\.out_lin",
+        "ffn": _LAYER + r"ffn\.lin[12]",
+        "classifier": r"classifier",
+        "head": r"pre_classifier|classifier",
+    },
+    "bert": {**_BERT_LIKE, "classifier": r"classifier", "head": _LAYER + r"pooler\.dense|classifier"},
+    "roberta": {
+        **_BERT_LIKE,
+        "classifier": r"classifier\.out_proj",
+        "head": r"classifier\.(?:dense|out_proj)",
+    },
+    "mpnet": {
+        "query": _LAYER + r"attention\.attn\.q",
+        "key": _LAYER + r"attention\.attn\.k",
+        "value": _LAYER + r"attention\.attn\.v",
+        "output": _LAYER + r"attention\.attn\.o",
+        "ffn": _LAYER + r"layer\.\d+\.(?:intermediate|output)\.dense",
+        "classifier": r"classifier\.out_proj",
+        "head": r"classifier\.(?:dense|out_proj)",
+    },
+}
+for _alias, _base in {"xlm-roberta": "roberta", "camembert": "roberta"}.items():
+    _PRESETS[_alias] = _PRESETS[_base]
+
+# Fallback for other architectures: the usual projection names.
+_GENERIC = {
+    "query": _LAYER + r"(?:q_proj|query|q_lin|q)",
+    "key": _LAYER + r"(?:k_proj|key|k_lin|k)",
+    "value": _LAYER + r"(?:v_proj|value|v_lin|v)",
+    "output": _LAYER + r"(?:o_proj|out_proj|out_lin|attention\.output\.dense)",
+}
+
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Dotted names of every `nn.Linear` in `model`, in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name]
+
+
+def _summarise(names: Iterable[str]) -> str:
+    """Collapse per-layer names (`layer.3.` -> `layer.<i>.`) so an error lists each kind once."""
+    seen: dict[str, None] = {}
+    for name in names:
+        seen[re.sub(r"\.(\d+)\.", ".<i>.", name)] = None
+    return ", ".join(seen)
+
+
+def _classifier_fallback(model: nn.Module) -> list[str]:
+    """The last Linear whose output size is the number of labels (generic architectures)."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features == num_labels
+    ]
+    return candidates[-1:]
+
+
+def target_presets(model: nn.Module) -> dict[str, list[str]]:
+    """Role name -> dotted module names for `model`'s architecture.
+
+    Known architectures (DistilBERT, BERT/MiniLM, RoBERTa, MPNet) use fixed presets;
+    others fall back to the usual projection names and to the last Linear whose output
+    size is `config.num_labels` for `classifier`. Roles that match nothing are left out.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    patterns = _PRESETS.get(model_type, _GENERIC)
+    names = [name for name, _ in model.named_modules() if name]
+    presets = {role: [n for n in names if re.fullmatch(rx, n)] for role, rx in patterns.items()}
+    if "classifier" not in patterns:
+        presets["classifier"] = _classifier_fallback(model)
+        presets["head"] = presets["classifier"]
+    return {role: found for role, found in presets.items() if found}
+
+
+def is_regex(target: str) -> bool:
+    """True when `target` is meant as a regex (holds a regex metacharacter)."""
+    return any(ch in _REGEX_CHARS for ch in target)
+
+
+def _match(target: str, names: list[str], presets: dict[str, list[str]]) -> list[str]:
+    if target in ROLES:
+        return presets.get(target, [])
+    if is_regex(target):
+        try:
+            rx = re.compile(target)
+        except re.error as exc:
+            raise TargetError(f"target {target!r} is not a valid regex ({exc}); fix the pattern") from None
+        return [n for n in names if rx.fullmatch(n)]
+    return [n for n in names if n == target or n.endswith("." + target)]
+
+
+def resolve_targets(model: nn.Module, targets: Iterable[str], *, what: str = "LoRA target") -> list[str]:
+    """Dotted names of the modules that `targets` select, in module order.
+
+    Raises:
+        TargetError: when a target matches no module; the message lists the model's
+            `nn.Linear` names (per-layer names collapsed) so the user can pick one.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    presets = target_presets(model)
+    selected: set[str] = set()
+    for target in targets:
+        found = _match(target, names, presets)
+        if not found:
+            raise TargetError(
+                f"{what} {target!r} matches no module of this "
+                f"{getattr(getattr(model, 'config', None), 'model_type', 'model')} model. "
+                f"Use a role ({', '.join(r for r in ROLES if r in presets)}), a module-name suffix or a regex; "
+                f"its nn.Linear modules are: {_summarise(linear_names(model))}"
+            )
+        selected.update(found)
+    return [n for n in names if n in selected]

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny randomly initialised encoders built from configs (offline, seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer, hidden-32 classifier of `arch`, random weights, eval mode, same weights per seed."""
+    torch.manual_seed(seed)
+    if arch == "distilbert":
+        model = DistilBertForSequenceClassification(
+            DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
+    elif arch == "bert":
+        model = BertForSequenceClassification(BertConfig(**TINY))
+    elif arch == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(**TINY, pad_token_id=1))
+    elif arch == "mpnet":
+        model = MPNetForSequenceClassification(MPNetConfig(**TINY))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+ARCHS = ["distilbert", "bert", "roberta", "mpnet"]
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

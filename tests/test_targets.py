@@ -1,0 +1,66 @@
+"""Role presets per architecture and target resolution (lorafit/targets.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ARCHS, tiny_model
+from lorafit import target_presets
+from lorafit.errors import TargetError
+from lorafit.targets import resolve_targets
+
+EXPECTED = {
+    "distilbert": dict(
+        query="distilbert.transformer.layer.0.attention.q_lin", key="distilbert.transformer.layer.0.attention.k_lin",
+        value="distilbert.transformer.layer.0.attention.v_lin", output="distilbert.transformer.layer.0.attention.out_lin",
+        classifier=["classifier"], head=["pre_classifier", "classifier"]),
+    "bert": dict(
+        query="bert.encoder.layer.0.attention.self.query", key="bert.encoder.layer.0.attention.self.key",
+        value="bert.encoder.layer.0.attention.self.value", output="bert.encoder.layer.0.attention.output.dense",
+        classifier=["classifier"], head=["bert.pooler.dense", "classifier"]),
+    "roberta": dict(
+        query="roberta.encoder.layer.0.attention.self.query", key="roberta.encoder.layer.0.attention.self.key",
+        value="roberta.encoder.layer.0.attention.self.value",
+        output="roberta.encoder.layer.0.attention.output.dense",
+        classifier=["classifier.out_proj"], head=["classifier.dense", "classifier.out_proj"]),
+    "mpnet": dict(
+        query="mpnet.encoder.layer.0.attention.attn.q", key="mpnet.encoder.layer.0.attention.attn.k",
+        value="mpnet.encoder.layer.0.attention.attn.v", output="mpnet.encoder.layer.0.attention.attn.o",
+        classifier=["classifier.out_proj"], head=["classifier.dense", "classifier.out_proj"]),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_presets(arch):
+    presets = target_presets(tiny_model(arch))
+    want = EXPECTED[arch]
+    for role in ("query", "key", "value", "output"):
+        assert presets[role] == [want[role], want[role].replace("layer.0", "layer.1")]
+    assert presets["classifier"] == want["classifier"]
+    assert presets["head"] == want["head"]
+    assert len(presets["ffn"]) == 4  # two feed-forward Linears in each of 2 layers
+    assert not set(presets["ffn"]) & set(presets["output"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seed_targets_resolve(arch):
+    names = resolve_targets(tiny_model(arch), ["key", "value", "classifier"])
+    assert len(names) == 5
+
+
+def test_suffix_and_regex_targets():
+    model = tiny_model("bert")
+    assert resolve_targets(model, ["attention.self.query"]) == [
+        "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query"]
+    assert resolve_targets(model, [r"bert\.encoder\.layer\.1\..*\.(key|value)"]) == [
+        "bert.encoder.layer.1.attention.self.key", "bert.encoder.layer.1.attention.self.value"]
+    with pytest.raises(TargetError, match="not a valid regex"):
+        resolve_targets(model, ["(unclosed"])
+
+
+def test_error_lists_linear_names_collapsed():
+    with pytest.raises(TargetError) as info:
+        resolve_targets(tiny_model("distilbert"), ["query_proj"])
+    msg = str(info.value)
+    assert "distilbert.transformer.layer.<i>.attention.q_lin" in msg and "pre_classifier" in msg
+    assert "layer.0" not in msg
