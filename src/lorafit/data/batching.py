@@ -1,0 +1,55 @@
+"""Length-bucketed batches with dynamic padding.
+
+Training batches: shuffle, cut into mega-batches of `mega` batches, sort each by length,
+cut into batches, shuffle the batches. Similar lengths share a batch, so little is
+padded, and the order stays random. Deterministic by (seed, epoch); every example
+appears exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 0,
+                     mega: int = 50, shuffle: bool = True) -> list[np.ndarray]:
+    """Index batches over `lengths` (N,). Without `shuffle`: sorted by length (evaluation)."""
+    n = len(lengths)
+    if not shuffle:
+        order = np.argsort(lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    span = batch_size * mega
+    batches: list[np.ndarray] = []
+    for start in range(0, n, span):
+        chunk = perm[start:start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def random_batches(n: int, batch_size: int, seed: int, epoch: int = 0) -> list[np.ndarray]:
+    """Plain shuffled batches (the baseline bucketing is measured against)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray], pad_to: int | None = None) -> float:
+    """Real tokens / padded tokens over `batches` (pad_to: pad every batch to that length)."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(len(b) * (pad_to or int(lengths[b].max())) for b in batches)
+    return real / padded if padded else 1.0
+
+
+def collate(ids: np.ndarray, offsets: np.ndarray, batch: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (B, T), T the longest example of the batch."""
+    lens = offsets[batch + 1] - offsets[batch]
+    t = int(lens.max())
+    input_ids = np.full((len(batch), t), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), t), dtype=np.int64)
+    for row, (i, n) in enumerate(zip(batch, lens)):
+        input_ids[row, :n] = ids[offsets[i]:offsets[i] + n]
+        mask[row, :n] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}

@@ -1,0 +1,160 @@
+"""The data layer: sources, splits, cleaning, tokenization cache, bucketing (lorafit/data/)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_fixtures import REVIEWS, write_imdb_dir, write_imdb_tar
+from lorafit.data import load_dataset
+from lorafit.data.batching import bucketed_batches, collate, padding_efficiency, random_batches
+from lorafit.data.splits import Split
+from lorafit.data.text import clean_text
+from lorafit.errors import DataError
+
+
+def test_clean_text():
+    assert clean_text("Good.<br /><br />Very &amp; <i>really</i> good &quot;ok&quot;") == \
+        'Good. Very & really good "ok"'
+
+
+def test_embedded_sample_sizes_and_balance():
+    d = load_dataset(None)
+    assert d.sizes() == {"train": 1620, "validation": 180, "test": 1000}
+    assert d.train.class_counts() == [810, 810] and d.validation.class_counts() == [90, 90]
+    assert d.test.class_counts() == [500, 500]
+    assert d.label_names == ["neg", "pos"]
+    assert not any("<br" in t for t in d.train.texts)
+    # validation is carved from train: disjoint, and the same for the same seed
+    assert not set(d.train.texts) & set(d.validation.texts)
+    assert load_dataset(None).validation.texts == d.validation.texts
+    assert load_dataset(None, seed=1).validation.texts != d.validation.texts
+
+
+def test_caps_are_stratified_subsets():
+    d = load_dataset(None, train_size=100, val_size=20, test_size=50)
+    assert d.sizes() == {"train": 100, "validation": 20, "test": 50}
+    assert d.train.class_counts() == [50, 50] and d.test.class_counts() == [25, 25]
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+def test_imdb_layouts(tmp_path, kind):
+    src = write_imdb_dir(tmp_path) if kind == "dir" else write_imdb_tar(tmp_path / "a.tar.gz")
+    d = load_dataset(src, val_size=2)
+    assert d.sizes() == {"train": 4, "validation": 2, "test": 4}
+    assert sorted(d.test.texts) == sorted(clean_text(t) for k, v in REVIEWS.items() if k[0] == "test" for t in v)
+    pos = [t for t, y in d.test if y == 1]
+    assert sorted(pos) == sorted(REVIEWS[("test", "pos")])
+
+
+def test_tar_is_read_without_extracting(tmp_path):
+    archive = write_imdb_tar(tmp_path / "a.tar.gz")
+    before = set(os.listdir(tmp_path))
+    load_dataset(archive, val_size=2)
+    assert set(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
+def test_tables_with_string_and_int_labels(tmp_path, suffix):
+    rows = [{"review": f"text number {i}", "sentiment": "good" if i % 2 else "bad",
+             "split": "test" if i >= 16 else "train"} for i in range(20)]
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "csv":
+        path.write_text("review,sentiment,split\n" + "".join(f"\"{r['review']}\",{r['sentiment']},{r['split']}\n"
+                                                             for r in rows))
+    elif suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    d = load_dataset(path, text_column="review", label_column="sentiment", val_size=4)
+    assert d.label_names == ["bad", "good"]
+    assert d.sizes() == {"train": 12, "validation": 4, "test": 4}
+    # int labels, no split column: a stratified 20% test split is carved
+    path2 = tmp_path / "ints.jsonl"
+    path2.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20)))
+    d2 = load_dataset(path2, val_size=2)
+    assert d2.label_names == ["0", "1"] and d2.test.class_counts() == [2, 2]
+
+
+def _expect(match, source, **kw):
+    with pytest.raises(DataError, match=match):
+        load_dataset(source, **kw)
+
+
+def test_bad_sources(tmp_path):
+    _expect("does not exist", tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    _expect(r"no reviews in the official IMDb layout; expected aclImdb/\{train,test\}", tmp_path / "empty")
+    one_class = {k: v for k, v in REVIEWS.items() if k[1] == "pos"}
+    write_imdb_dir(tmp_path / "oc", one_class)
+    _expect("has no reviews under train/neg, test/neg", tmp_path / "oc")
+    good = write_imdb_tar(tmp_path / "good.tar.gz").read_bytes()
+    (tmp_path / "trunc.tar.gz").write_bytes(good[: len(good) // 2])
+    _expect("truncated or corrupt", tmp_path / "trunc.tar.gz")
+    (tmp_path / "junk.tar.gz").write_bytes(b"\x1f\x8b" + os.urandom(200))
+    _expect("truncated or corrupt", tmp_path / "junk.tar.gz")
+    write_imdb_tar(tmp_path / "latin.tar.gz", extra={"aclImdb/train/pos/99_9.txt": "caf\xe9".encode("latin-1")})
+    _expect(r"latin.tar.gz:aclImdb/train/pos/99_9.txt is not valid UTF-8", tmp_path / "latin.tar.gz")
+    (tmp_path / "x.csv").write_text("body,label\nhello,1\n")
+    _expect(r"has no text column 'text' \(its columns: body, label\); name it with --text-column", tmp_path / "x.csv")
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3}) + "\n" for i in range(30)))
+    _expect("has 3 label classes .* pass --num-labels 3", three)
+    assert len(load_dataset(three, num_labels=3).label_names) == 3
+    (tmp_path / "data.txt").write_text("hello")
+    _expect("neither a folder, a tar archive nor", tmp_path / "data.txt")
+    _expect("validation size .* must be smaller", None, val_size=5000)
+    _expect(r"val_size \(--val-size\) must be a count", None, val_size=-3)
+
+
+def _lengths(n=2000, seed=0):
+    return np.random.default_rng(seed).integers(10, 512, n)
+
+
+def test_bucketing_invariants():
+    lengths = _lengths()
+    for epoch in range(3):
+        batches = bucketed_batches(lengths, 32, seed=7, epoch=epoch)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(len(lengths)))  # each example exactly once
+        again = bucketed_batches(lengths, 32, seed=7, epoch=epoch)
+        assert all(np.array_equal(a, b) for a, b in zip(batches, again))  # same seed, same batches
+    e0, e1 = bucketed_batches(lengths, 32, 7, 0), bucketed_batches(lengths, 32, 7, 1)
+    assert not all(np.array_equal(a, b) for a, b in zip(e0, e1))  # new order each epoch
+    bucketed = padding_efficiency(lengths, e0)
+    rand = padding_efficiency(lengths, random_batches(len(lengths), 32, 7))
+    assert bucketed > 0.95 and bucketed > rand + 0.3
+    assert padding_efficiency(lengths, e0, pad_to=512) < bucketed
+    evals = bucketed_batches(lengths, 32, 0, shuffle=False)
+    assert sorted(np.concatenate(evals).tolist()) == list(range(len(lengths)))
+
+
+def test_collate_pads_dynamically():
+    ids = np.arange(1, 11, dtype=np.int32)
+    offsets = np.array([0, 3, 10])
+    out = collate(ids, offsets, np.array([0, 1]), pad_id=0)
+    assert out["input_ids"].shape == (2, 7)
+    assert out["input_ids"][0].tolist() == [1, 2, 3, 0, 0, 0, 0]
+    assert out["attention_mask"].sum().item() == 10
+
+
+def test_split_iterates_records():
+    s = Split(["a", "b"], [0, 1], ["neg", "pos"])
+    assert list(s) == [("a", 0), ("b", 1)] and len(s) == 2 and s[1] == ("b", 1)
+
+
+FULL = os.environ.get("LORAFIT_IMDB_ARCHIVE")
+
+
+@pytest.mark.skipif(not FULL or not os.path.exists(FULL),
+                    reason="set LORAFIT_IMDB_ARCHIVE to the full aclImdb_v1 archive (.ci/run does) to run this")
+def test_full_archive_counts():
+    d = load_dataset(FULL, val_size=2500)
+    assert len(d.train) + len(d.validation) == 25_000 and len(d.test) == 25_000
+    assert [a + b for a, b in zip(d.train.class_counts(), d.validation.class_counts())] == [12_500, 12_500]
+    assert d.test.class_counts() == [12_500, 12_500]
