@@ -1,0 +1,242 @@
+"""The `lorafit` command: train, compare, evaluate, predict, merge, data download.
+
+Training flags are derived from `RunConfig`'s fields, so a flag and its field never
+drift apart. Every `LorafitError` is printed as one `error:` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from lorafit.config import STRATEGY_NAMES, RunConfig, field_types, make_config
+from lorafit.errors import LorafitError, RunDirError
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    types_ = field_types()
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = types_[f.name]
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        kw: dict = dict(default=argparse.SUPPRESS, help=help_, dest=f.name)
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        kw["type"] = {int: int, float: float}.get(tp, str)
+        kw["metavar"] = f.name.upper() if tp is not list else "NAMES"
+        p.add_argument(flag, **kw)
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings; flags override it")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<strategy or compare>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines stay)")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return make_config(args.config, **overrides)
+
+
+def _default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorafit.runs import run_training
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else _default_out(cfg.strategy)
+    run_training(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lorafit.report import markdown_table, write_compare_report
+    from lorafit.runs import prepare_out_dir, write_json
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else _default_out("compare")
+    prepare_out_dir(out, args.overwrite)
+    write_json(out / "config.json", cfg.to_dict())
+    command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    t0 = time.perf_counter()
+    results = {}
+    for strategy in STRATEGY_NAMES:
+        print(f"\n=== {strategy} ===", flush=True)
+        child = [sys.executable, "-m", "lorafit", "train", "--config", str(out / "config.json"),
+                 "--strategy", strategy, "--out", str(out / strategy)]
+        if args.no_progress:
+            child.append("--no-progress")
+        # one process per strategy: each gets its own peak-memory figure and a clean state
+        rc = subprocess.call(child)
+        if rc != 0:
+            raise LorafitError(f"the {strategy} run failed (exit status {rc}); see its output above")
+        run = out / strategy
+        results[strategy] = {
+            "final": json.loads((run / "final.json").read_text()),
+            "history": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line],
+            "config": json.loads((run / "config.json").read_text()),
+        }
+    report = write_compare_report(results, out, command, time.perf_counter() - t0)
+    print("\n" + markdown_table(report["rows"]))
+    print(f"report: {out / 'report.md'} ({report['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _load_data_for(cfg: RunConfig, data: str | None):
+    from lorafit.data import load_dataset
+
+    return load_dataset(data if data is not None else cfg.data, val_size=cfg.val_size, train_size=cfg.train_size,
+                        test_size=cfg.test_size, seed=cfg.seed, text_column=cfg.text_column,
+                        label_column=cfg.label_column, num_labels=cfg.num_labels)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lorafit.data.encoding import encode_split
+    from lorafit.runs import load_run
+    from lorafit.train import evaluate, pick_device, resolve_precision
+
+    cfg, loaded = load_run(args.run_dir)
+    splits = _load_data_for(cfg, args.data)
+    device = pick_device()
+    precision = resolve_precision(cfg.precision, device)
+    enc = encode_split(splits.test, loaded.tokenizer, cfg.max_length)
+    m = evaluate(loaded.model.to(device), enc, batch_size=cfg.eval_batch_size,
+                 pad_id=loaded.tokenizer.pad_token_id or 0, device=device, precision=precision,
+                 progress=not args.no_progress, desc="test")
+    print(json.dumps({"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_loss": m["loss"],
+                      "examples": len(enc), "data": splits.source}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from lorafit.data.encoding import Encoded, _encode
+    from lorafit.data.text import clean_text
+    from lorafit.runs import load_run
+    from lorafit.train import pick_device, predict_logits, resolve_precision
+
+    texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise LorafitError("no text to classify; pass texts as arguments or lines on standard input")
+    cfg, loaded = load_run(args.run_dir)
+    names = json.loads((Path(args.run_dir) / "final.json").read_text()).get("label_names") \
+        if (Path(args.run_dir) / "final.json").exists() else None
+    names = names or [str(i) for i in range(cfg.num_labels)]
+    ids, offsets = _encode(loaded.tokenizer, [clean_text(t) for t in texts], cfg.max_length)
+    enc = Encoded(ids, offsets, np.zeros(len(texts), dtype=np.int64))
+    device = pick_device()
+    logits = predict_logits(loaded.model.to(device), enc, batch_size=cfg.eval_batch_size,
+                            pad_id=loaded.tokenizer.pad_token_id or 0, device=device,
+                            precision=resolve_precision(cfg.precision, device))
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    for text, p in zip(texts, probs):
+        k = int(p.argmax())
+        print(f"{names[k]}\t{p[k]:.4f}\t{text[:80]}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorafit.lora import unload_lora
+    from lorafit.runs import load_run
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+        raise RunDirError(f"{out} exists and is not empty; pass a new folder")
+    cfg, loaded = load_run(args.run_dir)
+    model = unload_lora(loaded.model)
+    final = Path(args.run_dir) / "final.json"
+    names = json.loads(final.read_text()).get("label_names") if final.exists() else None
+    if names:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model ({cfg.strategy}) written to {out}: load it with "
+          f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from lorafit.data.download import IMDB_SHA256, IMDB_URL, download_imdb
+
+    path = download_imdb(Path(args.cache_dir) if args.cache_dir else None, url=args.url or IMDB_URL,
+                         sha256=args.sha256 if args.sha256 is not None else IMDB_SHA256)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafit", description="Fine-tune encoders with LoRA and compare strategies.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one strategy")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+    c = sub.add_parser("compare", help="train full, last-two-layers and lora on the same data and seed; report")
+    _add_config_flags(c, skip=("strategy",))
+    c.set_defaults(func=cmd_compare)
+    e = sub.add_parser("evaluate", help="test accuracy of a run's weights")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="another data source (default: the run's)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+    pr = sub.add_parser("predict", help="label and probability per text (arguments, or lines on stdin)")
+    pr.add_argument("run_dir")
+    pr.add_argument("texts", nargs="*")
+    pr.set_defaults(func=cmd_predict)
+    m = sub.add_parser("merge", help="write a plain Hugging Face model folder with LoRA merged in")
+    m.add_argument("run_dir")
+    m.add_argument("out_dir")
+    m.set_defaults(func=cmd_merge)
+    d = sub.add_parser("data", help="dataset utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dl = dsub.add_parser("download", help="fetch the official IMDb archive into the cache")
+    dl.add_argument("--cache-dir", help="folder (default: $LORAFIT_CACHE or the XDG cache, lorafit/)")
+    dl.add_argument("--url", help="where to fetch it from (default: the Stanford address)")
+    dl.add_argument("--sha256", help="expected checksum (default: the official archive's; '' skips the check)")
+    dl.set_defaults(func=cmd_data_download)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LorafitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The run configuration: one dataclass, from which the CLI flags are derived.
+
+`--config FILE` (TOML or JSON) fills it, flags override the file, and the resolved
+config is saved with every run as `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafit.errors import ConfigError
+
+STRATEGY_NAMES = ("full", "last-two-layers", "lora")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with its CLI help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; `lorafit train --help` lists it as flags."""
+
+    strategy: str = _f("lora", "what trains: full, last-two-layers or lora", choices=STRATEGY_NAMES)
+    model: str = _f("all-MiniLM-L6-v2", "Hugging Face model name or local folder (default: the embedded "
+                    "all-MiniLM-L6-v2)")
+    data: str | None = _f(None, "data source: an aclImdb/ folder, its .tar.gz, `imdb` (download), a "
+                          ".csv/.jsonl/.parquet table (default: the embedded IMDb sample)")
+    epochs: int = _f(3, "training epochs")
+    lr: float | None = _f(None, "peak learning rate (default: the strategy's: full 1e-4, last-two-layers 2e-3, "
+                          "lora 1e-3)")
+    batch_size: int = _f(16, "examples per optimizer step (before accumulation)")
+    grad_accum: int = _f(1, "batches per optimizer step (gradient accumulation)")
+    max_length: int = _f(256, "tokens per example; longer texts are truncated")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_ratio: float = _f(0.1, "fraction of the optimizer steps spent warming the learning rate up")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns clipping off)")
+    rank: int = _f(4, "LoRA rank r")
+    alpha: float = _f(8.0, "LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input")
+    scaling: str = _f("standard", "LoRA scaling: standard (alpha/r) or rslora (alpha/sqrt r)",
+                      choices=("standard", "rslora"))
+    targets: list[str] = _f(["key", "value", "classifier"], "LoRA targets, comma-separated: roles (query, key, "
+                            "value, output, ffn, classifier, head), module-name suffixes or regexes")
+    train_head: bool = _f(False, "lora: train the classifier layer fully next to the adapters")
+    train_size: int | None = _f(None, "cap on training examples (stratified, seeded subset)")
+    val_size: float = _f(0.1, "validation examples carved from train: a count, or a fraction of train")
+    test_size: int | None = _f(None, "cap on test examples (stratified, seeded subset)")
+    text_column: str = _f("text", "text column of a table source")
+    label_column: str = _f("label", "label column of a table source")
+    num_labels: int = _f(2, "number of classes")
+    seed: int = _f(0, "seed of data cuts, initialisation, dropout and batch order")
+    precision: str = _f("auto", "fp32, bf16, or auto (bf16 where the CPU has AMX/AVX512-BF16, or on CUDA)",
+                        choices=PRECISIONS)
+    eval_batch_size: int = _f(64, "examples per evaluation batch")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        checks = [
+            (self.strategy in STRATEGY_NAMES, "strategy", f"one of {', '.join(STRATEGY_NAMES)}"),
+            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
+            (self.epochs >= 1, "epochs", "an integer >= 1"),
+            (self.lr is None or (math.isfinite(self.lr) and 0 < self.lr <= 1), "lr", "a number in (0, 1]"),
+            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
+            (self.grad_accum >= 1, "grad_accum", "an integer >= 1"),
+            (8 <= self.max_length <= 100_000, "max_length", "an integer in [8, the model's max positions]"),
+            (0 <= self.weight_decay < 1, "weight_decay", "a number in [0, 1)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)"),
+            (self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0"),
+            (self.rank >= 1, "rank", "an integer >= 1"),
+            (math.isfinite(self.alpha) and self.alpha > 0, "alpha", "a number > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)"),
+            (bool(self.targets), "targets", "a non-empty list of names"),
+            (self.train_size is None or self.train_size >= 2, "train_size", "an integer >= 2"),
+            (self.test_size is None or self.test_size >= 1, "test_size", "an integer >= 1"),
+            (self.val_size > 0 and (self.val_size < 1 or float(self.val_size).is_integer()), "val_size",
+             "a count >= 1 or a fraction in (0, 1)"),
+            (self.num_labels >= 2, "num_labels", "an integer >= 2"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, "
+                                  f"got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, tuple[type, bool]]:
+    """Field name -> (base type, optional) of RunConfig, read from its annotations."""
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        tp = hints[f.name]
+        optional = False
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional, tp = True, args[0]
+        if typing.get_origin(tp) is list:
+            tp = list
+        out[f.name] = (tp, optional)
+    return out
+
+
+def _coerce(name: str, value, tp: type, optional: bool, where: str):
+    if value is None and optional:
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) if name != "val_size" or not float(value).is_integer() else value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    raise ConfigError(f"{where}: key {name!r} must be {'a list of strings' if tp is list else tp.__name__}"
+                      f"{' or null' if optional else ''}, got {type(value).__name__} {value!r}")
+
+
+def config_from_mapping(values: dict, where: str = "config") -> dict:
+    """Validated field values from a mapping (a parsed config file); unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must hold a table of settings (key = value), got {type(values).__name__}")
+    types_ = field_types()
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(types_)}")
+        tp, optional = types_[name]
+        out[name] = _coerce(name, value, tp, optional, where)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Settings from a TOML or JSON file (by suffix; JSON otherwise tried first).
+
+    Raises:
+        ConfigError: the file is missing, unparsable, or holds an unknown key or a
+            value of the wrong type (the message names the key).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass a .toml or .json file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; pass a .toml or .json file") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "TOML" if p.suffix == ".toml" else "JSON"
+        raise ConfigError(f"config file {p} is not valid {kind} ({exc})") from None
+    return config_from_mapping(data, where=f"config file {p}")
+
+
+def make_config(file: str | Path | None = None, **overrides) -> RunConfig:
+    """RunConfig from an optional file, then `overrides` (flags) on top."""
+    values = read_config_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except TypeError as exc:  # a comparison on a value of the wrong type
+        raise ConfigError(f"invalid configuration: {exc}") from None

@@ -1,0 +1,114 @@
+"""Figures and tables from run histories; nothing here recomputes a metric."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lorafit.adapter import atomic_write_bytes  # noqa: E402
+
+COLORS = {"full": "#1f77b4", "last-two-layers": "#ff7f0e", "lora": "#2ca02c"}
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train vs validation (the seed experiment's figures)."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in history], "s--", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
+    ax2.plot(epochs, [r["val_accuracy"] for r in history], "s--", label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def compare_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per strategy from each run's final.json and metrics history."""
+    rows = []
+    for name, r in results.items():
+        f = r["final"]
+        rows.append({
+            "strategy": name, "test_accuracy": f["test_accuracy"], "test_f1": f["test_f1"],
+            "best_val_accuracy": f["best_val_accuracy"], "best_epoch": f["best_epoch"],
+            "trainable_params": f["trainable_params"], "total_params": f["total_params"],
+            "trainable_pct": f["trainable_pct"], "train_seconds": f["train_seconds"],
+            "wall_seconds": f["wall_seconds"], "peak_memory_mb": f["peak_memory_mb"],
+            "saved_bytes": f["saved_bytes"], "lr": f["lr"],
+            "samples_per_s": sum(h["samples_per_s"] for h in r["history"]) / len(r["history"]),
+        })
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| strategy | test acc | test F1 | best val acc (epoch) | trainable params | % of total | lr | "
+            "train time | samples/s | peak RSS | saved |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['strategy']} | {r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['best_val_accuracy']:.4f} "
+        f"({r['best_epoch']}) | {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {r['lr']:g} | "
+        f"{r['train_seconds']:.0f} s | {r['samples_per_s']:.1f} | {r['peak_memory_mb']:,.0f} MB | "
+        f"{_size(r['saved_bytes'])} |\n" for r in rows)
+    return head + body
+
+
+def plot_compare(results: dict[str, dict], path: Path) -> None:
+    """Test accuracy vs trainable parameters (log x), validation accuracy per epoch, training time."""
+    rows = compare_rows(results)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for r in rows:
+        c = COLORS.get(r["strategy"])
+        ax1.scatter(r["trainable_params"], r["test_accuracy"], s=80, color=c, label=r["strategy"], zorder=3)
+        ax1.annotate(f"{r['test_accuracy']:.3f}", (r["trainable_params"], r["test_accuracy"]),
+                     textcoords="offset points", xytext=(6, 6))
+        hist = results[r["strategy"]]["history"]
+        ax2.plot([h["epoch"] for h in hist], [h["val_accuracy"] for h in hist], "o-", color=c, label=r["strategy"])
+    ax1.set_xscale("log")
+    ax1.set(xlabel="trainable parameters (log)", ylabel="test accuracy", title="accuracy vs trainable parameters")
+    ax2.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+    names = [r["strategy"] for r in rows]
+    ax3.bar(names, [r["train_seconds"] for r in rows], color=[COLORS.get(n) for n in names])
+    ax3.set(ylabel="seconds", title="training time")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def write_compare_report(results: dict[str, dict], out: Path, command: str, wall_seconds: float) -> dict:
+    """report.md, report.json and report.png for a `compare` run; returns the report."""
+    rows = compare_rows(results)
+    report = {"command": command, "wall_seconds": wall_seconds, "rows": rows,
+              "config": next(iter(results.values()))["config"]}
+    plot_compare(results, out / "report.png")
+    cfg = report["config"]
+    md = (f"# lorafit compare\n\n`{command}`\n\nModel `{cfg['model']}`, data "
+          f"{next(iter(results.values()))['final']['data']}, {cfg['epochs']} epochs, max_length "
+          f"{cfg['max_length']}, batch size {cfg['batch_size']}, seed {cfg['seed']}. Test accuracy is that of the "
+          f"best-validation epoch's weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min.\n\n"
+          f"{markdown_table(rows)}\n![report](report.png)\n")
+    atomic_write_bytes(out / "report.md", md.encode())
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report

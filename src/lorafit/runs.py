@@ -1,0 +1,242 @@
+"""A run end to end, and the run folder it leaves.
+
+    runs/<name>/
+      config.json       the resolved RunConfig
+      metrics.jsonl     one line per epoch (train/val loss and accuracy, seconds, tokens/s)
+      final.json        test accuracy and F1, parameters, time, peak memory, saved size
+      adapter/          lora: the adapter in PEFT's format
+      fresh_init.safetensors   lora: the frozen, freshly initialised head weights it adapts
+      trained.safetensors      full / last-two-layers: the parameters that trained
+      curves.png        loss and accuracy per epoch, train vs validation
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from lorafit.adapter import atomic_write_bytes, load_adapter, save_adapter, save_safetensors_atomic
+from lorafit.config import RunConfig, config_from_mapping
+from lorafit.data import load_dataset
+from lorafit.data.encoding import encode_split
+from lorafit.errors import ConfigError, RunDirError
+from lorafit.lora import count_parameters
+from lorafit.models import LoadedModel, fresh_state, load_model
+from lorafit.strategies import STRATEGIES, learning_rate
+from lorafit.train import TrainSettings, evaluate, pick_device, resolve_precision, train
+
+FRESH_INIT = "fresh_init.safetensors"
+TRAINED = "trained.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Make `out`, refusing to mix a new run into an existing one."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output path {out} is a file; pass a folder with --out")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"output folder {out} is not empty; pass another --out, or --overwrite to replace it")
+        if not (out / "config.json").exists() and not (out / "report.json").exists():
+            raise RunDirError(f"output folder {out} is not a lorafit run; refusing to overwrite it: pass another "
+                              "--out")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"cannot write to output folder {out} ({exc.strerror}); pass a writable --out") from None
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _encode(splits, tokenizer, max_length: int):
+    encs = {}
+    for name in ("train", "validation", "test"):
+        encs[name] = encode_split(getattr(splits, name), tokenizer, max_length)
+    return encs
+
+
+def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
+    """--max-length must fit the model's position embeddings."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # RoBERTa's positions start after the padding index
+    if limit and cfg.max_length > limit:
+        raise ConfigError(f"max_length (--max-length) {cfg.max_length} is above this model's {limit} positions; "
+                          f"pass --max-length {limit} or less")
+
+
+def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train `cfg.strategy`, evaluate the best-validation weights on test, save the run; returns final.json."""
+    from lorafit.report import plot_curves
+
+    prepare_out_dir(out, overwrite)
+    t_start = time.perf_counter()
+    device = pick_device()
+    precision = resolve_precision(cfg.precision, device)
+    splits = load_dataset(cfg.data, val_size=cfg.val_size, train_size=cfg.train_size, test_size=cfg.test_size,
+                          seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
+                          num_labels=cfg.num_labels)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed)
+    model = loaded.model
+    check_max_length(cfg, model)
+    fresh = fresh_state(loaded)
+    torch.manual_seed(cfg.seed)
+    STRATEGIES[cfg.strategy].setup(model, cfg)
+    model.to(device)
+    trainable, total = count_parameters(model)
+    lr = learning_rate(cfg)
+    _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {device.type} {precision} | lr {lr:g}")
+    _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
+         f"test {len(splits.test):,}")
+    write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
+
+    t_tok = time.perf_counter()
+    encs = _encode(splits, loaded.tokenizer, cfg.max_length)
+    _log(f"tokenized in {time.perf_counter() - t_tok:.1f}s "
+         f"({'cached' if all(e.cached for e in encs.values()) else 'fresh'})")
+    pad_id = loaded.tokenizer.pad_token_id or 0
+    settings = TrainSettings(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                             max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, precision=precision,
+                             eval_batch_size=cfg.eval_batch_size)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    def on_epoch(row: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    torch.manual_seed(cfg.seed)
+    result = train(model, encs["train"], encs["validation"], settings, pad_id=pad_id, device=device,
+                   log=_log, progress=progress, on_epoch=on_epoch)
+    _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
+    t_test = time.perf_counter()
+    test = evaluate(model, encs["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
+                    precision=precision, progress=progress, desc="test")
+    test_seconds = time.perf_counter() - t_test
+
+    saved = save_weights(model, cfg, out, fresh, loaded)
+    plot_curves(result.history, out / "curves.png", title=f"{cfg.strategy} · {cfg.model}")
+    final = {
+        "strategy": cfg.strategy, "model": cfg.model, "data": splits.source,
+        "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
+        "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
+        "train_seconds": result.train_seconds, "test_seconds": test_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "peak_memory_mb": peak_rss_mb(),
+        "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
+        "precision": precision, "device": device.type, "lr": lr,
+        "sizes": splits.sizes(), "label_names": splits.label_names,
+    }
+    write_json(out / "final.json", final)
+    _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | best epoch {result.best_epoch} | "
+         f"train {result.train_seconds:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "
+         f"{saved / 1e3:,.1f} KB | {out}")
+    return final
+
+
+def save_weights(model: nn.Module, cfg: RunConfig, out: Path, fresh: dict[str, torch.Tensor],
+                 loaded: LoadedModel) -> int:
+    """Save what the run changed; returns bytes on disk."""
+    if cfg.strategy == "lora":
+        save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model)
+        size = dir_size(out / ADAPTER_DIR)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        # the LoRA'd classifier's base weights are random (a fresh head) and frozen: keep them
+        keep = {k: v for k, v in fresh.items() if k not in trained}
+        if keep:
+            save_safetensors_atomic(keep, out / FRESH_INIT)
+            size += (out / FRESH_INIT).stat().st_size
+        return size
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    save_safetensors_atomic(tensors, out / TRAINED, metadata={"strategy": cfg.strategy})
+    return (out / TRAINED).stat().st_size
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig saved in `run_dir`/config.json."""
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise RunDirError(f"run folder {run_dir} does not exist; pass a folder written by `lorafit train`")
+    if not path.exists():
+        raise RunDirError(f"{run_dir} has no config.json; it is not a lorafit run folder (or the run never started)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path} is corrupt ({exc}); the run cannot be reloaded") from None
+    raw = {k: v for k, v in raw.items() if k not in ("lr_resolved", "precision_resolved")}
+    return RunConfig(**config_from_mapping(raw, where=str(path)))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+        raise RunDirError(f"{path} is a pickle file; lorafit loads safetensors only")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise RunDirError(f"{path} is not a readable safetensors file ({exc}); the run is corrupt") from None
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, LoadedModel]:
+    """Rebuild a trained run's model (eval mode, LoRA unmerged) from its folder."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels)
+    model = loaded.model
+    with torch.no_grad():
+        if (run_dir / FRESH_INIT).exists():
+            sd = model.state_dict()
+            for k, v in _load_tensors(run_dir / FRESH_INIT).items():
+                if k not in sd or sd[k].shape != v.shape:
+                    raise RunDirError(f"{run_dir / FRESH_INIT} does not fit model {cfg.model} ({k}); the run is "
+                                      "for another model")
+                sd[k].copy_(v)
+        if cfg.strategy == "lora":
+            if not (run_dir / ADAPTER_DIR).is_dir():
+                raise RunDirError(f"{run_dir} has no adapter/ folder; the run did not finish")
+            load_adapter(model, run_dir / ADAPTER_DIR)
+        else:
+            path = run_dir / TRAINED
+            if not path.exists():
+                raise RunDirError(f"{run_dir} has no {TRAINED}; the run did not finish")
+            params = dict(model.named_parameters())
+            for k, v in _load_tensors(path).items():
+                if k not in params or params[k].shape != v.shape:
+                    raise RunDirError(f"{path} does not fit model {cfg.model} ({k}); the run is for another model")
+                params[k].copy_(v)
+    return cfg, loaded
