@@ -23,9 +23,9 @@ def test_clean_text():
 
 def test_embedded_sample_sizes_and_balance():
     d = load_dataset(None)
-    assert d.sizes() == {"train": 1620, "validation": 180, "test": 1000}
-    assert d.train.class_counts() == [810, 810] and d.validation.class_counts() == [90, 90]
-    assert d.test.class_counts() == [500, 500]
+    assert d.sizes() == {"train": 990, "validation": 110, "test": 600}
+    assert d.train.class_counts() == [495, 495] and d.validation.class_counts() == [55, 55]
+    assert d.test.class_counts() == [300, 300]
     assert d.label_names == ["neg", "pos"]
     assert not any("<br" in t for t in d.train.texts)
     # validation is carved from train: disjoint, and the same for the same seed

@@ -64,6 +64,9 @@ class RunConfig:
     precision: str = _f("auto", "fp32, bf16, or auto (bf16 where the CPU has AMX/AVX512-BF16, or on CUDA)",
                         choices=PRECISIONS)
     eval_batch_size: int = _f(64, "examples per evaluation batch")
+    attn_dropout: float | None = _f(0.0, "attention-probability dropout while training (None in a config file: "
+                                    "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel: "
+                                    "about 2x faster training on CPU")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -90,6 +93,7 @@ class RunConfig:
             (self.val_size > 0 and (self.val_size < 1 or float(self.val_size).is_integer()), "val_size",
              "a count >= 1 or a fraction in (0, 1)"),
             (self.num_labels >= 2, "num_labels", "an integer >= 2"),
+            (self.attn_dropout is None or 0 <= self.attn_dropout < 1, "attn_dropout", "a number in [0, 1)"),
         ]
         for ok, name, allowed in checks:
             if not ok:

@@ -51,14 +51,20 @@ def resolve_model_path(name: str | None) -> str:
     return os.path.expanduser(name)
 
 
-def load_model(name: str | None, num_labels: int = 2, seed: int | None = None) -> LoadedModel:
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def load_model(name: str | None, num_labels: int = 2, seed: int | None = None,
+               attn_dropout: float | None = None) -> LoadedModel:
     """Load `name` (hub name or local folder; None = embedded default) with a fresh head.
+
+    `attn_dropout` overrides the attention-probability dropout (None keeps the model's).
 
     Raises:
         ModelLoadError: the model cannot be found (the hub is unreachable and no local
             folder has it), or its architecture has no sequence-classification head.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -70,8 +76,13 @@ def load_model(name: str | None, num_labels: int = 2, seed: int | None = None) -
     if seed is not None:
         torch.manual_seed(seed)  # the fresh head's initialisation
     try:
+        config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+        if attn_dropout is not None:  # attention-probability dropout (None: the model's own)
+            for key in ATTENTION_DROPOUT_KEYS:
+                if hasattr(config, key):
+                    setattr(config, key, attn_dropout)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, output_loading_info=True, dtype=torch.float32)
+            source, config=config, output_loading_info=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "sequence classification" in str(exc).lower():

@@ -54,8 +54,8 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Make `out`, refusing to mix a new run into an existing one."""
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that would mix a new run into another."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output path {out} is a file; pass a folder with --out")
     if out.exists() and any(out.iterdir()):
@@ -64,14 +64,20 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         if not (out / "config.json").exists() and not (out / "report.json").exists():
             raise RunDirError(f"output folder {out} is not a lorafit run; refusing to overwrite it: pass another "
                               "--out")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise RunDirError(f"cannot write to {parent}; pass a writable --out")
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Make `out` empty and ready (after `check_out_dir`)."""
+    check_out_dir(out, overwrite)
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
-        raise RunDirError(f"cannot write to output folder {out} ({exc.strerror}); pass a writable --out") from None
+        raise RunDirError(f"cannot create output folder {out} ({exc.strerror}); pass a writable --out") from None
 
 
 def _log(msg: str) -> None:
@@ -99,20 +105,21 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     """Train `cfg.strategy`, evaluate the best-validation weights on test, save the run; returns final.json."""
     from lorafit.report import plot_curves
 
-    prepare_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     t_start = time.perf_counter()
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
     splits = load_dataset(cfg.data, val_size=cfg.val_size, train_size=cfg.train_size, test_size=cfg.test_size,
                           seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
                           num_labels=cfg.num_labels)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
     model = loaded.model
     check_max_length(cfg, model)
     fresh = fresh_state(loaded)
     torch.manual_seed(cfg.seed)
     STRATEGIES[cfg.strategy].setup(model, cfg)
     model.to(device)
+    prepare_out_dir(out, overwrite)
     trainable, total = count_parameters(model)
     lr = learning_rate(cfg)
     _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {device.type} {precision} | lr {lr:g}")

@@ -1,0 +1,127 @@
+"""The experiment end to end through the real CLI, on a tiny slice of the embedded data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cli_helpers import TINY, lorafit
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "compare"
+    r = lorafit("compare", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_compare_leaves_every_artifact(compare_dir):
+    for strategy in ("full", "last-two-layers", "lora"):
+        run = compare_dir / strategy
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["strategy"] == strategy and cfg["epochs"] == 1
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 1 and {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
+                                   "tokens_per_s"} <= set(rows[0])
+        final = json.loads((run / "final.json").read_text())
+        assert 0 <= final["test_accuracy"] <= 1 and 0 <= final["test_f1"] <= 1
+        assert final["sizes"] == {"train": 24, "validation": 8, "test": 16}
+        assert final["trainable_params"] <= final["total_params"] and final["peak_memory_mb"] > 0
+        assert final["saved_bytes"] > 0
+        assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lora = json.loads((compare_dir / "lora" / "final.json").read_text())
+    full = json.loads((compare_dir / "full" / "final.json").read_text())
+    last2 = json.loads((compare_dir / "last-two-layers" / "final.json").read_text())
+    assert lora["trainable_params"] == 38_408
+    assert full["trainable_params"] == full["total_params"] == 22_713_986
+    assert last2["trainable_params"] == 384 * 384 + 384 + 384 * 2 + 2  # pooler.dense + classifier
+    assert sorted(p.name for p in (compare_dir / "lora" / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert lora["saved_bytes"] < 300_000
+    report = json.loads((compare_dir / "report.json").read_text())
+    assert [r["strategy"] for r in report["rows"]] == ["full", "last-two-layers", "lora"]
+    md = (compare_dir / "report.md").read_text()
+    assert "| lora |" in md and "38,408" in md
+    assert (compare_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_and_predict_agree_with_final(compare_dir):
+    for strategy in ("lora", "last-two-layers"):
+        run = compare_dir / strategy
+        final = json.loads((run / "final.json").read_text())
+        r = lorafit("evaluate", str(run), "--no-progress")
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout)
+        assert got["test_accuracy"] == final["test_accuracy"] and got["examples"] == 16
+    run = compare_dir / "lora"
+    r = lorafit("predict", str(run), "A wonderful film.", "Dreadful, boring.")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("neg", "pos") for line in lines)
+    assert all(0.5 <= float(line.split("\t")[1]) <= 1 for line in lines)
+    r2 = lorafit("predict", str(run), stdin="A wonderful film.\nDreadful, boring.\n")
+    assert r2.stdout == r.stdout
+
+
+def test_merge_loads_with_plain_transformers(compare_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorafit.runs import load_run
+
+    run = compare_dir / "lora"
+    r = lorafit("merge", str(run), str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert not any(type(m).__name__ == "LoRALinear" for m in plain.modules())
+    _, loaded = load_run(run)
+    batch = tok(["A wonderful film.", "Dreadful and boring, I left early."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, loaded.model.eval()(**batch).logits, atol=1e-5, rtol=0)
+    assert plain.config.id2label == {0: "neg", 1: "pos"}
+    again = lorafit("merge", str(run), str(tmp_path / "merged"))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_config_file_and_flag_override(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('strategy = "last-two-layers"\nepochs = 1\nlr = 0.01\nmax-length = 48\n')
+    r = lorafit("train", "--config", str(cfg), *TINY, "--lr", "0.005", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["strategy"] == "last-two-layers" and saved["lr"] == 0.005 and saved["max_length"] == 64
+    assert "trainable params: 148,994 / 22,713,986 (0.656%)" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--strategy", "bogus"], "invalid choice: 'bogus'"),
+    (["train", "--rank", "0"], r"rank (--rank) must be an integer >= 1"),
+    (["train", "--lr", "5"], r"lr (--lr) must be a number in (0, 1]"),
+    (["train", "--max-length", "4096"], "above this model's 512 positions"),
+    (["train", "--targets", "nothing_here"], "'nothing_here' matches no module"),
+    (["train", "--data", "/no/such/path"], "data source /no/such/path does not exist"),
+    (["train", "--model", "/no/such/model"], "model folder /no/such/model does not exist"),
+    (["train", "--model", "someone/not-a-real-model-xyz"], "hub could not be reached"),
+    (["evaluate", "/no/such/run"], "run folder /no/such/run does not exist"),
+    (["predict", "/no/such/run", "hi"], "run folder /no/such/run does not exist"),
+])
+def test_cli_errors_are_one_clean_line(args, message, tmp_path):
+    r = lorafit(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else lorafit(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir()) or \
+        not (tmp_path / "o" / "final.json").exists()
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": 2, "learning_rate": 0.1}')
+    r = lorafit("train", "--config", str(bad))
+    assert r.returncode == 2 and "unknown key 'learning_rate'" in r.stderr and "Traceback" not in r.stderr
+    bad.write_text('{"epochs": "three"}')
+    r = lorafit("train", "--config", str(bad))
+    assert r.returncode == 2 and "key 'epochs' must be int" in r.stderr
