@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lorafit.config import STRATEGY_NAMES, RunConfig, field_types, make_config
-from lorafit.errors import LorafitError, RunDirError
+from lorafit.errors import ConfigError, LorafitError, RunDirError
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -59,8 +59,17 @@ def _default_out(kind: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorafit.runs import run_training
+    from lorafit.runs import read_run_config, run_training
 
+    if args.resume:
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        given = sorted(k for k in vars(args) if k in names) + (["config"] if args.config else []) + \
+            (["out"] if args.out else []) + (["overwrite"] if args.overwrite else [])
+        if given:
+            raise ConfigError(f"--resume continues a run with its saved config; drop --{given[0].replace('_', '-')}")
+        run_dir = Path(args.resume)
+        run_training(read_run_config(run_dir), run_dir, progress=not args.no_progress, resume=True)
+        return 0
     cfg = _config(args)
     out = Path(args.out) if args.out else _default_out(cfg.strategy)
     run_training(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
@@ -198,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one strategy")
     _add_config_flags(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("compare", help="train full, last-two-layers and lora on the same data and seed; report")
     _add_config_flags(c, skip=("strategy",))
@@ -228,13 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from lorafit.train import Interrupted
+
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
     except LorafitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         return 130
 
 

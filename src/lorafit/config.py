@@ -64,6 +64,7 @@ class RunConfig:
     precision: str = _f("auto", "fp32, bf16, or auto (bf16 where the CPU has AMX/AVX512-BF16, or on CUDA)",
                         choices=PRECISIONS)
     eval_batch_size: int = _f(64, "examples per evaluation batch")
+    checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0: only at the end of each epoch)")
     attn_dropout: float | None = _f(0.0, "attention-probability dropout while training (None in a config file: "
                                     "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel: "
                                     "about 2x faster training on CPU")
@@ -93,6 +94,7 @@ class RunConfig:
             (self.val_size > 0 and (self.val_size < 1 or float(self.val_size).is_integer()), "val_size",
              "a count >= 1 or a fraction in (0, 1)"),
             (self.num_labels >= 2, "num_labels", "an integer >= 2"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0"),
             (self.attn_dropout is None or 0 <= self.attn_dropout < 1, "attn_dropout", "a number in [0, 1)"),
         ]
         for ok, name, allowed in checks:

@@ -33,7 +33,7 @@ from lorafit.errors import ConfigError, RunDirError
 from lorafit.lora import count_parameters
 from lorafit.models import LoadedModel, fresh_state, load_model
 from lorafit.strategies import STRATEGIES, learning_rate
-from lorafit.train import TrainSettings, evaluate, pick_device, resolve_precision, train
+from lorafit.train import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
 
 FRESH_INIT = "fresh_init.safetensors"
 TRAINED = "trained.safetensors"
@@ -60,7 +60,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise RunDirError(f"output path {out} is a file; pass a folder with --out")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise RunDirError(f"output folder {out} is not empty; pass another --out, or --overwrite to replace it")
+            hint = f", --resume {out} to continue it" if (out / "checkpoint.safetensors").exists() else ""
+            raise RunDirError(f"output folder {out} is not empty; pass another --out{hint}, or --overwrite to "
+                              "replace it")
         if not (out / "config.json").exists() and not (out / "report.json").exists():
             raise RunDirError(f"output folder {out} is not a lorafit run; refusing to overwrite it: pass another "
                               "--out")
@@ -101,11 +103,29 @@ def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
                           f"pass --max-length {limit} or less")
 
 
-def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train `cfg.strategy`, evaluate the best-validation weights on test, save the run; returns final.json."""
+def _check_disk(out: Path, model: nn.Module) -> None:
+    """Enough free disk for a checkpoint (weights, AdamW moments, best weights) and the saved run."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = trainable * 4 * 6 + 10 * 2**20  # 4 copies in the checkpoint, its temporary twin, the run's weights
+    free = shutil.disk_usage(out if out.exists() else next(p for p in out.parents if p.exists())).free
+    if free < need:
+        raise RunDirError(f"only {free / 2**20:,.0f} MB free where {out} is; this run's checkpoints need about "
+                          f"{need / 2**20:,.0f} MB: free some space or pass another --out")
+
+
+def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
+                 resume: bool = False) -> dict:
+    """Train `cfg.strategy`, evaluate the best-validation weights on test, save the run; returns final.json.
+
+    With `resume`, `out` is an existing run folder: training continues from its last
+    complete checkpoint.
+    """
+    from lorafit.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
     from lorafit.report import plot_curves
 
-    check_out_dir(out, overwrite)
+    state = load_checkpoint(out / CHECKPOINT) if resume else None
+    if not resume:
+        check_out_dir(out, overwrite)
     t_start = time.perf_counter()
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
@@ -119,14 +139,17 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     torch.manual_seed(cfg.seed)
     STRATEGIES[cfg.strategy].setup(model, cfg)
     model.to(device)
-    prepare_out_dir(out, overwrite)
+    _check_disk(out, model)
+    if not resume:
+        prepare_out_dir(out, overwrite)
     trainable, total = count_parameters(model)
     lr = learning_rate(cfg)
     _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {device.type} {precision} | lr {lr:g}")
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
-    write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
+    if not resume:
+        write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
 
     t_tok = time.perf_counter()
     encs = _encode(splits, loaded.tokenizer, cfg.max_length)
@@ -138,15 +161,22 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
                              max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, precision=precision,
                              eval_batch_size=cfg.eval_batch_size)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
+    history = state[1]["history"] if state else []
+    atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
     def on_epoch(row: dict) -> None:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     torch.manual_seed(cfg.seed)
-    result = train(model, encs["train"], encs["validation"], settings, pad_id=pad_id, device=device,
-                   log=_log, progress=progress, on_epoch=on_epoch)
+    try:
+        result = train(model, encs["train"], encs["validation"], settings, pad_id=pad_id, device=device,
+                       log=_log, progress=progress, on_epoch=on_epoch,
+                       save_state=lambda tensors, meta: save_checkpoint(out, tensors, meta),
+                       checkpoint_every=cfg.checkpoint_every, resume=state)
+    except Interrupted as exc:
+        raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
     t_test = time.perf_counter()
     test = evaluate(model, encs["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
@@ -167,7 +197,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
         "precision": precision, "device": device.type, "lr": lr,
-        "sizes": splits.sizes(), "label_names": splits.label_names,
+        "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
     _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | best epoch {result.best_epoch} | "

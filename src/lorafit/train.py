@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -151,17 +152,30 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class Interrupted(LorafitError):
+    """Ctrl-C during training; a checkpoint was saved."""
+
+
 def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettings, *, pad_id: int,
           device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None,
+          save_state: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
+          checkpoint_every: int = 0,
+          resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad; keep the best-validation weights.
 
     On return, `model` holds the weights of the epoch with the best validation
-    accuracy (ties: the earlier epoch).
+    accuracy (ties: the earlier epoch). With `save_state`, the training state is
+    checkpointed after every epoch and every `checkpoint_every` optimizer steps, and on
+    Ctrl-C; `resume` (from `checkpoint.load_checkpoint`) continues from such a state and
+    gives the same result as an uninterrupted run.
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the message names the step).
+        Interrupted: Ctrl-C; the state at the last optimizer step was checkpointed.
     """
+    from lorafit import checkpoint as ckpt
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafitError("no parameter is trainable; check the strategy and its targets")
@@ -179,45 +193,89 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     result = TrainResult()
     best_acc, best_state = -1.0, None
-    step = 0
+    # position and running totals of the epoch, as of the last optimizer step
+    pos = {"epoch": 1, "batch_index": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "tokens": 0,
+           "epoch_seconds": 0.0}
+    if resume is not None:
+        tensors, meta = resume
+        best_state = ckpt.restore(model, opt, tensors)
+        pos = {k: meta[k] for k in pos}
+        result.history = meta["history"]
+        result.best_epoch, best_acc = meta["best_epoch"], meta["best_acc"]
+        result.train_seconds, result.padding_efficiency = meta["train_seconds"], meta["padding_efficiency"]
+        with warnings.catch_warnings():  # stepping the schedule to where it was, without optimizer steps
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(pos["step"]):
+                sched.step()
+        torch.set_rng_state(tensors["rng.torch"])
+        log(f"resumed at epoch {pos['epoch']}, batch {pos['batch_index']}, step {pos['step']}")
+    step = pos["step"]
+    rng_at_step = torch.get_rng_state()
+
+    def checkpoint(p: dict) -> None:
+        if save_state is None:
+            return
+        meta = {**p, "history": result.history, "best_epoch": result.best_epoch, "best_acc": best_acc,
+                "train_seconds": result.train_seconds, "padding_efficiency": result.padding_efficiency}
+        save_state(*ckpt.capture(model, opt, best_state, meta, rng_at_step))
+
     eval_kw = dict(batch_size=s.eval_batch_size, pad_id=pad_id, device=device, precision=s.precision)
     labels_all = torch.from_numpy(train_enc.labels)
-    for epoch in range(1, s.epochs + 1):
+    for epoch in range(pos["epoch"], s.epochs + 1):
         model.train()
         batches = bucketed_batches(train_enc.lengths, s.batch_size, seed=s.seed, epoch=epoch)
         if epoch == 1:
             result.padding_efficiency = padding_efficiency(train_enc.lengths, batches)
-        t0 = time.perf_counter()
-        loss_sum, correct, seen, tokens = 0.0, 0, 0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=not progress, unit="batch")
-        for i, b in enumerate(bar):
-            inputs = {k: v.to(device) for k, v in collate(train_enc.ids, train_enc.offsets, b, pad_id).items()}
-            labels = labels_all[b].to(device)
-            with autocast(device, s.precision):
-                logits = model(**inputs).logits
-            loss = F.cross_entropy(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; the run diverged. "
-                    f"Lower the learning rate (now {s.lr:g}, try --lr {s.lr / 10:g})")
-            (loss / s.grad_accum).backward()
-            if (i + 1) % s.grad_accum == 0 or i + 1 == len(batches):
-                if s.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-            loss_sum += loss.item() * len(b)
-            correct += int((logits.argmax(-1) == labels).sum())
-            seen += len(b)
-            tokens += int(inputs["attention_mask"].sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        start = pos["batch_index"] if epoch == pos["epoch"] else 0
+        if start == 0:
+            pos.update(loss_sum=0.0, correct=0, seen=0, tokens=0, epoch_seconds=0.0)
+        run = dict(pos)  # totals including batches after the last optimizer step
+        t0 = time.perf_counter() - pos["epoch_seconds"]
+        bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=not progress, unit="batch",
+                   initial=start)
+        try:
+            for i in range(start, len(batches)):
+                b = batches[i]
+                inputs = {k: v.to(device) for k, v in collate(train_enc.ids, train_enc.offsets, b, pad_id).items()}
+                labels = labels_all[b].to(device)
+                with autocast(device, s.precision):
+                    logits = model(**inputs).logits
+                loss = F.cross_entropy(logits.float(), labels)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; the run diverged. "
+                        f"Lower the learning rate (now {s.lr:g}, try --lr {s.lr / 10:g})")
+                (loss / s.grad_accum).backward()
+                run["loss_sum"] += loss.item() * len(b)
+                run["correct"] += int((logits.argmax(-1) == labels).sum())
+                run["seen"] += len(b)
+                run["tokens"] += int(inputs["attention_mask"].sum())
+                if (i + 1) % s.grad_accum == 0 or i + 1 == len(batches):
+                    if s.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    rng_at_step = torch.get_rng_state()
+                    run.update(batch_index=i + 1, step=step, epoch_seconds=time.perf_counter() - t0)
+                    pos = dict(run)
+                    if checkpoint_every and step % checkpoint_every == 0 and i + 1 < len(batches):
+                        checkpoint(pos)
+                bar.update(1)
+                bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.4f}", acc=f"{run['correct'] / run['seen']:.3f}")
+        except KeyboardInterrupt:
+            bar.close()
+            checkpoint(pos)
+            raise Interrupted(f"interrupted at epoch {epoch}, step {pos['step']}"
+                              + ("; a checkpoint was saved" if save_state else "")) from None
+        bar.close()
         seconds = time.perf_counter() - t0
+        seen = run["seen"]
         val = evaluate(model, val_enc, **eval_kw, progress=progress, desc="validation")
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        row = {"epoch": epoch, "train_loss": run["loss_sum"] / seen, "train_accuracy": run["correct"] / seen,
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-               "seconds": seconds, "tokens_per_s": tokens / seconds, "samples_per_s": seen / seconds,
+               "seconds": seconds, "tokens_per_s": run["tokens"] / seconds, "samples_per_s": seen / seconds,
                "lr": s.lr}
         result.history.append(row)
         result.train_seconds += seconds
@@ -228,6 +286,10 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
             f"{row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:,.0f} tok/s")
         if on_epoch:
             on_epoch(row)
+        rng_at_step = torch.get_rng_state()
+        pos = {"epoch": epoch + 1, "batch_index": 0, "step": step, "loss_sum": 0.0, "correct": 0, "seen": 0,
+               "tokens": 0, "epoch_seconds": 0.0}
+        checkpoint(pos)
     if best_state is not None:
         with torch.no_grad():
             named = dict(model.named_parameters())
