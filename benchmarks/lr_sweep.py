@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-GRID = {"full": [5e-5, 1e-4, 2e-4], "last-two-layers": [2e-3, 5e-3], "lora": [5e-4, 1e-3, 2e-3]}
+GRID = {"full": [5e-5, 1e-4, 2e-4], "last-two-layers": [2e-3, 5e-3, 1e-2], "lora": [1e-3, 2e-3, 5e-3]}
 ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
 
 

@@ -125,8 +125,8 @@ def _read_table(path: Path, text_column: str, label_column: str) -> dict[str, li
 
             opts = pc.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",", newlines_in_values=True)
             table = pc.read_csv(path, parse_options=opts)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0][:300]
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         raise DataError(f"{path} cannot be read as {path.suffix.lstrip('.').upper()} ({first}); "
                         "check the file's format and encoding (UTF-8)") from None
     columns = table.column_names
@@ -134,14 +134,21 @@ def _read_table(path: Path, text_column: str, label_column: str) -> dict[str, li
         if col not in columns:
             raise DataError(f"{path} has no {what} column {col!r} (its columns: {', '.join(columns)}); "
                             f"name it with --{what}-column")
-    out = {"text": table.column(text_column).to_pylist(), "label": table.column(label_column).to_pylist()}
-    out["split"] = table.column("split").to_pylist() if "split" in columns else None
+    try:
+        out = {"text": table.column(text_column).to_pylist(), "label": table.column(label_column).to_pylist()}
+        out["split"] = table.column("split").to_pylist() if "split" in columns else None
+    except pa.ArrowException as exc:
+        raise DataError(f"{path} holds values that cannot be read ({exc}); check the file") from None
     return out
 
 
 def _label_ids(values: list, path: Path) -> tuple[np.ndarray, list[str]]:
     if any(v is None for v in values):
         raise DataError(f"{path} has rows with no label; fill or drop them")
+    if not all(isinstance(v, (int, float, str, np.integer)) for v in values):
+        bad = next(v for v in values if not isinstance(v, (int, float, str, np.integer)))
+        raise DataError(f"{path} has a label that is not a number or a string ({type(bad).__name__}); "
+                        "labels must be ints or strings")
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         names = sorted(set(values))
         index = {v: i for i, v in enumerate(names)}
