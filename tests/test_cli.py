@@ -125,3 +125,54 @@ def test_config_file_errors_name_the_key(tmp_path):
     bad.write_text('{"epochs": "three"}')
     r = lorafit("train", "--config", str(bad))
     assert r.returncode == 2 and "key 'epochs' must be int" in r.stderr
+
+
+def test_data_errors_end_to_end(tmp_path):
+    from data_fixtures import write_imdb_tar
+
+    good = write_imdb_tar(tmp_path / "good.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(good[: len(good) // 2])
+    r = lorafit("train", "--data", str(tmp_path / "cut.tar.gz"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'cut.tar.gz'} is not a readable tar archive" in r.stderr and "download it again" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing half-written
+    (tmp_path / "t.csv").write_text("body,label\nhi,1\n")
+    r = lorafit("compare", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cmp"))
+    assert r.returncode == 2 and "--text-column" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_out_dir_refused_before_any_work(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = lorafit("train", "--out", str(out))
+    assert r.returncode == 2 and "is not empty; pass another --out" in r.stderr
+    r = lorafit("train", "--out", str(out), "--overwrite")
+    assert r.returncode == 2 and "is not a lorafit run; refusing to overwrite" in r.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_broken_run_folders_are_refused(compare_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "lora"
+    shutil.copytree(compare_dir / "lora", run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])
+    r = lorafit("evaluate", str(run), "--no-progress")
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    weights.unlink()
+    (run / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
+    r = lorafit("predict", str(run), "hello")
+    assert r.returncode == 2 and "pickle" in r.stderr and "safetensors only" in r.stderr
+
+
+def test_model_without_classification_head(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16)).save_pretrained(tmp_path / "vit")
+    r = lorafit("train", "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no sequence-classification head" in r.stderr

@@ -91,3 +91,17 @@ def test_f1():
     y = np.array([1, 1, 0, 0])
     assert f1_score(y, np.array([1, 0, 0, 0]), 2) == pytest.approx(2 / 3)
     assert f1_score(y, y, 2) == 1.0
+
+
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lorafit.errors import RunDirError
+    from lorafit.runs import run_training
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(RunDirError, match="MB free where .* checkpoints need about"):
+        run_training(RunConfig(strategy="full", train_size=16, val_size=4, test_size=4), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -78,10 +78,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lorafit.report import markdown_table, write_compare_report
-    from lorafit.runs import prepare_out_dir, write_json
+    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, write_json
 
     cfg = _config(args)
     out = Path(args.out) if args.out else _default_out("compare")
+    check_out_dir(out, args.overwrite)
+    preflight(cfg)  # bad data, model or targets fail now, not after the first strategy has trained
     prepare_out_dir(out, args.overwrite)
     write_json(out / "config.json", cfg.to_dict())
     command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -64,6 +64,8 @@ class RunConfig:
     precision: str = _f("auto", "fp32, bf16, or auto (bf16 where the CPU has AMX/AVX512-BF16, or on CUDA)",
                         choices=PRECISIONS)
     eval_batch_size: int = _f(64, "examples per evaluation batch")
+    cache: bool = _f(True, "when only the head trains (last-two-layers): run the frozen encoder once and train the "
+                     "head on its cached features (--no-cache: the plain path, dropout active in the encoder)")
     checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0: only at the end of each epoch)")
     attn_dropout: float | None = _f(0.0, "attention-probability dropout while training (None in a config file: "
                                     "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel: "

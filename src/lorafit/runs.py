@@ -32,7 +32,8 @@ from lorafit.data.encoding import encode_split
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.lora import count_parameters
 from lorafit.models import LoadedModel, fresh_state, load_model
-from lorafit.strategies import STRATEGIES, learning_rate
+from lorafit.feature_cache import HeadOnCache, cacheable_head, extract_features
+from lorafit.strategies import STRATEGIES, head_layers, learning_rate
 from lorafit.train import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
 
 FRESH_INIT = "fresh_init.safetensors"
@@ -113,6 +114,20 @@ def _check_disk(out: Path, model: nn.Module) -> None:
                           f"{need / 2**20:,.0f} MB: free some space or pass another --out")
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Check data, model, max_length and LoRA targets cheaply, before a long job starts.
+
+    Raises:
+        LorafitError: whatever `run_training` would raise on these at its start.
+    """
+    load_dataset(cfg.data, val_size=cfg.val_size, train_size=cfg.train_size, test_size=cfg.test_size,
+                 seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
+                 num_labels=cfg.num_labels)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
+    check_max_length(cfg, loaded.model)
+    STRATEGIES["lora"].setup(loaded.model, cfg)
+
+
 def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
                  resume: bool = False) -> dict:
     """Train `cfg.strategy`, evaluate the best-validation weights on test, save the run; returns final.json.
@@ -169,9 +184,19 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    sets, train_model, cache_seconds = encs, model, 0.0
+    head = head_layers(model)
+    if cfg.cache and cacheable_head(model, head):
+        t_cache = time.perf_counter()
+        sets = {n: extract_features(model, head[0], e, batch_size=cfg.eval_batch_size, pad_id=pad_id,
+                                    device=device, precision=precision) for n, e in encs.items()}
+        train_model = HeadOnCache(model, head[0], head[1]).to(device)
+        cache_seconds = time.perf_counter() - t_cache
+        _log(f"frozen-prefix cache: the frozen encoder ran once over {sum(len(e) for e in encs.values()):,} "
+             f"examples in {cache_seconds:.1f}s; the head ({', '.join(head)}) trains on its cached features")
     torch.manual_seed(cfg.seed)
     try:
-        result = train(model, encs["train"], encs["validation"], settings, pad_id=pad_id, device=device,
+        result = train(train_model, sets["train"], sets["validation"], settings, pad_id=pad_id, device=device,
                        log=_log, progress=progress, on_epoch=on_epoch,
                        save_state=lambda tensors, meta: save_checkpoint(out, tensors, meta),
                        checkpoint_every=cfg.checkpoint_every, resume=state)
@@ -179,7 +204,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
     t_test = time.perf_counter()
-    test = evaluate(model, encs["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
+    test = evaluate(train_model, sets["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
                     precision=precision, progress=progress, desc="test")
     test_seconds = time.perf_counter() - t_test
 
@@ -191,7 +216,8 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
-        "train_seconds": result.train_seconds, "test_seconds": test_seconds,
+        "train_seconds": result.train_seconds + cache_seconds, "cache_seconds": cache_seconds,
+        "test_seconds": test_seconds,
         "wall_seconds": time.perf_counter() - t_start,
         "peak_memory_mb": peak_rss_mb(),
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
@@ -201,7 +227,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     }
     write_json(out / "final.json", final)
     _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | best epoch {result.best_epoch} | "
-         f"train {result.train_seconds:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "
+         f"train {final['train_seconds']:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "
          f"{saved / 1e3:,.1f} KB | {out}")
     return final
 

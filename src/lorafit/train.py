@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.data.batching import bucketed_batches, collate, padding_efficiency
+from lorafit.data.batching import bucketed_batches, padding_efficiency
 from lorafit.data.encoding import Encoded
 from lorafit.errors import LorafitError
 from lorafit.lora import lora_modules, merge_lora, unmerge_lora
@@ -87,7 +87,7 @@ def predict_logits(model: nn.Module, enc: Encoded, *, batch_size: int, pad_id: i
     try:
         batches = bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False)
         for b in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
-            inputs = {k: v.to(device) for k, v in collate(enc.ids, enc.offsets, b, pad_id).items()}
+            inputs = {k: v.to(device) for k, v in enc.batch(b, pad_id).items()}
             with autocast(device, precision):
                 logits = model(**inputs).logits.float().cpu().numpy()
             if out is None:
@@ -236,7 +236,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         try:
             for i in range(start, len(batches)):
                 b = batches[i]
-                inputs = {k: v.to(device) for k, v in collate(train_enc.ids, train_enc.offsets, b, pad_id).items()}
+                inputs = {k: v.to(device) for k, v in train_enc.batch(b, pad_id).items()}
                 labels = labels_all[b].to(device)
                 with autocast(device, s.precision):
                     logits = model(**inputs).logits
@@ -249,7 +249,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                 run["loss_sum"] += loss.item() * len(b)
                 run["correct"] += int((logits.argmax(-1) == labels).sum())
                 run["seen"] += len(b)
-                run["tokens"] += int(inputs["attention_mask"].sum())
+                run["tokens"] += int(train_enc.lengths[b].sum())
                 if (i + 1) % s.grad_accum == 0 or i + 1 == len(batches):
                     if s.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)

@@ -49,6 +49,12 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, b: np.ndarray, pad_id: int) -> dict:
+        """input_ids and attention_mask (B, T) of examples `b`, padded to the longest."""
+        from lorafit.data.batching import collate
+
+        return collate(self.ids, self.offsets, b, pad_id)
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's definition (vocab, normaliser, special tokens).
