@@ -1,0 +1,165 @@
+"""lorafit against its peer (transformers + PEFT), side by side, on one data slice.
+
+For each strategy: lorafit (`lorafit train`, bf16 autocast where the CPU has it, length
+buckets, frozen-prefix cache) and the peer as its users write it (benchmarks/peer.py:
+padding to max_length, fp32, a plain loop), each in its own process, on the same data,
+model, max_length, epochs, batch size and learning rates. Prints and writes
+(results/bench.json, results/bench.md) training samples/s and tokens/s, wall time,
+peak memory and test accuracy with the ratios lorafit/peer; this machine's bf16 and
+fp32 matmul peak measured in the same run; lorafit's model FLOP utilisation; and the
+inference throughput of a merged LoRA model against the base model.
+
+    .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
+STRATEGIES = ("full", "last-two-layers", "lora")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of an (n x n) @ (n x n) matmul, after a warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def train_flops_per_token(strategy: str, cfg, avg_len: float) -> float:
+    """Approximate training FLOPs per token: dense layers (6P full, 4P lora) plus attention."""
+    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    dense = layers * (4 * h * h + 2 * h * inter)
+    attention = 12 * layers * avg_len * h  # QK^T and AV, forward x3 for training
+    return {"full": 6 * dense + attention, "lora": 4 * dense + attention}.get(strategy, 0.0)
+
+
+def inference_throughput(model, enc, pad_id: int, precision: str) -> float:
+    from lorafit.train import predict_logits
+
+    t = time.perf_counter()
+    predict_logits(model, enc, batch_size=64, pad_id=pad_id, device=torch.device("cpu"), precision=precision)
+    return len(enc) / (time.perf_counter() - t)
+
+
+def merged_vs_base(run: Path, data_args: dict, max_length: int) -> dict:
+    """Inference samples/s of the merged (unloaded) LoRA model and of the base model, alternated."""
+    from lorafit.data import load_dataset
+    from lorafit.data.encoding import encode_split
+    from lorafit.lora import unload_lora
+    from lorafit.models import load_model
+    from lorafit.runs import load_run
+    from lorafit.train import resolve_precision
+
+    _, loaded = load_run(run)
+    merged = unload_lora(loaded.model).eval()
+    base = load_model(None).model.eval()
+    enc = encode_split(load_dataset(**data_args).test, loaded.tokenizer, max_length)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    pad = loaded.tokenizer.pad_token_id
+    inference_throughput(base, enc, pad, precision)  # warm-up
+    m, b = [], []
+    for _ in range(3):
+        m.append(inference_throughput(merged, enc, pad, precision))
+        b.append(inference_throughput(base, enc, pad, precision))
+    return {"merged_samples_per_s": statistics.median(m), "base_samples_per_s": statistics.median(b),
+            "ratio": statistics.median(m) / statistics.median(b)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=ARCHIVE)
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--val-size", type=int, default=200)
+    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    args = ap.parse_args()
+
+    from transformers import AutoConfig
+
+    from lorafit.config import RunConfig
+    from lorafit.models import resolve_model_path
+    from lorafit.strategies import learning_rate
+
+    peaks = {"bf16_tflops": matmul_peak(torch.bfloat16) / 1e12, "fp32_tflops": matmul_peak(torch.float32) / 1e12}
+    print(f"matmul peak: bf16 {peaks['bf16_tflops']:.2f} TFLOP/s, fp32 {peaks['fp32_tflops']:.2f} TFLOP/s",
+          flush=True)
+    model_cfg = AutoConfig.from_pretrained(resolve_model_path(None))
+    data = ["--data", args.data, "--train-size", str(args.train_size), "--val-size", str(args.val_size),
+            "--test-size", str(args.test_size)]
+    common = [*data, "--max-length", str(args.max_length), "--epochs", str(args.epochs),
+              "--batch-size", str(args.batch_size)]
+    rows = []
+    for strategy in args.strategies.split(","):
+        lr = learning_rate(RunConfig(strategy=strategy))
+        run = args.out / strategy
+        subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, *common,
+                        "--out", str(run), "--overwrite", "--no-progress"], check=True)
+        final = json.loads((run / "final.json").read_text())
+        hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        tokens = sum(h["tokens_per_s"] * h["seconds"] for h in hist)
+        samples = sum(h["samples_per_s"] * h["seconds"] for h in hist)
+        ours = {"samples_per_s": samples / final["train_seconds"], "tokens_per_s": tokens / final["train_seconds"],
+                "train_seconds": final["train_seconds"], "test_seconds": final["test_seconds"],
+                "wall_seconds": final["wall_seconds"], "peak_memory_mb": final["peak_memory_mb"],
+                "test_accuracy": final["test_accuracy"]}
+        avg_len = tokens / samples
+        flops = train_flops_per_token(strategy, model_cfg, avg_len) * ours["tokens_per_s"]
+        ours["mfu"] = flops / (peaks["bf16_tflops"] * 1e12) if flops else None
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy", strategy,
+                              *common, "--lr", str(lr)], check=True, capture_output=True, text=True)
+        peer = json.loads(out.stdout.strip().splitlines()[-1])
+        row = {"strategy": strategy, "lr": lr, "lorafit": ours, "peer": peer, "ratios": {
+            "samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
+            "tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"],
+            "train_plus_test_time_peer_over_lorafit":
+                (peer["train_seconds"] + peer["test_seconds"]) / (ours["train_seconds"] + ours["test_seconds"]),
+            "peak_memory": ours["peak_memory_mb"] / peer["peak_memory_mb"],
+            "accuracy_points": 100 * (ours["test_accuracy"] - peer["test_accuracy"]),
+        }}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak": peaks, "rows": rows}
+    if "lora" in args.strategies:
+        report["merged_lora_inference"] = merged_vs_base(
+            args.out / "lora", dict(source=args.data, train_size=args.train_size, val_size=args.val_size,
+                                    test_size=args.test_size), args.max_length)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["| strategy | lorafit samples/s | peer samples/s | ratio | train+test s lorafit / peer | "
+             "peak RSS MB lorafit / peer | test acc lorafit / peer | MFU |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, p, q = r["lorafit"], r["peer"], r["ratios"]
+        mfu = f"{100 * o['mfu']:.1f}%" if o["mfu"] else "-"
+        lines.append(f"| {r['strategy']} | {o['samples_per_s']:.1f} | {p['samples_per_s']:.1f} | "
+                     f"{q['samples_per_s']:.2f}x | {o['train_seconds'] + o['test_seconds']:.0f} / "
+                     f"{p['train_seconds'] + p['test_seconds']:.0f} | {o['peak_memory_mb']:,.0f} / "
+                     f"{p['peak_memory_mb']:,.0f} | {o['test_accuracy']:.4f} / {p['test_accuracy']:.4f} | {mfu} |")
+    table = "\n".join(lines) + "\n"
+    (args.results / "bench.md").write_text(table)
+    print(table)
+    if "merged_lora_inference" in report:
+        print(json.dumps(report["merged_lora_inference"]))
+
+
+if __name__ == "__main__":
+    main()
