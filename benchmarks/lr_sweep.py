@@ -37,8 +37,8 @@ def main() -> None:
             if not (run / "final.json").exists():
                 subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, "--lr", str(lr),
                                 "--epochs", str(args.epochs), "--data", args.data, "--train-size", "990",
-                                "--val-size", "500", "--test-size", "2", "--out", str(run), "--overwrite", "--no-progress"],
-                               check=True)
+                                "--val-size", "500", "--test-size", "2", "--out", str(run), "--overwrite",
+                                "--no-progress"], check=True)
             final = json.loads((run / "final.json").read_text())
             hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
             rows.append({"strategy": strategy, "lr": lr, "best_val_accuracy": final["best_val_accuracy"],

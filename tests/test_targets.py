@@ -12,7 +12,8 @@ from lorafit.targets import resolve_targets
 EXPECTED = {
     "distilbert": dict(
         query="distilbert.transformer.layer.0.attention.q_lin", key="distilbert.transformer.layer.0.attention.k_lin",
-        value="distilbert.transformer.layer.0.attention.v_lin", output="distilbert.transformer.layer.0.attention.out_lin",
+        value="distilbert.transformer.layer.0.attention.v_lin",
+        output="distilbert.transformer.layer.0.attention.out_lin",
         classifier=["classifier"], head=["pre_classifier", "classifier"]),
     "bert": dict(
         query="bert.encoder.layer.0.attention.self.query", key="bert.encoder.layer.0.attention.self.key",

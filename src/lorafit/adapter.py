@@ -132,7 +132,8 @@ def _read_config(folder: Path) -> dict:
     try:
         raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AdapterError(f"{folder} has no {CONFIG_NAME}; it is not an adapter folder (or it is incomplete)") from None
+        raise AdapterError(f"{folder} has no {CONFIG_NAME}; it is not an adapter folder (or it is incomplete)") \
+            from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{folder / CONFIG_NAME} is not valid JSON ({exc}); the adapter is corrupt: re-save it") \
             from None

@@ -171,7 +171,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorafit.runs import load_run
 
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunDirError(f"{out} exists and is not empty; pass a new folder")
     cfg, loaded = load_run(args.run_dir)
     model = unload_lora(loaded.model)

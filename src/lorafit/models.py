@@ -70,7 +70,7 @@ def load_model(name: str | None, num_labels: int = 2, seed: int | None = None,
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     source = resolve_model_path(name)
-    if (source.startswith((".", "/", "~")) or Path(source).is_dir()) and not Path(source).is_dir():
+    if source.startswith((".", "/", "~")) and not Path(source).is_dir():
         raise ModelLoadError(f"model folder {source} does not exist; pass a folder holding config.json, "
                              "or a Hugging Face model name")
     if seed is not None:
