@@ -34,8 +34,8 @@ def _step(run) -> tuple[int, int]:
         return 0, 0
 
 
-def _start(run):
-    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", *ARGS, "--out", str(run)],
+def _start(run, args=ARGS):
+    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", *args, "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -81,6 +81,22 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference, tmp_path)
     r = lorafit("train", "--resume", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed at epoch 1" in r.stdout
+    _assert_same(run, reference)
+
+
+def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path):
+    """bf16 autocast: the resumed run equals the uninterrupted one too (tolerance 0: CPU kernels are deterministic)."""
+    args = [a if a != "fp32" else "bf16" for a in ARGS]
+    reference = tmp_path / "ref"
+    r = lorafit("train", *args, "--out", str(reference))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = _start(run, args)
+    _wait_mid_epoch(proc, run)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = lorafit("train", "--resume", str(run), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
     _assert_same(run, reference)
 
 
