@@ -38,8 +38,8 @@ class RunConfig:
     data: str | None = _f(None, "data source: an aclImdb/ folder, its .tar.gz, `imdb` (download), a "
                           ".csv/.jsonl/.parquet table (default: the embedded IMDb sample)")
     epochs: int = _f(3, "training epochs")
-    lr: float | None = _f(None, "peak learning rate (default: the strategy's: full 1e-4, last-two-layers 2e-3, "
-                          "lora 1e-3)")
+    lr: float | None = _f(None, "peak learning rate (default: the strategy's: full 5e-5, last-two-layers 1e-2, "
+                          "lora 2e-3)")
     batch_size: int = _f(16, "examples per optimizer step (before accumulation)")
     grad_accum: int = _f(1, "batches per optimizer step (gradient accumulation)")
     max_length: int = _f(256, "tokens per example; longer texts are truncated")

@@ -64,9 +64,9 @@ def _setup_lora(model: nn.Module, cfg: RunConfig) -> None:
 
 STRATEGIES: dict[str, Strategy] = {
     s.name: s for s in [
-        Strategy("full", 1e-4, _setup_full, "every parameter trains"),
-        Strategy("last-two-layers", 2e-3, _setup_last_two, "only the two last layers of the head train"),
-        Strategy("lora", 1e-3, _setup_lora, "LoRA adapters train; the pretrained weights stay frozen"),
+        Strategy("full", 5e-5, _setup_full, "every parameter trains"),
+        Strategy("last-two-layers", 1e-2, _setup_last_two, "only the two last layers of the head train"),
+        Strategy("lora", 2e-3, _setup_lora, "LoRA adapters train; the pretrained weights stay frozen"),
     ]
 }
 
