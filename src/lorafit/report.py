@@ -54,7 +54,8 @@ def compare_rows(results: dict[str, dict]) -> list[dict]:
             "trainable_pct": f["trainable_pct"], "train_seconds": f["train_seconds"],
             "wall_seconds": f["wall_seconds"], "peak_memory_mb": f["peak_memory_mb"],
             "saved_bytes": f["saved_bytes"], "lr": f["lr"],
-            "samples_per_s": sum(h["samples_per_s"] for h in r["history"]) / len(r["history"]),
+            # examples trained per second of training time (a feature cache's encoder pass included)
+            "samples_per_s": sum(h["samples_per_s"] * h["seconds"] for h in r["history"]) / f["train_seconds"],
         })
     return rows
 
@@ -88,6 +89,7 @@ def plot_compare(results: dict[str, dict], path: Path) -> None:
     ax1.set_xscale("log")
     ax1.set(xlabel="trainable parameters (log)", ylabel="test accuracy", title="accuracy vs trainable parameters")
     ax2.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+    ax2.set_xticks([h["epoch"] for h in next(iter(results.values()))["history"]])
     names = [r["strategy"] for r in rows]
     ax3.bar(names, [r["train_seconds"] for r in rows], color=[COLORS.get(n) for n in names])
     ax3.set(ylabel="seconds", title="training time")
