@@ -158,3 +158,10 @@ def test_full_archive_counts():
     assert len(d.train) + len(d.validation) == 25_000 and len(d.test) == 25_000
     assert [a + b for a, b in zip(d.train.class_counts(), d.validation.class_counts())] == [12_500, 12_500]
     assert d.test.class_counts() == [12_500, 12_500]
+
+
+def test_non_utf8_table(tmp_path):
+    (tmp_path / "bad.csv").write_bytes(b"text,label\n\x80abc,1\n")
+    _expect(r"bad.csv: row 1 of column .text. is not valid UTF-8; re-encode", tmp_path / "bad.csv")
+    (tmp_path / "bad2.csv").write_bytes(b"\x80\n")
+    _expect(r"bad2.csv (is not valid UTF-8|cannot be read)", tmp_path / "bad2.csv")

@@ -129,14 +129,17 @@ def _read_table(path: Path, text_column: str, label_column: str) -> dict[str, li
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         raise DataError(f"{path} cannot be read as {path.suffix.lstrip('.').upper()} ({first}); "
                         "check the file's format and encoding (UTF-8)") from None
-    columns = table.column_names
-    for what, col in (("text", text_column), ("label", label_column)):
-        if col not in columns:
-            raise DataError(f"{path} has no {what} column {col!r} (its columns: {', '.join(columns)}); "
-                            f"name it with --{what}-column")
     try:
+        columns = table.column_names
+        for what, col in (("text", text_column), ("label", label_column)):
+            if col not in columns:
+                raise DataError(f"{path} has no {what} column {col!r} (its columns: {', '.join(columns)}); "
+                                f"name it with --{what}-column")
         out = {"text": table.column(text_column).to_pylist(), "label": table.column(label_column).to_pylist()}
         out["split"] = table.column("split").to_pylist() if "split" in columns else None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") \
+            from None
     except pa.ArrowException as exc:
         raise DataError(f"{path} holds values that cannot be read ({exc}); check the file") from None
     return out
@@ -170,6 +173,9 @@ def read_table(path: Path, text_column: str = "text", label_column: str = "label
     texts = table["text"]
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
+        if isinstance(texts[bad[0]], bytes):
+            raise DataError(f"{path}: row {bad[0] + 1} of column {text_column!r} is not valid UTF-8; "
+                            "re-encode the file as UTF-8")
         raise DataError(f"{path}: row {bad[0] + 1} of column {text_column!r} is not text; fix or drop it")
     labels, names = _label_ids(table["label"], path)
     everything = Split([clean_text(t) for t in texts], labels, names)
