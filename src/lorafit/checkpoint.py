@@ -15,11 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lorafit.adapter import save_safetensors_atomic
+from lorafit.adapter import PICKLE_SUFFIXES, save_safetensors_atomic
 from lorafit.errors import RunDirError
 
 CHECKPOINT = "checkpoint.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def _opt_key(name: str, field: str) -> str:

@@ -142,7 +142,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from lorafit.data.encoding import Encoded, _encode
+    from lorafit.data.encoding import Encoded, encode_texts
     from lorafit.data.text import clean_text
     from lorafit.runs import load_run
     from lorafit.train import pick_device, predict_logits, resolve_precision
@@ -154,7 +154,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = json.loads((Path(args.run_dir) / "final.json").read_text()).get("label_names") \
         if (Path(args.run_dir) / "final.json").exists() else None
     names = names or [str(i) for i in range(cfg.num_labels)]
-    ids, offsets = _encode(loaded.tokenizer, [clean_text(t) for t in texts], cfg.max_length)
+    ids, offsets = encode_texts(loaded.tokenizer, [clean_text(t) for t in texts], cfg.max_length)
     enc = Encoded(ids, offsets, np.zeros(len(texts), dtype=np.int64))
     device = pick_device()
     logits = predict_logits(loaded.model.to(device), enc, batch_size=cfg.eval_batch_size,

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lorafit.adapter import atomic_write_bytes, load_adapter, save_adapter, save_safetensors_atomic
+from lorafit.adapter import PICKLE_SUFFIXES, atomic_write_bytes, load_adapter, save_adapter, save_safetensors_atomic
 from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.encoding import encode_split
@@ -86,7 +86,7 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _encode(splits, tokenizer, max_length: int):
+def _encode_splits(splits, tokenizer, max_length: int):
     encs = {}
     for name in ("train", "validation", "test"):
         encs[name] = encode_split(getattr(splits, name), tokenizer, max_length)
@@ -166,7 +166,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
 
     t_tok = time.perf_counter()
-    encs = _encode(splits, loaded.tokenizer, cfg.max_length)
+    encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length)
     _log(f"tokenized in {time.perf_counter() - t_tok:.1f}s "
          f"({'cached' if all(e.cached for e in encs.values()) else 'fresh'})")
     pad_id = loaded.tokenizer.pad_token_id or 0
@@ -265,7 +265,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+    if path.suffix in PICKLE_SUFFIXES:
         raise RunDirError(f"{path} is a pickle file; lorafit loads safetensors only")
     try:
         with safe_open(str(path), framework="pt") as f:

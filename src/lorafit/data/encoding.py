@@ -67,7 +67,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _encode(tokenizer, texts: list[str], max_length: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(tokenizer, texts: list[str], max_length: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of `texts`, tokenized in batches and truncated to `max_length`."""
     ids: list[np.ndarray] = []
     lengths: list[int] = []
     for start in range(0, len(texts), chunk):
@@ -96,7 +97,7 @@ def encode_split(split: Split, tokenizer, max_length: int, cache_dir: Path | Non
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     t0 = time.perf_counter()
-    ids, offsets = _encode(tokenizer, split.texts, max_length)
+    ids, offsets = encode_texts(tokenizer, split.texts, max_length)
     enc = Encoded(ids, offsets, split.labels.copy(), seconds=time.perf_counter() - t0)
     if use_cache:
         try:
