@@ -112,21 +112,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_data_for(cfg: RunConfig, data: str | None):
-    from lorafit.data import load_dataset
-
-    return load_dataset(data if data is not None else cfg.data, val_size=cfg.val_size, train_size=cfg.train_size,
-                        test_size=cfg.test_size, seed=cfg.seed, text_column=cfg.text_column,
-                        label_column=cfg.label_column, num_labels=cfg.num_labels)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lorafit.data.encoding import encode_split
-    from lorafit.runs import load_run
+    from lorafit.runs import load_data, load_run
     from lorafit.train import evaluate, pick_device, resolve_precision
 
     cfg, loaded = load_run(args.run_dir)
-    splits = _load_data_for(cfg, args.data)
+    splits = load_data(cfg, args.data)
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
     enc = encode_split(splits.test, loaded.tokenizer, cfg.max_length)

@@ -113,15 +113,20 @@ def _check_disk(out: Path, model: nn.Module) -> None:
                           f"{need / 2**20:,.0f} MB: free some space or pass another --out")
 
 
+def load_data(cfg: RunConfig, source: str | None = None):
+    """The DatasetSplits `cfg` describes (`source` overrides `cfg.data`)."""
+    return load_dataset(source if source is not None else cfg.data, val_size=cfg.val_size,
+                        train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed,
+                        text_column=cfg.text_column, label_column=cfg.label_column, num_labels=cfg.num_labels)
+
+
 def preflight(cfg: RunConfig) -> None:
     """Check data, model, max_length and LoRA targets cheaply, before a long job starts.
 
     Raises:
         LorafitError: whatever `run_training` would raise on these at its start.
     """
-    load_dataset(cfg.data, val_size=cfg.val_size, train_size=cfg.train_size, test_size=cfg.test_size,
-                 seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
-                 num_labels=cfg.num_labels)
+    load_data(cfg)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
     check_max_length(cfg, loaded.model)
     STRATEGIES["lora"].setup(loaded.model, cfg)
@@ -143,9 +148,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     t_start = time.perf_counter()
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
-    splits = load_dataset(cfg.data, val_size=cfg.val_size, train_size=cfg.train_size, test_size=cfg.test_size,
-                          seed=cfg.seed, text_column=cfg.text_column, label_column=cfg.label_column,
-                          num_labels=cfg.num_labels)
+    splits = load_data(cfg)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
     model = loaded.model
     check_max_length(cfg, model)
