@@ -146,3 +146,36 @@ def test_resume_errors(tmp_path):
     assert r.returncode == 2 and "no complete checkpoint to resume from" in r.stderr and "Traceback" not in r.stderr
     r = lorafit("train", "--resume", str(tmp_path / "run"), "--epochs", "5")
     assert r.returncode == 2 and "drop --epochs" in r.stderr
+
+
+def test_compare_killed_mid_strategy_resumes_and_keeps_finished_runs(reference, tmp_path):
+    out = tmp_path / "cmp"
+    args = [a for a in ARGS if a not in ("--strategy", "lora")]
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "compare", *args, "--strategies", "last-two-layers,lora",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    _wait_mid_epoch(proc, out / "lora")
+    os.killpg(proc.pid, signal.SIGKILL)  # the session ends abruptly: parent and child die together
+    proc.wait()
+    done = (out / "last-two-layers" / "final.json").read_bytes()
+    assert not (out / "lora" / "final.json").exists() and not (out / "report.json").exists()
+
+    r = lorafit("compare", "--resume", str(out), "--epochs", "3")
+    assert r.returncode == 2 and "drop --epochs" in r.stderr
+    r = lorafit("compare", "--resume", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "=== last-two-layers ===" not in r.stdout and "=== lora ===" in r.stdout
+    assert (out / "last-two-layers" / "final.json").read_bytes() == done  # finished strategy kept as it was
+    _assert_same(out / "lora", reference)
+    report = json.loads((out / "report.json").read_text())
+    assert [row["strategy"] for row in report["rows"]] == ["last-two-layers", "lora"]
+    assert report["invocations"] == 2 and report["command"].startswith("lorafit compare ")
+
+
+def test_compare_rejects_unknown_strategy_and_non_compare_resume(tmp_path):
+    r = lorafit("compare", "--strategies", "lora,everything", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown strategy everything" in r.stderr and not (tmp_path / "x").exists()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "config.json").write_text("{}")
+    r = lorafit("compare", "--resume", str(tmp_path / "y"))
+    assert r.returncode == 2 and "not a `lorafit compare` folder" in r.stderr

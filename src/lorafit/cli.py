@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lorafit.config import STRATEGY_NAMES, RunConfig, field_types, make_config
-from lorafit.errors import ConfigError, LorafitError, RunDirError
+from lorafit.errors import ConfigError, Interrupted, LorafitError, RunDirError
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -77,36 +77,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_child(out: Path, strategy: str, no_progress: bool) -> list[str]:
+    """The `lorafit train` command line for one strategy of a comparison in `out`."""
+    run = out / strategy
+    if (run / "checkpoint.safetensors").exists():
+        child = ["train", "--resume", str(run)]
+    else:  # not started, or stopped before its first checkpoint: (re)start it
+        child = ["train", "--config", str(out / "config.json"), "--strategy", strategy, "--out", str(run),
+                 "--overwrite"]
+    return [sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if no_progress else [])]
+
+
+def _run_child(argv: list[str]) -> int:
+    """Run a training child; a SIGINT to us is passed on, and we wait while it saves its checkpoint."""
+    child = subprocess.Popen(argv)
+    previous = signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from lorafit.report import markdown_table, write_compare_report
-    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, write_json
+    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config, write_json
 
-    cfg = _config(args)
-    out = Path(args.out) if args.out else _default_out("compare")
-    check_out_dir(out, args.overwrite)
-    preflight(cfg)  # bad data, model or targets fail now, not after the first strategy has trained
-    prepare_out_dir(out, args.overwrite)
-    write_json(out / "config.json", cfg.to_dict())
     command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    state_path = None
+    if args.resume:
+        given = [k for k in vars(args) if k in {f.name for f in dataclasses.fields(RunConfig)}]
+        given += [k for k in ("config", "out", "overwrite", "strategies") if getattr(args, k, None)]
+        if given:
+            flag = given[0].replace("_", "-")
+            raise ConfigError(f"--resume continues a comparison with its saved config; drop --{flag}")
+        out = Path(args.resume)
+        cfg = read_run_config(out)
+        state_path = out / "compare_state.json"
+        if not state_path.exists():
+            raise RunDirError(f"{out} is not a `lorafit compare` folder (no compare_state.json)")
+        state = json.loads(state_path.read_text())
+        preflight(cfg)
+    else:
+        cfg = _config(args)
+        out = Path(args.out) if args.out else _default_out("compare")
+        strategies = args.strategies.split(",") if args.strategies else list(STRATEGY_NAMES)
+        unknown = [s for s in strategies if s not in STRATEGY_NAMES]
+        if unknown or not strategies:
+            raise ConfigError(f"--strategies: unknown strategy {unknown[0] if unknown else '(none)'}; "
+                              f"choose from {', '.join(STRATEGY_NAMES)}")
+        check_out_dir(out, args.overwrite)
+        preflight(cfg)  # bad data, model or targets fail now, not after the first strategy has trained
+        prepare_out_dir(out, args.overwrite)
+        write_json(out / "config.json", cfg.to_dict())
+        state = {"command": command, "strategies": strategies, "invocations": []}
+        state_path = out / "compare_state.json"
+    state["invocations"].append({"command": command, "seconds": 0.0})
     t0 = time.perf_counter()
+
+    def save_state() -> None:
+        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
+        write_json(state_path, state)
+
     results = {}
-    for strategy in STRATEGY_NAMES:
-        print(f"\n=== {strategy} ===", flush=True)
-        child = [sys.executable, "-m", "lorafit", "train", "--config", str(out / "config.json"),
-                 "--strategy", strategy, "--out", str(out / strategy)]
-        if args.no_progress:
-            child.append("--no-progress")
-        # one process per strategy: each gets its own peak-memory figure and a clean state
-        rc = subprocess.call(child)
-        if rc != 0:
-            raise LorafitError(f"the {strategy} run failed (exit status {rc}); see its output above")
-        run = out / strategy
-        results[strategy] = {
-            "final": json.loads((run / "final.json").read_text()),
-            "history": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line],
-            "config": json.loads((run / "config.json").read_text()),
-        }
-    report = write_compare_report(results, out, command, time.perf_counter() - t0)
+    try:
+        for strategy in state["strategies"]:
+            run = out / strategy
+            if not (run / "final.json").exists():
+                print(f"\n=== {strategy} ===", flush=True)
+                save_state()
+                # one process per strategy: each gets its own peak-memory figure and a clean state
+                rc = _run_child(_compare_child(out, strategy, args.no_progress))
+                if rc == 130:
+                    raise Interrupted(f"the comparison stopped during {strategy}; continue with: "
+                                      f"lorafit compare --resume {out}")
+                if rc != 0:
+                    raise LorafitError(f"the {strategy} run failed (exit status {rc}); see its output above; "
+                                       f"after fixing the cause, continue with: lorafit compare --resume {out}")
+            results[strategy] = {
+                "final": json.loads((run / "final.json").read_text()),
+                "history": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line],
+                "config": json.loads((run / "config.json").read_text()),
+            }
+    finally:
+        save_state()
+    wall = sum(i["seconds"] for i in state["invocations"])
+    report = write_compare_report(results, out, state["command"], wall, invocations=len(state["invocations"]))
     print("\n" + markdown_table(report["rows"]))
     print(f"report: {out / 'report.md'} ({report['wall_seconds'] / 60:.1f} min)")
     return 0
@@ -206,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("compare", help="train full, last-two-layers and lora on the same data and seed; report")
     _add_config_flags(c, skip=("strategy",))
+    c.add_argument("--strategies", metavar="NAMES",
+                   help=f"comma-separated subset (default: {','.join(STRATEGY_NAMES)})")
+    c.add_argument("--resume", metavar="OUT_DIR",
+                   help="continue an interrupted comparison (finished strategies are kept)")
     c.set_defaults(func=cmd_compare)
     e = sub.add_parser("evaluate", help="test accuracy of a run's weights")
     e.add_argument("run_dir")
@@ -236,8 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     # ignored (a background job), which Python would otherwise keep.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
-    from lorafit.train import Interrupted
-
     try:
         return args.func(args)
     except Interrupted as exc:

@@ -33,3 +33,7 @@ class ModelLoadError(LorafitError):
 
 class RunDirError(LorafitError):
     """A run folder is missing, not a lorafit run, or would be overwritten."""
+
+
+class Interrupted(LorafitError):
+    """Ctrl-C during training; a checkpoint was saved."""

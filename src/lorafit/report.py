@@ -99,17 +99,24 @@ def plot_compare(results: dict[str, dict], path: Path) -> None:
     _save(fig, path)
 
 
-def write_compare_report(results: dict[str, dict], out: Path, command: str, wall_seconds: float) -> dict:
-    """report.md, report.json and report.png for a `compare` run; returns the report."""
+def write_compare_report(results: dict[str, dict], out: Path, command: str, wall_seconds: float,
+                         invocations: int = 1) -> dict:
+    """report.md, report.json and report.png for a `compare` run; returns the report.
+
+    `wall_seconds` sums the `invocations` (the first run and each `--resume`).
+    """
     rows = compare_rows(results)
-    report = {"command": command, "wall_seconds": wall_seconds, "rows": rows,
+    report = {"command": command, "wall_seconds": wall_seconds, "invocations": invocations, "rows": rows,
               "config": next(iter(results.values()))["config"]}
     plot_compare(results, out / "report.png")
     cfg = report["config"]
+    resumed = (f" over {invocations} invocations (resumed with `lorafit compare --resume`; work redone after an "
+               "interruption is counted, time between invocations is not)") if invocations > 1 else ""
     md = (f"# lorafit compare\n\n`{command}`\n\nModel `{cfg['model']}`, data "
           f"{next(iter(results.values()))['final']['data']}, {cfg['epochs']} epochs, max_length "
           f"{cfg['max_length']}, batch size {cfg['batch_size']}, seed {cfg['seed']}. Test accuracy is that of the "
-          f"best-validation epoch's weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min.\n\n"
+          f"best-validation epoch's weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min"
+          f"{resumed}.\n\n"
           f"{markdown_table(rows)}\n![report](report.png)\n")
     atomic_write_bytes(out / "report.md", md.encode())
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lorafit.data.batching import bucketed_batches, padding_efficiency
 from lorafit.data.encoding import Encoded
-from lorafit.errors import LorafitError
+from lorafit.errors import Interrupted, LorafitError
 from lorafit.lora import lora_modules, merge_lora, unmerge_lora
 
 
@@ -150,10 +150,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class Interrupted(LorafitError):
-    """Ctrl-C during training; a checkpoint was saved."""
 
 
 def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettings, *, pad_id: int,
