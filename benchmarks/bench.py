@@ -29,15 +29,19 @@ ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labe
 STRATEGIES = ("full", "last-two-layers", "lora")
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of an (n x n) @ (n x n) matmul, after a warm-up."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), seconds: float = 3.0) -> float:
+    """Best FLOP/s of square (n x n) @ (n x n) matmuls over `sizes`, each timed for ~`seconds` after a warm-up."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        c = torch.empty(n, n, dtype=dtype)
+        torch.matmul(a, b, out=c)
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            torch.matmul(a, b, out=c)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
 
 
 def train_flops_per_token(strategy: str, cfg, avg_len: float) -> float:
@@ -138,11 +142,22 @@ def main() -> None:
         }}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak": peaks, "rows": rows}
+        write_results(args, peaks, rows, None)  # after each strategy: a cut-off run keeps what it measured
+    merged = None
     if "lora" in args.strategies:
-        report["merged_lora_inference"] = merged_vs_base(
+        merged = merged_vs_base(
             args.out / "lora", dict(source=args.data, train_size=args.train_size, val_size=args.val_size,
                                     test_size=args.test_size), args.max_length)
+    print(write_results(args, peaks, rows, merged))
+    if merged:
+        print(json.dumps(merged))
+
+
+def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> str:
+    """results/bench.json and results/bench.md; returns the markdown table."""
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak": peaks, "rows": rows}
+    if merged:
+        report["merged_lora_inference"] = merged
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["| strategy | lorafit samples/s | peer samples/s | ratio | train+test s lorafit / peer | "
@@ -155,10 +170,13 @@ def main() -> None:
                      f"{p['train_seconds'] + p['test_seconds']:.0f} | {o['peak_memory_mb']:,.0f} / "
                      f"{p['peak_memory_mb']:,.0f} | {o['test_accuracy']:.4f} / {p['test_accuracy']:.4f} | {mfu} |")
     table = "\n".join(lines) + "\n"
+    if merged:
+        table += (f"\nMerged LoRA model vs base model, inference: {merged['merged_samples_per_s']:.1f} vs "
+                  f"{merged['base_samples_per_s']:.1f} samples/s ({merged['ratio']:.3f}x).\n")
+    table += (f"\nMatmul peak (same run): bf16 {peaks['bf16_tflops']:.2f} TFLOP/s, fp32 {peaks['fp32_tflops']:.2f} "
+              "TFLOP/s.\n")
     (args.results / "bench.md").write_text(table)
-    print(table)
-    if "merged_lora_inference" in report:
-        print(json.dumps(report["merged_lora_inference"]))
+    return table
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from data_fixtures import REVIEWS, write_imdb_dir, write_imdb_tar
 from lorafit.data import load_dataset
-from lorafit.data.batching import bucketed_batches, collate, padding_efficiency, random_batches
+from lorafit.data.batching import bucketed_batches, collate, padded_length, padding_efficiency, random_batches
 from lorafit.data.splits import Split
 from lorafit.data.text import clean_text
 from lorafit.errors import DataError
@@ -141,6 +143,30 @@ def test_collate_pads_dynamically():
     assert out["input_ids"].shape == (2, 7)
     assert out["input_ids"][0].tolist() == [1, 2, 3, 0, 0, 0, 0]
     assert out["attention_mask"].sum().item() == 10
+
+
+@given(st.integers(1, 600), st.integers(1, 64), st.one_of(st.none(), st.integers(1, 600)))
+def test_padded_length_invariants(longest, multiple, cap):
+    t = padded_length(longest, multiple, cap)
+    assert longest <= t < longest + multiple  # never truncates, pads less than one multiple
+    if cap is None:
+        assert t % multiple == 0
+    else:  # a multiple, unless that would pass the cap (max_length)
+        assert t <= max(longest, cap) and (t % multiple == 0 or t == max(longest, cap))
+
+
+def test_collate_pads_to_a_multiple_within_max_length():
+    ids = np.arange(1, 41, dtype=np.int32)
+    offsets = np.array([0, 3, 10, 40])
+    out = collate(ids, offsets, np.array([0, 1]), pad_id=0, multiple=8, cap=32)
+    assert out["input_ids"].shape == (2, 8) and out["attention_mask"].sum().item() == 10
+    assert out["input_ids"][1].tolist() == [4, 5, 6, 7, 8, 9, 10, 0]
+    assert collate(ids, offsets, np.array([2]), pad_id=0, multiple=8, cap=32)["input_ids"].shape == (1, 32)
+    assert collate(ids, offsets, np.array([2]), pad_id=0, multiple=16, cap=31)["input_ids"].shape == (1, 31)
+    lengths = _lengths()
+    batches = bucketed_batches(lengths, 32, seed=7)
+    exact, rounded = padding_efficiency(lengths, batches), padding_efficiency(lengths, batches, multiple=32)
+    assert 0.8 < rounded < exact
 
 
 def test_split_iterates_records():

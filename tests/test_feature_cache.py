@@ -46,3 +46,17 @@ def test_not_cacheable_when_the_encoder_trains():
     model = tiny_model("bert")
     STRATEGIES["full"].setup(model, RunConfig(strategy="full"))
     assert not cacheable_head(model, head_layers(model))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_to_a_multiple_changes_no_logit(arch):
+    """Extra padding is masked: logits with batches padded to a multiple of 16 equal exact padding's."""
+    from lorafit.train import predict_logits
+
+    model = tiny_model(arch)
+    exact, rounded = _encoded(seed=1), _encoded(seed=1)
+    rounded.pad_multiple, rounded.max_padded = 16, 64
+    assert rounded.batch(np.arange(4), 0)["input_ids"].shape[1] == 16
+    kw = dict(batch_size=4, pad_id=0, device=torch.device("cpu"), precision="fp32")
+    torch.testing.assert_close(torch.from_numpy(predict_logits(model, rounded, **kw)),
+                               torch.from_numpy(predict_logits(model, exact, **kw)), atol=1e-5, rtol=0)

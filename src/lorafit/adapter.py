@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
 from torch import nn
 
 from lorafit.errors import AdapterError
@@ -67,8 +67,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
                             metadata: dict[str, str] | None = None) -> None:
-    """safetensors serialisation of `tensors`, written atomically (temporary file + rename)."""
-    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+    """safetensors serialisation of `tensors`, written atomically (temporary file, fsync, rename).
+
+    `save_file` writes straight from the tensors' memory, so a checkpoint of the full
+    model (weights, AdamW state, best weights) costs no second in-memory copy.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None) -> Path:

@@ -176,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     splits = load_data(cfg, args.data)
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
-    enc = encode_split(splits.test, loaded.tokenizer, cfg.max_length)
+    enc = encode_split(splits.test, loaded.tokenizer, cfg.max_length, pad_multiple=cfg.pad_multiple)
     m = evaluate(loaded.model.to(device), enc, batch_size=cfg.eval_batch_size,
                  pad_id=loaded.tokenizer.pad_token_id or 0, device=device, precision=precision,
                  progress=not args.no_progress, desc="test")

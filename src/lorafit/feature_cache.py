@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lorafit.data.batching import bucketed_batches, collate
+from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.lora import LoRALinear
 
@@ -106,7 +106,7 @@ def extract_features(model: nn.Module, first: str, enc: Encoded, *, batch_size: 
     out = torch.zeros(len(enc), 0)
     try:
         for b in bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False):
-            inputs = {k: v.to(device) for k, v in collate(enc.ids, enc.offsets, b, pad_id).items()}
+            inputs = {k: v.to(device) for k, v in enc.batch(b, pad_id).items()}
             grabbed.clear()
             with autocast(device, precision):
                 model(**inputs)

@@ -86,10 +86,10 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _encode_splits(splits, tokenizer, max_length: int):
+def _encode_splits(splits, tokenizer, max_length: int, pad_multiple: int):
     encs = {}
     for name in ("train", "validation", "test"):
-        encs[name] = encode_split(getattr(splits, name), tokenizer, max_length)
+        encs[name] = encode_split(getattr(splits, name), tokenizer, max_length, pad_multiple=pad_multiple)
     return encs
 
 
@@ -169,7 +169,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
 
     t_tok = time.perf_counter()
-    encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length)
+    encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length, cfg.pad_multiple)
     _log(f"tokenized in {time.perf_counter() - t_tok:.1f}s "
          f"({'cached' if all(e.cached for e in encs.values()) else 'fresh'})")
     pad_id = loaded.tokenizer.pad_token_id or 0

@@ -221,7 +221,8 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         model.train()
         batches = bucketed_batches(train_enc.lengths, s.batch_size, seed=s.seed, epoch=epoch)
         if epoch == 1:
-            result.padding_efficiency = padding_efficiency(train_enc.lengths, batches)
+            result.padding_efficiency = padding_efficiency(train_enc.lengths, batches, multiple=getattr(
+                train_enc, "pad_multiple", 1), cap=getattr(train_enc, "max_padded", None))
         start = pos["batch_index"] if epoch == pos["epoch"] else 0
         if start == 0:
             pos.update(loss_sum=0.0, correct=0, seen=0, tokens=0, epoch_seconds=0.0)

@@ -40,6 +40,10 @@ class Encoded:
     seconds: float = 0.0
     """Time spent tokenizing (0 when read from the cache)."""
     cached: bool = False
+    pad_multiple: int = 1
+    """Batches are padded to a multiple of this (see batching.padded_length)..."""
+    max_padded: int | None = None
+    """...but not beyond the longer of this and the batch's longest example (max_length)."""
 
     @property
     def lengths(self) -> np.ndarray:
@@ -50,10 +54,10 @@ class Encoded:
         return len(self.labels)
 
     def batch(self, b: np.ndarray, pad_id: int) -> dict:
-        """input_ids and attention_mask (B, T) of examples `b`, padded to the longest."""
+        """input_ids and attention_mask (B, T) of examples `b`, padded as `pad_multiple` says."""
         from lorafit.data.batching import collate
 
-        return collate(self.ids, self.offsets, b, pad_id)
+        return collate(self.ids, self.offsets, b, pad_id, self.pad_multiple, self.max_padded)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -84,8 +88,11 @@ def encode_texts(tokenizer, texts: list[str], max_length: int, chunk: int = 1024
 
 
 def encode_split(split: Split, tokenizer, max_length: int, cache_dir: Path | None = None,
-                 use_cache: bool = True) -> Encoded:
-    """Tokenize `split` (truncating to `max_length`), reading or filling the disk cache."""
+                 use_cache: bool = True, pad_multiple: int = 1) -> Encoded:
+    """Tokenize `split` (truncating to `max_length`), reading or filling the disk cache.
+
+    Its batches are padded to a multiple of `pad_multiple`, at most to `max_length`.
+    """
     key = hashlib.sha256(
         f"{tokenizer_fingerprint(tokenizer)}|{max_length}|{split.fingerprint()}".encode()).hexdigest()[:32]
     folder = (cache_dir or cache_root()) / "tokens"
@@ -93,12 +100,14 @@ def encode_split(split: Split, tokenizer, max_length: int, cache_dir: Path | Non
     if use_cache and path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return Encoded(z["ids"], z["offsets"], split.labels.copy(), cached=True)
+                return Encoded(z["ids"], z["offsets"], split.labels.copy(), cached=True,
+                               pad_multiple=pad_multiple, max_padded=max_length)
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     t0 = time.perf_counter()
     ids, offsets = encode_texts(tokenizer, split.texts, max_length)
-    enc = Encoded(ids, offsets, split.labels.copy(), seconds=time.perf_counter() - t0)
+    enc = Encoded(ids, offsets, split.labels.copy(), seconds=time.perf_counter() - t0, pad_multiple=pad_multiple,
+                  max_padded=max_length)
     if use_cache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
