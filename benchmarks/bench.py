@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--fresh", action="store_true", help="drop rows kept from earlier runs in results/bench.json")
     args = ap.parse_args()
 
     from transformers import AutoConfig
@@ -132,7 +133,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy", strategy,
                               *common, "--lr", str(lr)], check=True, capture_output=True, text=True)
         peer = json.loads(out.stdout.strip().splitlines()[-1])
-        row = {"strategy": strategy, "lr": lr, "lorafit": ours, "peer": peer, "ratios": {
+        row = {"strategy": strategy, "lr": lr, "matmul_peak": peaks, "measured": time.strftime("%Y-%m-%d %H:%M"),
+               "lorafit": ours, "peer": peer, "ratios": {
             "samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
             "tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"],
             "train_plus_test_time_peer_over_lorafit":
@@ -154,12 +156,27 @@ def main() -> None:
 
 
 def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> str:
-    """results/bench.json and results/bench.md; returns the markdown table."""
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "matmul_peak": peaks, "rows": rows}
+    """results/bench.json and results/bench.md; returns the markdown table.
+
+    Rows of strategies this run did not measure are kept from an earlier run on the same
+    slice (unless --fresh), each with the matmul peak of its own run, so the benchmark
+    can be completed a strategy at a time; each row's lorafit/peer pair is side by side.
+    """
+    path = args.results / "bench.json"
+    slice_args = {k: str(getattr(args, k)) for k in ("data", "train_size", "val_size", "test_size", "max_length",
+                                                     "epochs", "batch_size")}
+    old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    old_slice = old.get("slice") or {k: old.get("args", {}).get(k) for k in slice_args}  # older files: "args"
+    if old_slice == slice_args:
+        mine = {r["strategy"] for r in rows}
+        kept = [{"matmul_peak": old.get("matmul_peak"), **r} for r in old.get("rows", []) if r["strategy"] not in mine]
+        rows = sorted(kept + rows, key=lambda r: STRATEGIES.index(r["strategy"]))
+        merged = merged or old.get("merged_lora_inference")
+    report = {"slice": slice_args, "rows": rows}
     if merged:
         report["merged_lora_inference"] = merged
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     lines = ["| strategy | lorafit samples/s | peer samples/s | ratio | train+test s lorafit / peer | "
              "peak RSS MB lorafit / peer | test acc lorafit / peer | MFU |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -173,8 +190,11 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
     if merged:
         table += (f"\nMerged LoRA model vs base model, inference: {merged['merged_samples_per_s']:.1f} vs "
                   f"{merged['base_samples_per_s']:.1f} samples/s ({merged['ratio']:.3f}x).\n")
-    table += (f"\nMatmul peak (same run): bf16 {peaks['bf16_tflops']:.2f} TFLOP/s, fp32 {peaks['fp32_tflops']:.2f} "
-              "TFLOP/s.\n")
+    for r in rows:
+        pk = r["matmul_peak"]
+        table += (f"\n{r['strategy']}: measured {r.get('measured', '?')}; matmul peak in that run: bf16 "
+                  f"{pk['bf16_tflops']:.2f} TFLOP/s, fp32 {pk['fp32_tflops']:.2f} TFLOP/s (MFU is against bf16).")
+    table += "\n"
     (args.results / "bench.md").write_text(table)
     return table
 
