@@ -88,12 +88,18 @@ def _compare_child(out: Path, strategy: str, no_progress: bool) -> list[str]:
     return [sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if no_progress else [])]
 
 
-def _run_child(argv: list[str]) -> int:
-    """Run a training child; a SIGINT to us is passed on, and we wait while it saves its checkpoint."""
+def _run_child(argv: list[str], tick, every: float = 60.0) -> int:
+    """Run a training child, calling `tick()` every `every` seconds while it runs (so a
+    comparison killed abruptly still has its time on record); a SIGINT to us is passed
+    on, and we wait while the child saves its checkpoint."""
     child = subprocess.Popen(argv)
     previous = signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
     try:
-        return child.wait()
+        while True:
+            try:
+                return child.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                tick()
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -146,7 +152,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 print(f"\n=== {strategy} ===", flush=True)
                 save_state()
                 # one process per strategy: each gets its own peak-memory figure and a clean state
-                rc = _run_child(_compare_child(out, strategy, args.no_progress))
+                rc = _run_child(_compare_child(out, strategy, args.no_progress), save_state)
                 if rc == 130:
                     raise Interrupted(f"the comparison stopped during {strategy}; continue with: "
                                       f"lorafit compare --resume {out}")
