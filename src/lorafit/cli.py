@@ -59,15 +59,21 @@ def _default_out(kind: str) -> Path:
     return Path("runs") / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _refuse_flags_with_resume(args: argparse.Namespace, what: str) -> None:
+    """`--resume` takes the saved config: any setting flag beside it is an error naming the flag."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    given = sorted(k for k in vars(args) if k in names)
+    given += [k for k in ("config", "out", "overwrite", "strategies") if getattr(args, k, None)]
+    if given:
+        flag = given[0].replace("_", "-")
+        raise ConfigError(f"--resume continues {what} with its saved config; drop --{flag}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.runs import read_run_config, run_training
 
     if args.resume:
-        names = {f.name for f in dataclasses.fields(RunConfig)}
-        given = sorted(k for k in vars(args) if k in names) + (["config"] if args.config else []) + \
-            (["out"] if args.out else []) + (["overwrite"] if args.overwrite else [])
-        if given:
-            raise ConfigError(f"--resume continues a run with its saved config; drop --{given[0].replace('_', '-')}")
+        _refuse_flags_with_resume(args, "a run")
         run_dir = Path(args.resume)
         run_training(read_run_config(run_dir), run_dir, progress=not args.no_progress, resume=True)
         return 0
@@ -109,13 +115,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config, write_json
 
     command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    state_path = None
     if args.resume:
-        given = [k for k in vars(args) if k in {f.name for f in dataclasses.fields(RunConfig)}]
-        given += [k for k in ("config", "out", "overwrite", "strategies") if getattr(args, k, None)]
-        if given:
-            flag = given[0].replace("_", "-")
-            raise ConfigError(f"--resume continues a comparison with its saved config; drop --{flag}")
+        _refuse_flags_with_resume(args, "a comparison")
         out = Path(args.resume)
         cfg = read_run_config(out)
         state_path = out / "compare_state.json"
