@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lorafit.data.batching import bucketed_batches
+from lorafit.data.batching import bucketed_batches, padding_efficiency
 from lorafit.data.encoding import Encoded
 from lorafit.lora import LoRALinear
 
@@ -84,6 +84,10 @@ class FeatureSet:
 
     def batch(self, b: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
         return {"features": self.features[torch.from_numpy(b)]}
+
+    def padding_efficiency(self, batches: list[np.ndarray]) -> float:
+        """Of the original examples' tokens, padded to each batch's longest (as the encoder would see them)."""
+        return padding_efficiency(self.lengths, batches)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.data.batching import bucketed_batches, padding_efficiency
+from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import Interrupted, LorafitError
 from lorafit.lora import lora_modules, merge_lora, unmerge_lora
@@ -221,8 +221,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         model.train()
         batches = bucketed_batches(train_enc.lengths, s.batch_size, seed=s.seed, epoch=epoch)
         if epoch == 1:
-            result.padding_efficiency = padding_efficiency(train_enc.lengths, batches, multiple=getattr(
-                train_enc, "pad_multiple", 1), cap=getattr(train_enc, "max_padded", None))
+            result.padding_efficiency = train_enc.padding_efficiency(batches)
         start = pos["batch_index"] if epoch == pos["epoch"] else 0
         if start == 0:
             pos.update(loss_sum=0.0, correct=0, seen=0, tokens=0, epoch_seconds=0.0)

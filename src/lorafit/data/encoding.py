@@ -59,6 +59,12 @@ class Encoded:
 
         return collate(self.ids, self.offsets, b, pad_id, self.pad_multiple, self.max_padded)
 
+    def padding_efficiency(self, batches: list[np.ndarray]) -> float:
+        """Real / padded tokens of `batches`, padded as `batch` pads them."""
+        from lorafit.data.batching import padding_efficiency
+
+        return padding_efficiency(self.lengths, batches, multiple=self.pad_multiple, cap=self.max_padded)
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's definition (vocab, normaliser, special tokens).
