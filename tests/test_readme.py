@@ -33,3 +33,21 @@ def test_readme_padding_table_matches_results():
         r = measured[(strategy, int(mult))]
         assert speed == f"{r['train_samples_per_s']:.1f}" and mem == f"{r['peak_memory_mb']:,.0f}"
         assert acc == f"{r['test_accuracy']:.3f}" and eff in ("-", f"{r['padding_efficiency']:.3f}")
+
+
+def test_readme_benchmark_table_matches_results():
+    """Each row of the README's table against transformers + PEFT is the measurement in results/bench.json."""
+    import json
+
+    rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / "bench.json").read_text())["rows"]}
+    found = re.findall(r"^\| (full|lora|last-two-layers) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| (\d+) / (\d+) \|"
+                       r" ([\d,]+) / ([\d,]+) MB \| ([\d.]+) / ([\d.]+) \|", README.read_text(), re.M)
+    assert sorted(f[0] for f in found) == sorted(rows)
+    for strategy, ours, peer, ratio, wall_o, wall_p, mem_o, mem_p, acc_o, acc_p in found:
+        o, p, q = rows[strategy]["lorafit"], rows[strategy]["peer"], rows[strategy]["ratios"]
+        assert (ours, peer) == (f"{o['samples_per_s']:.1f}", f"{p['samples_per_s']:.1f}")
+        assert abs(float(ratio) - q["samples_per_s"]) < 0.051
+        assert (int(wall_o), int(wall_p)) == (round(o["train_seconds"] + o["test_seconds"]),
+                                              round(p["train_seconds"] + p["test_seconds"]))
+        assert (mem_o, mem_p) == (f"{o['peak_memory_mb']:,.0f}", f"{p['peak_memory_mb']:,.0f}")
+        assert abs(float(acc_o) - o["test_accuracy"]) < 5e-4 and abs(float(acc_p) - p["test_accuracy"]) < 5e-4
