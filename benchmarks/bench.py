@@ -60,8 +60,11 @@ def inference_throughput(model, enc, pad_id: int, precision: str) -> float:
     return len(enc) / (time.perf_counter() - t)
 
 
-def merged_vs_base(run: Path, data_args: dict, max_length: int) -> dict:
-    """Inference samples/s of the merged (unloaded) LoRA model and of the base model, alternated."""
+def merged_vs_base(run: Path, data_args: dict, max_length: int, rounds: int = 3) -> dict:
+    """Inference samples/s of the LoRA model merged (unloaded), unmerged, and of the base model.
+
+    The three are alternated `rounds` times on the same test reviews; medians are kept.
+    """
     from lorafit.data import load_dataset
     from lorafit.data.encoding import encode_split
     from lorafit.lora import unload_lora
@@ -69,19 +72,24 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int) -> dict:
     from lorafit.runs import load_run
     from lorafit.train import resolve_precision
 
+    _, unmerged = load_run(run)
     _, loaded = load_run(run)
-    merged = unload_lora(loaded.model).eval()
-    base = load_model(None).model.eval()
+    models = {"merged": unload_lora(loaded.model).eval(), "unmerged": unmerged.model.eval(),
+              "base": load_model(None).model.eval()}
     enc = encode_split(load_dataset(**data_args).test, loaded.tokenizer, max_length)
     precision = resolve_precision("auto", torch.device("cpu"))
     pad = loaded.tokenizer.pad_token_id
-    inference_throughput(base, enc, pad, precision)  # warm-up
-    m, b = [], []
-    for _ in range(3):
-        m.append(inference_throughput(merged, enc, pad, precision))
-        b.append(inference_throughput(base, enc, pad, precision))
-    return {"merged_samples_per_s": statistics.median(m), "base_samples_per_s": statistics.median(b),
-            "ratio": statistics.median(m) / statistics.median(b)}
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for model in models.values():  # warm-up
+        inference_throughput(model, enc, pad, precision)
+    for _ in range(rounds):
+        for k, model in models.items():
+            rates[k].append(inference_throughput(model, enc, pad, precision))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"merged_samples_per_s": med["merged"], "unmerged_samples_per_s": med["unmerged"],
+            "base_samples_per_s": med["base"], "ratio": med["merged"] / med["base"],
+            "unmerged_ratio": med["unmerged"] / med["base"], "rounds": rates,
+            "measured": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def main() -> None:
@@ -97,7 +105,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--fresh", action="store_true", help="drop rows kept from earlier runs in results/bench.json")
+    ap.add_argument("--merged-only", action="store_true",
+                    help="only measure merged-LoRA vs base inference on the lora run already in --out")
     args = ap.parse_args()
+    data_args = dict(source=args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size)
+    if args.merged_only:
+        merged = merged_vs_base(args.out / "lora", data_args, args.max_length)
+        print(write_results(args, {}, [], merged))
+        return
 
     from transformers import AutoConfig
 
@@ -147,9 +162,7 @@ def main() -> None:
         write_results(args, peaks, rows, None)  # after each strategy: a cut-off run keeps what it measured
     merged = None
     if "lora" in args.strategies:
-        merged = merged_vs_base(
-            args.out / "lora", dict(source=args.data, train_size=args.train_size, val_size=args.val_size,
-                                    test_size=args.test_size), args.max_length)
+        merged = merged_vs_base(args.out / "lora", data_args, args.max_length)
     print(write_results(args, peaks, rows, merged))
     if merged:
         print(json.dumps(merged))
@@ -188,8 +201,13 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
                      f"{p['peak_memory_mb']:,.0f} | {o['test_accuracy']:.4f} / {p['test_accuracy']:.4f} | {mfu} |")
     table = "\n".join(lines) + "\n"
     if merged:
-        table += (f"\nMerged LoRA model vs base model, inference: {merged['merged_samples_per_s']:.1f} vs "
-                  f"{merged['base_samples_per_s']:.1f} samples/s ({merged['ratio']:.3f}x).\n")
+        table += (f"\nInference on the test slice ({merged.get('measured', '?')}): merged LoRA model "
+                  f"{merged['merged_samples_per_s']:.1f}, base model {merged['base_samples_per_s']:.1f} samples/s "
+                  f"({merged['ratio']:.3f}x)")
+        if "unmerged_samples_per_s" in merged:
+            table += (f"; adapters unmerged {merged['unmerged_samples_per_s']:.1f} samples/s "
+                      f"({merged['unmerged_ratio']:.3f}x)")
+        table += ".\n"
     for r in rows:
         pk = r["matmul_peak"]
         table += (f"\n{r['strategy']}: measured {r.get('measured', '?')}; matmul peak in that run: bf16 "
