@@ -11,7 +11,7 @@ import time
 
 import pytest
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cli_helpers import lorafit
 
@@ -78,10 +78,19 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference, tmp_path)
     proc.wait()
     assert not (run / "final.json").exists()
     assert step < 12  # 96 examples / batch 8 = 12 steps in epoch 1: killed inside it
+    # The checkpoint records the killed process's peak memory; the resumed run reports the max over both
+    # processes. Pretend the first one peaked far higher than any process here can.
+    ckpt = run / "checkpoint.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        meta = json.loads(f.metadata()["lorafit"])
+    assert meta["peak_memory_mb"] > 100
+    save_file(load_file(ckpt), ckpt, metadata={"lorafit": json.dumps({**meta, "peak_memory_mb": 123_456.0})})
     r = lorafit("train", "--resume", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed at epoch 1" in r.stdout
     _assert_same(run, reference)
+    assert json.loads((run / "final.json").read_text())["peak_memory_mb"] == 123_456.0
+    assert json.loads((reference / "final.json").read_text())["peak_memory_mb"] < 123_456.0
 
 
 def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path):

@@ -143,6 +143,12 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     from lorafit.report import plot_curves
 
     state = load_checkpoint(out / CHECKPOINT) if resume else None
+    earlier_peak = float(state[1].get("peak_memory_mb", 0.0)) if state else 0.0
+
+    def run_peak_mb() -> float:
+        """Peak resident memory of the run so far: this process's, or an earlier one's it resumed."""
+        return max(peak_rss_mb(), earlier_peak)
+
     if not resume:
         check_out_dir(out, overwrite)
     t_start = time.perf_counter()
@@ -200,7 +206,8 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     try:
         result = train(train_model, sets["train"], sets["validation"], settings, pad_id=pad_id, device=device,
                        log=_log, progress=progress, on_epoch=on_epoch,
-                       save_state=lambda tensors, meta: save_checkpoint(out, tensors, meta),
+                       save_state=lambda tensors, meta: save_checkpoint(
+                           out, tensors, {**meta, "peak_memory_mb": run_peak_mb()}),
                        checkpoint_every=cfg.checkpoint_every, resume=state)
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
@@ -221,7 +228,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         "train_seconds": result.train_seconds + cache_seconds, "cache_seconds": cache_seconds,
         "test_seconds": test_seconds,
         "wall_seconds": time.perf_counter() - t_start,
-        "peak_memory_mb": peak_rss_mb(),
+        "peak_memory_mb": run_peak_mb(),
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
         "precision": precision, "device": device.type, "lr": lr,
