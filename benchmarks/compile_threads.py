@@ -72,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--strategies", default="lora,full")
+    ap.add_argument("--lengths", default="128,256", help="padded lengths of the timed batches")
     ap.add_argument("--results", type=Path, default=Path("results"))
     args = ap.parse_args()
     from lorafit.train import resolve_precision
@@ -85,7 +86,8 @@ def main() -> None:
             torch.manual_seed(0)
             loaded = make(strategy)
             model = torch.compile(loaded.model) if variant.startswith("compile") else loaded.model
-            warm, rate = time_steps(model, batches(loaded.tokenizer), args.steps, precision)
+            data = batches(loaded.tokenizer, tuple(int(x) for x in args.lengths.split(",")))
+            warm, rate = time_steps(model, data, args.steps, precision)
             row = {"strategy": strategy, "variant": variant, "precision": precision, "first_steps_seconds": warm,
                    "steps_per_s": rate}
             rows.append(row)
