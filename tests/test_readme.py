@@ -51,3 +51,14 @@ def test_readme_benchmark_table_matches_results():
                                               round(p["train_seconds"] + p["test_seconds"]))
         assert (mem_o, mem_p) == (f"{o['peak_memory_mb']:,.0f}", f"{p['peak_memory_mb']:,.0f}")
         assert abs(float(acc_o) - o["test_accuracy"]) < 5e-4 and abs(float(acc_p) - p["test_accuracy"]) < 5e-4
+
+
+def test_readme_compare_tables_are_the_committed_reports():
+    """The README's default and full-scale comparison tables are the committed compare reports, row for row."""
+    readme = README.read_text()
+    for name in ("default_compare", "full_scale"):
+        report = (README.parent / "results" / name / "report.md").read_text()
+        rows = [line for line in report.splitlines() if re.match(r"\| (full|lora|last-two-layers) \|", line)]
+        assert len(rows) == 3, name
+        for row in rows:
+            assert row in readme, f"README lacks results/{name}/report.md row: {row}"
