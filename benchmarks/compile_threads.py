@@ -79,14 +79,16 @@ def main() -> None:
 
     precision = resolve_precision("auto", torch.device("cpu"))
     threads = torch.get_num_threads()
-    rows = []
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    rows, data = [], None
     for strategy in args.strategies.split(","):
         for variant in ("eager-1-thread", f"eager-{threads}-threads", f"compile-{threads}-threads"):
             torch.set_num_threads(1 if variant == "eager-1-thread" else threads)
             torch.manual_seed(0)
             loaded = make(strategy)
             model = torch.compile(loaded.model) if variant.startswith("compile") else loaded.model
-            data = batches(loaded.tokenizer, tuple(int(x) for x in args.lengths.split(",")))
+            if data is None:  # the same reviews and tokenizer for every variant: read and tokenize once
+                data = batches(loaded.tokenizer, lengths)
             warm, rate = time_steps(model, data, args.steps, precision)
             row = {"strategy": strategy, "variant": variant, "precision": precision, "first_steps_seconds": warm,
                    "steps_per_s": rate}
