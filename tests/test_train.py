@@ -43,7 +43,8 @@ def test_overfit_drives_training_loss_down(minilm_data):
     assert res.history[-1]["train_accuracy"] >= 0.9
 
 
-def test_best_validation_epoch_is_kept(minilm_data, monkeypatch):
+@pytest.mark.parametrize("keep, kept", [("best", 2), ("last", 3)])
+def test_kept_weights_are_the_chosen_epochs(minilm_data, monkeypatch, keep, kept):
     enc, pad = minilm_data
     model = _model("lora")
     accs = iter([0.5, 0.9, 0.7])
@@ -53,13 +54,14 @@ def test_best_validation_epoch_is_kept(minilm_data, monkeypatch):
     def on_epoch(row):
         snaps.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    s = TrainSettings(epochs=3, lr=5e-3, batch_size=8, precision="fp32")
+    s = TrainSettings(epochs=3, lr=5e-3, batch_size=8, precision="fp32", keep=keep)
     res = train(model, enc["train"], enc["validation"], s, pad_id=pad, device=torch.device("cpu"),
                 log=lambda m: None, progress=False, on_epoch=on_epoch)
-    assert res.best_epoch == 2
+    assert res.best_epoch == 2 and res.kept_epoch == kept
     now = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert all(torch.equal(now[n], snaps[1][n]) for n in now)
-    assert not all(torch.equal(now[n], snaps[2][n]) for n in now)
+    assert all(torch.equal(now[n], snaps[kept - 1][n]) for n in now)
+    other = 3 if kept == 2 else 2
+    assert not all(torch.equal(now[n], snaps[other - 1][n]) for n in now)
 
 
 def test_same_seed_same_results_fp32(minilm_data):

@@ -19,6 +19,7 @@ from lorafit.errors import ConfigError
 
 STRATEGY_NAMES = ("full", "last-two-layers", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
+KEEPS = ("last", "best")
 
 
 def _f(default, help: str, **kw):
@@ -68,6 +69,9 @@ class RunConfig:
                            "distinct shapes, faster CPU kernels and less memory; 1 pads to the longest example")
     cache: bool = _f(True, "when only the head trains (last-two-layers): run the frozen encoder once and train the "
                      "head on its cached features (--no-cache: the plain path, dropout active in the encoder)")
+    keep: str = _f("last", "which weights the run keeps, tests and saves: last (the final epoch's) or best (the "
+                   "epoch with the best validation accuracy; on a small validation split that choice is noisy)",
+                   choices=KEEPS)
     checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0: only at the end of each epoch)")
     attn_dropout: float | None = _f(0.0, "attention-probability dropout while training (None in a config file: "
                                     "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel: "
@@ -79,6 +83,7 @@ class RunConfig:
         checks = [
             (self.strategy in STRATEGY_NAMES, "strategy", f"one of {', '.join(STRATEGY_NAMES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.keep in KEEPS, "keep", f"one of {', '.join(KEEPS)}"),
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
             (self.epochs >= 1, "epochs", "an integer >= 1"),
             (self.lr is None or (math.isfinite(self.lr) and 0 < self.lr <= 1), "lr", "a number in (0, 1]"),

@@ -110,12 +110,13 @@ def write_compare_report(results: dict[str, dict], out: Path, command: str, wall
               "config": next(iter(results.values()))["config"]}
     plot_compare(results, out / "report.png")
     cfg = report["config"]
+    kept = "final epoch's" if cfg.get("keep", "best") == "last" else "best-validation epoch's"
     resumed = (f" over {invocations} invocations (resumed with `lorafit compare --resume`; work redone after an "
                "interruption is counted, time between invocations is not)") if invocations > 1 else ""
     md = (f"# lorafit compare\n\n`{command}`\n\nModel `{cfg['model']}`, data "
           f"{next(iter(results.values()))['final']['data']}, {cfg['epochs']} epochs, max_length "
           f"{cfg['max_length']}, batch size {cfg['batch_size']}, seed {cfg['seed']}. Test accuracy is that of the "
-          f"best-validation epoch's weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min"
+          f"{kept} weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min"
           f"{resumed}.\n\n"
           f"{markdown_table(rows)}\n![report](report.png)\n")
     atomic_write_bytes(out / "report.md", md.encode())

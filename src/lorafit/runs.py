@@ -134,7 +134,7 @@ def preflight(cfg: RunConfig) -> None:
 
 def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
                  resume: bool = False) -> dict:
-    """Train `cfg.strategy`, evaluate the best-validation weights on test, save the run; returns final.json.
+    """Train `cfg.strategy`, test the kept weights (`cfg.keep`), save the run; returns final.json.
 
     With `resume`, `out` is an existing run folder: training continues from its last
     complete checkpoint.
@@ -182,7 +182,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     settings = TrainSettings(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                              weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                              max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, precision=precision,
-                             eval_batch_size=cfg.eval_batch_size)
+                             eval_batch_size=cfg.eval_batch_size, keep=cfg.keep)
     metrics_path = out / "metrics.jsonl"
     # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
     history = state[1]["history"] if state else []
@@ -222,7 +222,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     final = {
         "strategy": cfg.strategy, "model": cfg.model, "data": splits.source,
         "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
-        "best_epoch": result.best_epoch,
+        "kept_epoch": result.kept_epoch, "best_epoch": result.best_epoch,
         "best_val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
         "train_seconds": result.train_seconds + cache_seconds, "cache_seconds": cache_seconds,
@@ -235,7 +235,8 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
-    _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | best epoch {result.best_epoch} | "
+    _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | "
+         f"weights of epoch {result.kept_epoch} ({cfg.keep}) | "
          f"train {final['train_seconds']:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "
          f"{saved / 1e3:,.1f} KB | {out}")
     return final

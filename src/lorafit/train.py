@@ -2,7 +2,7 @@
 
 AdamW with linear warm-up and decay, gradient clipping and accumulation, bf16 autocast
 where the hardware has it, length-bucketed batches, evaluation on validation after
-every epoch, and the best-validation weights kept.
+every epoch, and the last (or the best-validation) epoch's weights kept.
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ class TrainSettings:
     seed: int = 0
     precision: str = "fp32"
     eval_batch_size: int = 64
+    keep: str = "last"
+    """"last": the model ends with the final epoch's weights; "best": with those of the
+    epoch of best validation accuracy (ties: the earlier epoch)."""
 
 
 @dataclass
@@ -136,6 +139,9 @@ class TrainResult:
     """Per epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, val_f1, seconds,
     tokens_per_s, samples_per_s, lr."""
     best_epoch: int = 0
+    """The epoch of best validation accuracy (ties: the earlier), whichever weights are kept."""
+    kept_epoch: int = 0
+    """The epoch whose weights the model holds on return."""
     train_seconds: float = 0.0
     padding_efficiency: float = 1.0
 
@@ -158,13 +164,14 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
           save_state: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
           checkpoint_every: int = 0,
           resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> TrainResult:
-    """Train the parameters of `model` that require grad; keep the best-validation weights.
+    """Train the parameters of `model` that require grad.
 
-    On return, `model` holds the weights of the epoch with the best validation
-    accuracy (ties: the earlier epoch). With `save_state`, the training state is
-    checkpointed after every epoch and every `checkpoint_every` optimizer steps, and on
-    Ctrl-C; `resume` (from `checkpoint.load_checkpoint`) continues from such a state and
-    gives the same result as an uninterrupted run.
+    On return, `model` holds the final epoch's weights (`s.keep == "last"`) or those of
+    the epoch with the best validation accuracy (`"best"`; ties: the earlier epoch). With
+    `save_state`, the training state is checkpointed after every epoch and every
+    `checkpoint_every` optimizer steps, and on Ctrl-C; `resume` (from
+    `checkpoint.load_checkpoint`) continues from such a state and gives the same result
+    as an uninterrupted run.
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the message names the step).
@@ -276,7 +283,9 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         result.history.append(row)
         result.train_seconds += seconds
         if val["accuracy"] > best_acc:
-            best_acc, best_state, result.best_epoch = val["accuracy"], _snapshot(model), epoch
+            best_acc, result.best_epoch = val["accuracy"], epoch
+            if s.keep == "best":
+                best_state = _snapshot(model)
         log(f"epoch {epoch}/{s.epochs} | train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} | {seconds:.1f}s "
             f"{row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:,.0f} tok/s")
@@ -286,7 +295,9 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         pos = {"epoch": epoch + 1, "batch_index": 0, "step": step, "loss_sum": 0.0, "correct": 0, "seen": 0,
                "tokens": 0, "epoch_seconds": 0.0}
         checkpoint(pos)
-    if best_state is not None:
+    result.kept_epoch = s.epochs
+    if s.keep == "best" and best_state is not None:
+        result.kept_epoch = result.best_epoch
         with torch.no_grad():
             named = dict(model.named_parameters())
             for n, v in best_state.items():
