@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -52,44 +51,57 @@ def train_flops_per_token(strategy: str, cfg, avg_len: float) -> float:
     return {"full": 6 * dense + attention, "lora": 4 * dense + attention}.get(strategy, 0.0)
 
 
-def inference_throughput(model, enc, pad_id: int, precision: str) -> float:
-    from lorafit.train import predict_logits
+def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3) -> dict:
+    """Inference samples/s of the trained LoRA model in three forms, and of the base model.
 
-    t = time.perf_counter()
-    predict_logits(model, enc, batch_size=64, pad_id=pad_id, device=torch.device("cpu"), precision=precision)
-    return len(enc) / (time.perf_counter() - t)
-
-
-def merged_vs_base(run: Path, data_args: dict, max_length: int, rounds: int = 3) -> dict:
-    """Inference samples/s of the LoRA model merged (unloaded), unmerged, and of the base model.
-
-    The three are alternated `rounds` times on the same test reviews; medians are kept.
+    `unloaded`: adapters merged and the plain `nn.Linear`s put back (`unload_lora`);
+    `merged`: adapters merged in place, LoRA layers kept (what `lorafit evaluate` runs);
+    `unmerged`: the adapter branch computed on every forward; `base`: the pretrained model.
+    This machine's speed drifts by tens of percent within a minute, so the four are timed
+    batch by batch (batches of 64 of the test slice, bf16 where available), in an order
+    that rotates from one batch to the next, over `passes` passes; each rate is all
+    samples over the summed forward times.
     """
     from lorafit.data import load_dataset
+    from lorafit.data.batching import bucketed_batches
     from lorafit.data.encoding import encode_split
-    from lorafit.lora import unload_lora
+    from lorafit.lora import merge_lora, unload_lora
     from lorafit.models import load_model
     from lorafit.runs import load_run
-    from lorafit.train import resolve_precision
+    from lorafit.train import autocast, resolve_precision
 
-    _, unmerged = load_run(run)
-    _, loaded = load_run(run)
-    models = {"merged": unload_lora(loaded.model).eval(), "unmerged": unmerged.model.eval(),
-              "base": load_model(None).model.eval()}
-    enc = encode_split(load_dataset(**data_args).test, loaded.tokenizer, max_length)
-    precision = resolve_precision("auto", torch.device("cpu"))
-    pad = loaded.tokenizer.pad_token_id
-    rates: dict[str, list[float]] = {k: [] for k in models}
-    for model in models.values():  # warm-up
-        inference_throughput(model, enc, pad, precision)
-    for _ in range(rounds):
-        for k, model in models.items():
-            rates[k].append(inference_throughput(model, enc, pad, precision))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    return {"merged_samples_per_s": med["merged"], "unmerged_samples_per_s": med["unmerged"],
-            "base_samples_per_s": med["base"], "ratio": med["merged"] / med["base"],
-            "unmerged_ratio": med["unmerged"] / med["base"], "rounds": rates,
-            "measured": time.strftime("%Y-%m-%d %H:%M")}
+    forms = {name: load_run(run)[1] for name in ("unloaded", "merged", "unmerged")}
+    merge_lora(forms["merged"].model)
+    models = {"unloaded": unload_lora(forms["unloaded"].model), "merged": forms["merged"].model,
+              "unmerged": forms["unmerged"].model, "base": load_model(None).model}
+    for m in models.values():
+        m.eval()
+    tok = forms["merged"].tokenizer
+    enc = encode_split(load_dataset(**data_args).test, tok, max_length)
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    batches = bucketed_batches(enc.lengths, 64, seed=0, shuffle=False)
+    names = list(models)
+    seconds = dict.fromkeys(names, 0.0)
+    with torch.no_grad():
+        for m in models.values():  # warm-up
+            with autocast(device, precision):
+                m(**enc.batch(batches[0], tok.pad_token_id))
+        for p in range(passes):
+            for i, b in enumerate(batches):
+                inputs = enc.batch(b, tok.pad_token_id)
+                k0 = (i + p) % len(names)
+                for name in names[k0:] + names[:k0]:
+                    t = time.perf_counter()
+                    with autocast(device, precision):
+                        models[name](**inputs)
+                    seconds[name] += time.perf_counter() - t
+    rate = {k: passes * len(enc) / s for k, s in seconds.items()}
+    return {"merged_samples_per_s": rate["merged"], "unloaded_samples_per_s": rate["unloaded"],
+            "unmerged_samples_per_s": rate["unmerged"], "base_samples_per_s": rate["base"],
+            "ratio": rate["merged"] / rate["base"], "unloaded_ratio": rate["unloaded"] / rate["base"],
+            "unmerged_ratio": rate["unmerged"] / rate["base"], "passes": passes, "batches": len(batches),
+            "method": "interleaved per batch", "measured": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def main() -> None:
@@ -204,6 +216,9 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
         table += (f"\nInference on the test slice ({merged.get('measured', '?')}): merged LoRA model "
                   f"{merged['merged_samples_per_s']:.1f}, base model {merged['base_samples_per_s']:.1f} samples/s "
                   f"({merged['ratio']:.3f}x)")
+        if "unloaded_samples_per_s" in merged:
+            table += (f"; merged and unloaded {merged['unloaded_samples_per_s']:.1f} samples/s "
+                      f"({merged['unloaded_ratio']:.3f}x)")
         if "unmerged_samples_per_s" in merged:
             table += (f"; adapters unmerged {merged['unmerged_samples_per_s']:.1f} samples/s "
                       f"({merged['unmerged_ratio']:.3f}x)")
