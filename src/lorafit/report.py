@@ -47,9 +47,12 @@ def compare_rows(results: dict[str, dict]) -> list[dict]:
     rows = []
     for name, r in results.items():
         f = r["final"]
+        kept = f.get("kept_epoch", f["best_epoch"])
         rows.append({
             "strategy": name, "test_accuracy": f["test_accuracy"], "test_f1": f["test_f1"],
             "best_val_accuracy": f["best_val_accuracy"], "best_epoch": f["best_epoch"],
+            # the epoch whose weights were tested (runs before `--keep` kept the best-validation epoch's)
+            "kept_epoch": kept, "kept_val_accuracy": r["history"][kept - 1]["val_accuracy"],
             "trainable_params": f["trainable_params"], "total_params": f["total_params"],
             "trainable_pct": f["trainable_pct"], "train_seconds": f["train_seconds"],
             "wall_seconds": f["wall_seconds"], "peak_memory_mb": f["peak_memory_mb"],
@@ -65,11 +68,11 @@ def _size(n: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| strategy | test acc | test F1 | best val acc (epoch) | trainable params | % of total | lr | "
+    head = ("| strategy | test acc | test F1 | val acc (epoch tested) | trainable params | % of total | lr | "
             "train time | samples/s | peak RSS | saved |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['strategy']} | {r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['best_val_accuracy']:.4f} "
-        f"({r['best_epoch']}) | {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {r['lr']:g} | "
+        f"| {r['strategy']} | {r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['kept_val_accuracy']:.4f} "
+        f"({r['kept_epoch']}) | {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {r['lr']:g} | "
         f"{r['train_seconds']:.0f} s | {r['samples_per_s']:.1f} | {r['peak_memory_mb']:,.0f} MB | "
         f"{_size(r['saved_bytes'])} |\n" for r in rows)
     return head + body
