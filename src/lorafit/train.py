@@ -127,7 +127,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     precision: str = "fp32"
-    eval_batch_size: int = 64
+    eval_batch_size: int = 16
     keep: str = "last"
     """"last": the model ends with the final epoch's weights; "best": with those of the
     epoch of best validation accuracy (ties: the earlier epoch)."""
