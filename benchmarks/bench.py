@@ -15,6 +15,7 @@ inference throughput of a merged LoRA model against the base model.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -70,13 +71,14 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3)
     from lorafit.runs import load_run
     from lorafit.train import autocast, resolve_precision
 
-    forms = {name: load_run(run)[1] for name in ("unloaded", "merged", "unmerged")}
-    merge_lora(forms["merged"].model)
-    models = {"unloaded": unload_lora(forms["unloaded"].model), "merged": forms["merged"].model,
-              "unmerged": forms["unmerged"].model, "base": load_model(None).model}
+    _, loaded = load_run(run)  # read once; the other forms are copies
+    merged = copy.deepcopy(loaded.model)
+    merge_lora(merged)
+    models = {"unloaded": unload_lora(copy.deepcopy(loaded.model)), "merged": merged, "unmerged": loaded.model,
+              "base": load_model(None).model}
     for m in models.values():
         m.eval()
-    tok = forms["merged"].tokenizer
+    tok = loaded.tokenizer
     enc = encode_split(load_dataset(**data_args).test, tok, max_length)
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
