@@ -51,3 +51,21 @@ def batch() -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder holding a tiny pretrained-style BERT encoder (2 layers, hidden 32, random
+    weights, no classification head) with all-MiniLM-L6-v2's tokenizer: `--model DIR`
+    runs the real CLI end to end in seconds (the process's imports dominate)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorafit.models import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, **{
+        k: v for k, v in TINY.items() if k != "vocab_size"})).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -146,3 +146,28 @@ def test_load_errors(tmp_path, batch):
 def test_save_errors(tmp_path):
     with pytest.raises(AdapterError, match="no LoRA applied; call apply_lora"):
         save_adapter(tiny_model("bert"), tmp_path)
+
+
+def test_load_into_existing_lora_takes_the_files_alpha_scaling_and_dropout(tmp_path, batch):
+    saved = _adapted("bert", r=4, alpha=32, scaling="rslora", dropout=0.2)
+    save_adapter(saved, tmp_path)
+    model = tiny_model("bert")
+    apply_lora(model, LoRAConfig(r=4, alpha=8))  # same modules and rank, other alpha, scaling and dropout
+    load_adapter(model, tmp_path)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert {(m.alpha, m.scaling, m.scaling_mode) for m in layers} == {(32, 32 / 2, "rslora")}
+    assert {type(m.dropout).__name__ for m in layers} == {"Dropout"} and layers[0].dropout.p == 0.2
+    assert model.lora_config.alpha == 32
+    torch.testing.assert_close(_logits(model.eval(), batch), _logits(saved.eval(), batch), atol=0, rtol=0)
+
+
+def test_load_into_merged_lora_is_refused(tmp_path):
+    save_adapter(_adapted("bert"), tmp_path)
+    model = _adapted("bert")
+    from lorafit import merge_lora
+
+    merge_lora(model)
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AdapterError, match=r"merged into their weights; call unmerge_lora\(model\)"):
+        load_adapter(model, tmp_path)
+    assert all(torch.equal(p, w[n]) for n, p in model.named_parameters())  # nothing half-loaded

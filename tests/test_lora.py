@@ -213,3 +213,47 @@ def test_merge_refuses_non_finite_update():
     with pytest.raises(FloatingPointError, match="lower learning rate"):
         layer.merge()
     assert not layer.merged
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_on_a_half_precision_base_computes_the_adapter_in_fp32(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16).to(dtype)
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 32)
+    y = layer(x.to(dtype))  # no autocast: the input is cast to A's dtype and the update back to the base's
+    assert y.dtype == dtype and layer.lora_A.dtype == torch.float32
+    expected = base(x.to(dtype)).float() + 2.0 * (x.to(dtype).float() @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+    w0 = base.weight.detach().clone()
+    layer.eval().merge()  # computed in fp32, cast once
+    assert base.weight.dtype == dtype
+    assert torch.equal(base.weight, (w0.float() + layer.delta_weight()).to(dtype))
+
+
+def test_bf16_held_model_trains_and_merges(batch):
+    model = tiny_model("bert").to(torch.bfloat16)
+    apply_lora(model, LoRAConfig())
+    assert all(m.lora_A.dtype == torch.float32 for m in model.modules() if isinstance(m, LoRALinear))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.tensor([0, 1, 1])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**batch).logits.float()
+        merge_lora(model)
+        merged = model(**batch).logits.float()
+    assert any(torch.count_nonzero(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(merged, unmerged, atol=0.05, rtol=0.02)  # bf16: ~3 significant digits

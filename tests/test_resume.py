@@ -1,4 +1,10 @@
-"""Crash safety: SIGKILL or Ctrl-C mid-epoch, resume, and get the uninterrupted result."""
+"""Crash safety: a run killed or interrupted anywhere resumes to the uninterrupted result, bit for bit.
+
+The kill points are named (lorafit.fault_points: `LORAFIT_SIGNAL_AT`), so each test
+stops the real CLI exactly where the bug would hide: mid-epoch 1, during validation,
+mid-epoch 2 after the first validation, in the middle of a checkpoint write, and
+Ctrl-C during validation or a checkpoint write.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from safetensors import safe_open
@@ -15,9 +22,29 @@ from safetensors.torch import load_file, save_file
 
 from cli_helpers import lorafit
 
-ARGS = ["--strategy", "lora", "--precision", "fp32", "--train-size", "96", "--val-size", "8", "--test-size", "16",
-        "--max-length", "64", "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "1", "--no-progress"]
+# 48 examples / batch 8 = 6 optimizer steps per epoch, 12 in all; a checkpoint every 2 steps
+BASE = ["--precision", "fp32", "--train-size", "48", "--val-size", "16", "--test-size", "16", "--max-length", "64",
+        "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "2", "--no-progress"]
 VOLATILE = {"seconds", "tokens_per_s", "samples_per_s"}
+CKPT = "checkpoint.safetensors"
+
+# Each stage: the signal plan of one process, and the checkpoint position (epoch, step) it must leave.
+KILL_STAGES = [
+    ("step@5:KILL", (1, 4)),  # mid-epoch 1, one step after the last checkpoint: step 5 is redone
+    ("validation@1:KILL", (1, 4)),  # during epoch 1's validation
+    ("step@3:KILL", (2, 6)),  # resumed at step 4: steps 5, 6, validation, epoch-end checkpoint, killed after step 7
+    (f"write:{CKPT}@2:KILL", (2, 8)),  # killed inside the write of step 10's checkpoint: step 8's stays
+]
+CTRL_C_IN_VALIDATION = ("validation@1:INT", (2, 12))  # Ctrl-C in epoch 2's validation: saved at its end
+CTRL_C_IN_WRITE = (f"write:{CKPT}@1:INT", (2, 10))  # Ctrl-C inside step 10's checkpoint write: the write completes
+
+MATRIX = {
+    "lora": (["--strategy", "lora"], CTRL_C_IN_VALIDATION),
+    "lora-keep-best": (["--strategy", "lora", "--keep", "best"], CTRL_C_IN_WRITE),
+    "full": (["--strategy", "full"], CTRL_C_IN_WRITE),
+    "last-two-layers-cache": (["--strategy", "last-two-layers", "--cache"], CTRL_C_IN_WRITE),
+    "last-two-layers-no-cache": (["--strategy", "last-two-layers", "--no-cache"], CTRL_C_IN_VALIDATION),
+}
 
 
 def _metrics(run):
@@ -25,98 +52,107 @@ def _metrics(run):
             for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _step(run) -> tuple[int, int]:
-    try:
-        with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
-            meta = json.loads(f.metadata()["lorafit"])
-        return meta["epoch"], meta["step"]
-    except Exception:
-        return 0, 0
+def _position(run) -> tuple[int, int]:
+    with safe_open(str(run / CKPT), "pt") as f:
+        meta = json.loads(f.metadata()["lorafit"])
+    return meta["epoch"], meta["step"]
 
 
-def _start(run, args=ARGS):
-    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", *args, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def _signalled(*args: str, plan: str | None) -> subprocess.CompletedProcess:
+    return lorafit(*args, env={"LORAFIT_SIGNAL_AT": plan} if plan else {})
 
 
-def _wait_mid_epoch(proc, run, min_step=3):
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        epoch, step = _step(run)
-        if epoch == 1 and step >= min_step:
-            return step
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.01)
-    raise AssertionError("training never reached the middle of epoch 1")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run = tmp_path_factory.mktemp("ref") / "run"
-    r = lorafit("train", *ARGS, "--out", str(run))
-    assert r.returncode == 0, r.stderr[-2000:]
-    return run
+def _weights(run) -> dict[str, dict]:
+    """Every safetensors file of a finished run (adapter, trained weights, fresh head, last checkpoint)."""
+    return {str(p.relative_to(run)): load_file(p) for p in sorted(run.rglob("*.safetensors"))}
 
 
 def _assert_same(run, reference):
+    """Metrics, test results, kept epoch, and every saved tensor (optimizer state included) equal, bit for bit."""
     assert _metrics(run) == _metrics(reference)
     a = json.loads((run / "final.json").read_text())
     b = json.loads((reference / "final.json").read_text())
-    assert (a["test_accuracy"], a["test_loss"], a["best_epoch"]) == (b["test_accuracy"], b["test_loss"],
-                                                                     b["best_epoch"])
-    wa = load_file(run / "adapter" / "adapter_model.safetensors")
-    wb = load_file(reference / "adapter" / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+    keys = ("test_accuracy", "test_f1", "test_loss", "best_epoch", "kept_epoch")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    wa, wb = _weights(run), _weights(reference)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        assert wa[name].keys() == wb[name].keys(), name
+        differ = [k for k in wa[name] if not (wa[name][k] == wb[name][k]).all()]
+        assert not differ, f"{name}: {len(differ)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference, tmp_path):
-    run = tmp_path / "run"
-    proc = _start(run)
-    step = _wait_mid_epoch(proc, run)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "final.json").exists()
-    assert step < 12  # 96 examples / batch 8 = 12 steps in epoch 1: killed inside it
-    # The checkpoint records the killed process's peak memory; the resumed run reports the max over both
-    # processes. Pretend the first one peaked far higher than any process here can.
-    ckpt = run / "checkpoint.safetensors"
-    with safe_open(str(ckpt), "pt") as f:
-        meta = json.loads(f.metadata()["lorafit"])
-    assert meta["peak_memory_mb"] > 100
-    save_file(load_file(ckpt), ckpt, metadata={"lorafit": json.dumps({**meta, "peak_memory_mb": 123_456.0})})
+def _chain(tmp, model_dir, args, ctrl_c) -> dict:
+    """The uninterrupted reference, and the same run stopped at every stage and resumed."""
+    common = [*args, *BASE, "--model", str(model_dir)]
+    ref, run = tmp / "ref", tmp / "run"
+    out = {"ref": ref, "run": run, "stages": []}
+    out["ref_rc"] = lorafit("train", *common, "--out", str(ref)).returncode
+    for k, (plan, _) in enumerate([*KILL_STAGES, ctrl_c]):
+        argv = ["train", *common, "--out", str(run)] if k == 0 else ["train", "--resume", str(run), "--no-progress"]
+        r = _signalled(*argv, plan=plan)
+        stage = {"plan": plan, "rc": r.returncode, "stderr": r.stderr, "stdout": r.stdout,
+                 "final": (run / "final.json").exists(), "position": _position(run) if (run / CKPT).exists() else None,
+                 "stale_tmp": sorted(p.name for p in run.glob(f".{CKPT}.*.tmp"))}
+        out["stages"].append(stage)
+        if k == 0 and (run / CKPT).exists():
+            # The checkpoint records the killed process's peak memory; the resumed run reports the max over all
+            # its processes. Pretend the first one peaked far higher than any process here can.
+            with safe_open(str(run / CKPT), "pt") as f:
+                meta = json.loads(f.metadata()["lorafit"])
+            stage["peak"] = meta["peak_memory_mb"]
+            save_file(load_file(run / CKPT), run / CKPT,
+                      metadata={"lorafit": json.dumps({**meta, "peak_memory_mb": 123_456.0})})
     r = lorafit("train", "--resume", str(run), "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed at epoch 1" in r.stdout
-    _assert_same(run, reference)
-    assert json.loads((run / "final.json").read_text())["peak_memory_mb"] == 123_456.0
-    assert json.loads((reference / "final.json").read_text())["peak_memory_mb"] < 123_456.0
+    out["last"] = {"rc": r.returncode, "stderr": r.stderr, "stdout": r.stdout}
+    return out
 
 
-def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path):
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory, tiny_model_dir):
+    """All configurations of the matrix, two at a time (each process is mostly Python imports)."""
+    def one(name):
+        args, ctrl_c = MATRIX[name]
+        return name, _chain(tmp_path_factory.mktemp(name), tiny_model_dir, args, ctrl_c)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, MATRIX))
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
+    c = chains[name]
+    assert c["ref_rc"] == 0
+    *kills, ctrl_c = c["stages"]
+    expected = [pos for _, pos in [*KILL_STAGES, MATRIX[name][1]]]
+    for stage, want in zip(c["stages"], expected):
+        assert not stage["final"], f"{stage['plan']}: the process finished; the signal never came"
+        assert stage["position"] == want, f"{stage['plan']}: checkpoint at {stage['position']}, expected {want}"
+    for stage in kills:
+        assert stage["rc"] == -signal.SIGKILL, (stage["plan"], stage["stderr"][-2000:])
+    assert kills[0]["peak"] > 100
+    assert kills[3]["stale_tmp"], "the kill inside the checkpoint write left no temporary file: it came elsewhere"
+    # Ctrl-C during validation or a checkpoint write: a checkpoint is saved and the resume command printed
+    assert ctrl_c["rc"] == 130, ctrl_c["stderr"][-2000:]
+    assert f"continue with: lorafit train --resume {c['run']}" in ctrl_c["stderr"]
+    assert "Traceback" not in ctrl_c["stderr"]
+    assert c["last"]["rc"] == 0, c["last"]["stderr"][-2000:]
+    assert "resumed at epoch 2" in c["last"]["stdout"]
+    assert not list(c["run"].glob(f".{CKPT}.*.tmp"))  # the stale temporary file was cleaned up
+    _assert_same(c["run"], c["ref"])
+    assert json.loads((c["run"] / "final.json").read_text())["peak_memory_mb"] == 123_456.0
+    assert json.loads((c["ref"] / "final.json").read_text())["peak_memory_mb"] < 123_456.0
+
+
+def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
     """bf16 autocast: the resumed run equals the uninterrupted one too (tolerance 0: CPU kernels are deterministic)."""
-    args = [a if a != "fp32" else "bf16" for a in ARGS]
+    args = ["train", "--strategy", "lora", *[a if a != "fp32" else "bf16" for a in BASE], "--model",
+            str(tiny_model_dir)]
     reference = tmp_path / "ref"
-    r = lorafit("train", *args, "--out", str(reference))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert lorafit(*args, "--out", str(reference)).returncode == 0
     run = tmp_path / "run"
-    proc = _start(run, args)
-    _wait_mid_epoch(proc, run)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = lorafit("train", "--resume", str(run), "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
-    _assert_same(run, reference)
-
-
-def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(reference, tmp_path):
-    run = tmp_path / "run"
-    proc = _start(run)
-    _wait_mid_epoch(proc, run, min_step=2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    assert f"continue with: lorafit train --resume {run}" in err and "Traceback" not in err
+    r = _signalled(*args, "--out", str(run), plan="step@8:KILL")
+    assert r.returncode == -signal.SIGKILL and _position(run) == (2, 8)
     r = lorafit("train", "--resume", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     _assert_same(run, reference)
@@ -157,13 +193,18 @@ def test_resume_errors(tmp_path):
     assert r.returncode == 2 and "drop --epochs" in r.stderr
 
 
-def test_compare_killed_mid_strategy_resumes_and_keeps_finished_runs(reference, tmp_path):
+def test_compare_killed_mid_strategy_resumes_and_keeps_finished_runs(chains, tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
-    args = [a for a in ARGS if a not in ("--strategy", "lora")]
-    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "compare", *args, "--strategies", "last-two-layers,lora",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    _wait_mid_epoch(proc, out / "lora")
+    # lora's child stops itself (SIGSTOP) inside its adapter write; then the whole session dies at once
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "compare", *BASE, "--model", str(tiny_model_dir),
+                             "--strategies", "last-two-layers,lora", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                 "LORAFIT_SIGNAL_AT": "write:adapter_model.safetensors@1:STOP"})
+    deadline = time.time() + 300
+    while not list((out / "lora" / "adapter").glob(".adapter_model.safetensors.*.tmp")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the session ends abruptly: parent and child die together
     proc.wait()
     done = (out / "last-two-layers" / "final.json").read_bytes()
@@ -175,7 +216,10 @@ def test_compare_killed_mid_strategy_resumes_and_keeps_finished_runs(reference, 
     assert r.returncode == 0, r.stderr[-2000:]
     assert "=== last-two-layers ===" not in r.stdout and "=== lora ===" in r.stdout
     assert (out / "last-two-layers" / "final.json").read_bytes() == done  # finished strategy kept as it was
-    _assert_same(out / "lora", reference)
+    assert sorted(p.name for p in (out / "lora" / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # the killed writer's temporary file is gone
+    _assert_same(out / "lora", chains["lora"]["ref"])
+    _assert_same(out / "last-two-layers", chains["last-two-layers-cache"]["ref"])
     report = json.loads((out / "report.json").read_text())
     assert [row["strategy"] for row in report["rows"]] == ["last-two-layers", "lora"]
     assert report["invocations"] == 2 and report["command"].startswith("lorafit compare ")

@@ -107,3 +107,144 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match="MB free where .* checkpoints need about"):
         run_training(RunConfig(strategy="full", train_size=16, val_size=4, test_size=4), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _frozen_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter that does not train, and every buffer, copied."""
+    out = {f"param {n}": p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    out.update({f"buffer {n}": b.detach().clone() for n, b in model.named_buffers()})
+    return out
+
+
+def _assert_untouched(model, before) -> None:
+    after = _frozen_state(model)
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"{len(changed)} frozen tensors were written, e.g. {changed[:3]}"
+
+
+@pytest.mark.parametrize("strategy", ["lora", "last-two-layers", "full"])
+def test_frozen_weights_are_bit_identical_after_training_with_validation(minilm_data, strategy):
+    """Validation after every epoch (and the checkpoints) never write a frozen parameter or a buffer.
+
+    The bug this guards: validation merged the adapters into the frozen weights and
+    unmerged them after; `(W + sBA) - sBA` is not W in floating point."""
+    enc, pad = minilm_data
+    model = _model(strategy)
+    before = _frozen_state(model)
+    assert before and (strategy == "full" or any(k.startswith("param") for k in before))
+    saved = []
+    s = TrainSettings(epochs=3, lr=5e-2, batch_size=8, precision="fp32", keep="best")
+    res = train(model, enc["train"], enc["validation"], s, pad_id=pad, device=torch.device("cpu"),
+                log=lambda m: None, progress=False, save_state=lambda t, m: saved.append(m["step"]),
+                checkpoint_every=1)
+    assert len(res.history) == 3 and saved  # validated three times, checkpointed
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained
+    _assert_untouched(model, before)
+
+
+def test_frozen_encoder_untouched_with_the_feature_cache(minilm_data):
+    from lorafit.feature_cache import HeadOnCache, extract_features
+    from lorafit.strategies import head_layers
+
+    enc, pad = minilm_data
+    model = _model("last-two-layers")
+    before = _frozen_state(model)
+    head = head_layers(model)
+    sets = {n: extract_features(model, head[0], enc[n], batch_size=8, pad_id=pad, device=torch.device("cpu"),
+                                precision="fp32") for n in ("train", "validation")}
+    head_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    s = TrainSettings(epochs=2, lr=5e-2, batch_size=8, precision="fp32")
+    train(HeadOnCache(model, *head), sets["train"], sets["validation"], s, pad_id=pad, device=torch.device("cpu"),
+          log=lambda m: None, progress=False)
+    _assert_untouched(model, before)
+    assert all(not torch.equal(p, head_before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_accumulation_weights_scale_the_last_partial_group_by_its_real_size():
+    assert train_mod.accumulation_weights([8, 8, 8, 3], 2) == [0.5, 0.5, 8 / 11, 3 / 11]
+    assert train_mod.accumulation_weights([4, 4, 4, 4], 3) == [1 / 3, 1 / 3, 1 / 3, 1.0]
+    assert train_mod.accumulation_weights([5, 2], 1) == [1.0, 1.0]
+
+
+def test_two_micro_batches_of_4_give_the_gradients_of_one_batch_of_8(minilm_data):
+    from lorafit.data.batching import collate
+
+    enc, pad = minilm_data
+    cpu = torch.device("cpu")
+    b = np.arange(8)
+    inputs = collate(enc["train"].ids, enc["train"].offsets, b, pad)  # (8, T): the halves share T
+    labels = torch.from_numpy(enc["train"].labels[b])
+    grads = []
+    for parts in ([slice(0, 8)], [slice(0, 4), slice(4, 8)]):
+        model = _model("lora").eval()  # dropout off: the two runs draw no different masks
+        weights = train_mod.accumulation_weights([p.stop - p.start for p in parts], grad_accum=len(parts))
+        for part, w in zip(parts, weights):
+            train_mod.forward_backward(model, {k: v[part] for k, v in inputs.items()}, labels[part], w, cpu, "fp32")
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(g.abs().max() > 1e-4 for g in grads[0].values())  # the comparison is not of zeros
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-6)
+
+
+def test_the_loop_weights_each_micro_batch_by_its_group(minilm_data, monkeypatch):
+    enc, pad = minilm_data
+    seen = []
+    real = train_mod.forward_backward
+
+    def spy(model, inputs, labels, weight, device, precision):
+        seen.append((len(labels), weight))
+        return real(model, inputs, labels, weight, device, precision)
+
+    monkeypatch.setattr(train_mod, "forward_backward", spy)
+    s = TrainSettings(epochs=1, lr=1e-3, batch_size=4, grad_accum=3, precision="fp32")  # 16 examples: 4 batches
+    res = train(_model("lora"), enc["train"], enc["validation"], s, pad_id=pad, device=torch.device("cpu"),
+                log=lambda m: None, progress=False)
+    assert seen == [(4, 1 / 3)] * 3 + [(4, 1.0)]  # the last group holds one batch: its full gradient
+    assert len(res.history) == 1
+
+
+def test_schedule_warms_up_then_decays_and_the_logged_lr_is_the_scheduled_one(minilm_data):
+    model = _model("lora")
+    s = TrainSettings(epochs=2, lr=1e-3, batch_size=8, warmup_ratio=0.1, precision="fp32")
+    opt, sched = train_mod.make_optimizer(model, s, steps_per_epoch=10)  # 20 steps, 2 of warm-up
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [1e-3 * f for f in (1 / 3, 2 / 3, *[(20 - k) / 18 for k in range(2, 20)])]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 / 18)
+
+    enc, pad = minilm_data  # 16 examples, batch 8: 2 steps per epoch, 4 in all, warm-up int(0.4) = 0
+    s = TrainSettings(epochs=2, lr=1e-3, batch_size=8, warmup_ratio=0.1, precision="fp32")
+    res = train(_model("lora"), enc["train"], enc["validation"], s, pad_id=pad, device=torch.device("cpu"),
+                log=lambda m: None, progress=False)
+    factor = train_mod.warmup_then_linear_decay(0, 4)
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-3 * factor(1), 1e-3 * factor(3)])
+    assert res.history[0]["lr"] < 1e-3  # not the peak
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_gradients_are_clipped_before_the_step(max_norm):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    (model(torch.randn(8, 16)).pow(2).sum() * 100).backward()
+    raw = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert raw > 10
+    at_step = []
+    real_step = opt.step
+    opt.step = lambda: (at_step.append(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()), real_step())
+    lr = train_mod.clip_and_step(params, opt, sched, max_norm)
+    assert lr == 1e-3 and all(p.grad is None for p in params)
+    if max_norm:
+        assert at_step[0] == pytest.approx(max_norm, rel=1e-5)
+    else:
+        assert at_step[0] == pytest.approx(raw.item(), rel=1e-6)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorafit import fault_points
 from lorafit.errors import AdapterError
 from lorafit.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict
 
@@ -50,8 +51,15 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary twins of `path` left by a writer that was killed before its rename."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync and rename: all or nothing."""
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -72,6 +80,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
     `save_file` writes straight from the tensors' memory, so a checkpoint of the full
     model (weights, AdamW state, best weights) costs no second in-memory copy.
     """
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -79,6 +88,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
+        fault_points.reached(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -192,7 +202,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     """Load a PEFT-format LoRA adapter (from lorafit or PEFT) into `model`; returns its config.
 
     If `model` has no LoRA yet, it is applied for the adapter's modules first; if it
-    has, the adapter must fit the LoRA already there.
+    has, the adapter must fit the LoRA already there (same modules and rank, not
+    merged), and its layers take the file's alpha, scaling and dropout.
 
     Raises:
         AdapterError: a missing, corrupt, truncated or pickled adapter; one saved for
@@ -237,6 +248,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
     config = _config_from_peft(raw, folder, lora_names, train_modules)
 
     existing = dict(lora_modules(model))
+    if any(layer.merged for layer in existing.values()):
+        raise AdapterError("this model's LoRA layers are merged into their weights; call unmerge_lora(model) "
+                           f"before loading the adapter in {folder}, or load it into a model without LoRA")
     if existing:
         if sorted(existing) != lora_names:
             raise AdapterError(f"the adapter in {folder} adapts other modules than the LoRA already on this model; "
@@ -264,7 +278,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
                                f"{tuple(params[n].shape)}: it was saved for another model size or label count")
     if not existing:
         apply_lora(model, config)
-    else:
+    else:  # the layers take the file's alpha, scaling and dropout, not those they had
+        for n in lora_names:
+            existing[n].reconfigure(config.alpha, config.scaling, config.dropout)
         model.lora_config = config
         model.lora_train_modules = train_modules
     params = dict(model.named_parameters())

@@ -1,14 +1,16 @@
 """Training checkpoints: one safetensors file, written atomically, never unpickled.
 
-The file holds tensors (trainable weights, AdamW state, the best-validation weights,
-RNG state) and, in the safetensors metadata, a JSON record of the position (epoch,
-batch index, optimizer step), the running epoch totals and the metrics so far.
+The file holds tensors (trainable weights, the optimizer's state, the best-validation
+weights, RNG states) and, in the safetensors metadata, a JSON record of the position
+(epoch, batch index, optimizer step), the running epoch totals, the metrics so far,
+the optimizer's param groups and the scheduler's state_dict.
 A crash during the write leaves the previous checkpoint in place.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,31 +27,61 @@ def _opt_key(name: str, field: str) -> str:
     return f"opt.{field}.{name}"
 
 
-def capture(model: nn.Module, opt: torch.optim.Optimizer, best_state: dict[str, torch.Tensor] | None,
-            meta: dict, rng: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) describing the training state right after an optimizer step."""
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators dropout draws from: the CPU's, and every CUDA device's where `device` is CUDA."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = state
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    """Put back what `rng_state` captured (CUDA states only where CUDA is present)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def _optimizer_order(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (the indices of its state_dict)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def capture(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+            best_state: dict[str, torch.Tensor] | None, meta: dict, rng: dict[str, torch.Tensor]
+            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) describing the training state right after an optimizer step.
+
+    Tensors: `param.<name>` (trainable weights), `opt.<field>.<name>` (the optimizer's
+    state_dict, keyed by parameter name rather than index), `best.<name>`, `rng.*`.
+    Meta gains the optimizer's param groups (hyperparameters, scheduled lr, parameter
+    names) and the scheduler's state_dict, both plain JSON.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    by_id = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             tensors[f"param.{name}"] = p.detach()
-            by_id[id(p)] = name
-    for p, state in opt.state.items():
-        name = by_id[id(p)]
+    order = _optimizer_order(model, opt)
+    sd = opt.state_dict()
+    for idx, state in sd["state"].items():
         for field, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[_opt_key(name, field)] = value.detach().reshape(-1) if value.ndim == 0 else value.detach()
+                tensors[_opt_key(order[idx], field)] = value.detach()
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
     for name, v in (best_state or {}).items():
         tensors[f"best.{name}"] = v
-    tensors["rng.torch"] = rng
-    return tensors, meta
+    tensors.update(rng)
+    return tensors, {**meta, "optimizer_groups": groups, "scheduler": sched.state_dict()}
 
 
 def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write `<run_dir>/checkpoint.safetensors` atomically (temporary file, fsync, rename)."""
     path = run_dir / CHECKPOINT
-    for stale in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a writer that was killed
-        stale.unlink(missing_ok=True)
     save_safetensors_atomic(tensors, path, metadata={"lorafit": json.dumps(meta)})
     return path
 
@@ -82,9 +114,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def restore(model: nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
-            ) -> dict[str, torch.Tensor] | None:
-    """Put weights and optimizer state back; returns the best-validation weights, if any."""
+def restore(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+            tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor] | None:
+    """Put weights, optimizer and scheduler state back; returns the best-validation weights, if any.
+
+    The optimizer state goes through `opt.load_state_dict`, so it lands on the
+    parameters' device and dtype whatever device wrote the checkpoint.
+
+    Raises:
+        RunDirError: the checkpoint's trainable parameters are not this model's.
+    """
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
@@ -94,16 +133,29 @@ def restore(model: nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, tor
     with torch.no_grad():
         for name in saved:
             params[name].copy_(tensors[f"param.{name}"])
-    for name in saved:
-        p = params[name]
-        state = {}
-        for key, v in tensors.items():
-            prefix, _, rest = key.partition(".")
-            if prefix == "opt" and rest.endswith("." + name) and rest[: -len(name) - 1] in ("step", "exp_avg",
-                                                                                            "exp_avg_sq"):
-                field = rest[: -len(name) - 1]
-                state[field] = v.reshape(()) if field == "step" else v.clone()
-        if state:
-            opt.state[p] = state
+    order = _optimizer_order(model, opt)
+    index = {name: i for i, name in enumerate(order)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, field, name = key.split(".", 2)
+            state.setdefault(index[name], {})[field] = v.reshape(()) if field == "step" else v
+    current = opt.state_dict()["param_groups"]
+    groups = meta.get("optimizer_groups")
+    if groups is None:  # a checkpoint of lorafit <= 0.1.0: the hyperparameters are this run's
+        groups = current
+    else:
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
+        for g in groups:
+            if isinstance(g.get("betas"), list):  # JSON made the tuple a list
+                g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    if "scheduler" in meta:
+        sched.load_state_dict(meta["scheduler"])
+    else:  # older checkpoints: step the schedule to where it was
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(meta["step"]):
+                sched.step()
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     return best or None

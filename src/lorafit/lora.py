@@ -83,8 +83,10 @@ class LoRALinear(nn.Module):
     forward: x (..., in) -> W0 x + b + s * B (A dropout(x)): (..., out).
     A (r, in) is Kaiming-uniform(a=sqrt 5), B (out, r) is zero, so at initialisation
     the output equals the base layer's exactly. A and B stay fp32 whatever the base
-    dtype; under `torch.autocast` their matmuls run in the autocast dtype.
-    When `merged`, W0 holds W0 + s B A and forward is the base layer's single matmul.
+    dtype: with a bf16 or fp16 base (and no autocast) the adapter's input is cast to
+    fp32 and its output back to the base's dtype; under `torch.autocast` the adapter's
+    matmuls run in the autocast dtype. When `merged`, W0 holds W0 + s B A (computed in
+    fp32, cast once) and forward is the base layer's single matmul.
     """
 
     def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0, dropout: float = 0.0,
@@ -106,6 +108,19 @@ class LoRALinear(nn.Module):
         # nn.Identity returns its input as is: no copy when dropout is 0.
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+
+    def reconfigure(self, alpha: float, scaling: str, dropout: float) -> None:
+        """Take another adapter's alpha, scaling mode and dropout (same rank), e.g. when
+        `load_adapter` loads a file into this layer.
+
+        Raises:
+            RuntimeError: the layer is merged (its W0 holds the old scaling's update).
+        """
+        if self.merged:
+            raise RuntimeError("the LoRA layer is merged; call unmerge_lora(model) before changing its scaling")
+        self.alpha, self.scaling_mode = alpha, scaling
+        self.scaling = lora_scale(self.r, alpha, scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LoRAConfig) -> "LoRALinear":
@@ -153,8 +168,11 @@ class LoRALinear(nn.Module):
             if torch.is_grad_enabled() and self.lora_A.requires_grad and self.training:
                 raise RuntimeError("LoRA weights are merged; call unmerge_lora(model) before training")
             return y
-        h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
-        return y + F.linear(h, self.lora_B) * self.scaling  # (..., out)
+        x = self.dropout(x)
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # a bf16/fp16 base: the adapter computes in fp32
+        h = F.linear(x, self.lora_A)  # (..., r)
+        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)  # (..., out)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

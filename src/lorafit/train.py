@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorafit import fault_points
 from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import Interrupted, LorafitError
-from lorafit.lora import lora_modules, merge_lora, unmerge_lora
 
 
 class TrainingDiverged(LorafitError):
@@ -77,25 +78,27 @@ def f1_score(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
 @torch.no_grad()
 def predict_logits(model: nn.Module, enc: Encoded, *, batch_size: int, pad_id: int, device: torch.device,
                    precision: str, progress: bool = False, desc: str = "eval") -> np.ndarray:
-    """Logits (N, num_labels) fp32, in `enc`'s order. LoRA adapters are merged while it runs."""
+    """Logits (N, num_labels) fp32, in `enc`'s order.
+
+    Runs the model as it is: LoRA adapters stay unmerged (merging writes to the frozen
+    weights, and `(W + sBA) - sBA` is not `W` in floating point), and no parameter or
+    buffer is written. The model is put in eval mode and back.
+    """
     was_training = model.training
     model.eval()
-    has_lora = any(True for _ in lora_modules(model))
-    if has_lora:
-        merge_lora(model)  # one matmul per adapted layer
     out: np.ndarray | None = None
     try:
         batches = bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False)
-        for b in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
-            inputs = {k: v.to(device) for k, v in enc.batch(b, pad_id).items()}
+        for k, b in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch")):
+            inputs = {key: v.to(device) for key, v in enc.batch(b, pad_id).items()}
             with autocast(device, precision):
                 logits = model(**inputs).logits.float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
             out[b] = logits
+            if k == 0:
+                fault_points.reached(desc)
     finally:
-        if has_lora:
-            unmerge_lora(model)
         model.train(was_training)
     return out if out is not None else np.zeros((0, 2), dtype=np.float32)
 
@@ -137,7 +140,7 @@ class TrainSettings:
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     """Per epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, val_f1, seconds,
-    tokens_per_s, samples_per_s, lr."""
+    tokens_per_s, samples_per_s, lr (the scheduled learning rate of the epoch's last step)."""
     best_epoch: int = 0
     """The epoch of best validation accuracy (ties: the earlier), whichever weights are kept."""
     kept_epoch: int = 0
@@ -154,6 +157,83 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def warmup_then_linear_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """The lr multiplier at optimizer step `step` (0-based): (step+1)/(warmup+1) while
+    warming up, then linear decay from 1 towards 0 at step `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def make_optimizer(model: nn.Module, s: TrainSettings, steps_per_epoch: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the parameters that require grad (no weight decay on biases and
+    LayerNorm weights), and its warm-up-then-linear-decay schedule over all epochs."""
+    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
+    total = s.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(int(s.warmup_ratio * total), total))
+    return opt, sched
+
+
+def accumulation_weights(batch_sizes: list[int], grad_accum: int) -> list[float]:
+    """Loss weight of each micro-batch: its share of its accumulation group's examples.
+
+    Micro-batches i*grad_accum .. (i+1)*grad_accum-1 form a group (the last group of an
+    epoch may be shorter); weighting each batch's mean loss by len(batch) / len(group)
+    makes the accumulated gradient that of one batch holding the whole group.
+    """
+    out = []
+    for g in range(0, len(batch_sizes), grad_accum):
+        group = batch_sizes[g:g + grad_accum]
+        out.extend(n / sum(group) for n in group)
+    return out
+
+
+def forward_backward(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, weight: float,
+                     device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: logits (B, C), mean cross-entropy (a scalar); backward of
+    `weight * loss` adds this batch's share to the accumulated gradients."""
+    with autocast(device, precision):
+        logits = model(**inputs).logits
+    loss = F.cross_entropy(logits.float(), labels)
+    if torch.isfinite(loss):
+        (loss * weight).backward()
+    return logits, loss
+
+
+def clip_and_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
+                  sched: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float) -> float:
+    """Clip the gradients to `max_grad_norm` (0: no clipping), step the optimizer and the
+    schedule, clear the gradients; returns the learning rate this step used."""
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return lr
+
+
+@contextlib.contextmanager
+def sigint_deferred(reraise: bool = True):
+    """Hold Ctrl-C back while the block runs (an optimizer step with its bookkeeping, a
+    checkpoint write), so that an interrupt never separates weights from their recorded
+    position; at the block's end a held Ctrl-C raises KeyboardInterrupt (if `reraise`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and reraise and previous not in (signal.SIG_IGN, None):
+        raise KeyboardInterrupt
+
+
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -164,14 +244,16 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
           save_state: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
           checkpoint_every: int = 0,
           resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> TrainResult:
-    """Train the parameters of `model` that require grad.
+    """Train the parameters of `model` that require grad; nothing else is written.
 
     On return, `model` holds the final epoch's weights (`s.keep == "last"`) or those of
-    the epoch with the best validation accuracy (`"best"`; ties: the earlier epoch). With
-    `save_state`, the training state is checkpointed after every epoch and every
-    `checkpoint_every` optimizer steps, and on Ctrl-C; `resume` (from
-    `checkpoint.load_checkpoint`) continues from such a state and gives the same result
-    as an uninterrupted run.
+    the epoch with the best validation accuracy (`"best"`; ties: the earlier epoch).
+    Validation runs the model as it is (adapters unmerged), so frozen parameters stay
+    bit for bit what they were. With `save_state`, the training state is checkpointed
+    after every epoch, every `checkpoint_every` optimizer steps, and on Ctrl-C (also
+    during validation or a checkpoint write); `resume` (from
+    `checkpoint.load_checkpoint`) continues from such a state and gives, bit for bit,
+    the weights and metrics of an uninterrupted run.
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the message names the step).
@@ -182,51 +264,38 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafitError("no parameter is trainable; check the strategy and its targets")
-    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
     n_batches = math.ceil(len(train_enc) / s.batch_size)
-    steps_per_epoch = math.ceil(n_batches / s.grad_accum)
-    total = s.epochs * steps_per_epoch
-    warmup = int(s.warmup_ratio * total)
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched = make_optimizer(model, s, math.ceil(n_batches / s.grad_accum))
     result = TrainResult()
     best_acc, best_state = -1.0, None
     # position and running totals of the epoch, as of the last optimizer step
     pos = {"epoch": 1, "batch_index": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "tokens": 0,
-           "epoch_seconds": 0.0}
+           "epoch_seconds": 0.0, "lr": s.lr}
     if resume is not None:
         tensors, meta = resume
-        best_state = ckpt.restore(model, opt, tensors)
-        pos = {k: meta[k] for k in pos}
+        best_state = ckpt.restore(model, opt, sched, tensors, meta)
+        pos = {k: meta.get(k, pos[k]) for k in pos}
         result.history = meta["history"]
         result.best_epoch, best_acc = meta["best_epoch"], meta["best_acc"]
         result.train_seconds, result.padding_efficiency = meta["train_seconds"], meta["padding_efficiency"]
-        with warnings.catch_warnings():  # stepping the schedule to where it was, without optimizer steps
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(pos["step"]):
-                sched.step()
-        torch.set_rng_state(tensors["rng.torch"])
+        ckpt.set_rng_state(tensors)
         log(f"resumed at epoch {pos['epoch']}, batch {pos['batch_index']}, step {pos['step']}")
     step = pos["step"]
-    rng_at_step = torch.get_rng_state()
+    rng_at_step = ckpt.rng_state(device)
 
     def checkpoint(p: dict) -> None:
         if save_state is None:
             return
         meta = {**p, "history": result.history, "best_epoch": result.best_epoch, "best_acc": best_acc,
                 "train_seconds": result.train_seconds, "padding_efficiency": result.padding_efficiency}
-        save_state(*ckpt.capture(model, opt, best_state, meta, rng_at_step))
+        save_state(*ckpt.capture(model, opt, sched, best_state, meta, rng_at_step))
 
     eval_kw = dict(batch_size=s.eval_batch_size, pad_id=pad_id, device=device, precision=s.precision)
     labels_all = torch.from_numpy(train_enc.labels)
     for epoch in range(pos["epoch"], s.epochs + 1):
         model.train()
         batches = bucketed_batches(train_enc.lengths, s.batch_size, seed=s.seed, epoch=epoch)
+        weights = accumulation_weights([len(b) for b in batches], s.grad_accum)
         if epoch == 1:
             result.padding_efficiency = train_enc.padding_efficiency(batches)
         start = pos["batch_index"] if epoch == pos["epoch"] else 0
@@ -241,60 +310,57 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                 b = batches[i]
                 inputs = {k: v.to(device) for k, v in train_enc.batch(b, pad_id).items()}
                 labels = labels_all[b].to(device)
-                with autocast(device, s.precision):
-                    logits = model(**inputs).logits
-                loss = F.cross_entropy(logits.float(), labels)
+                logits, loss = forward_backward(model, inputs, labels, weights[i], device, s.precision)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; the run diverged. "
                         f"Lower the learning rate (now {s.lr:g}, try --lr {s.lr / 10:g})")
-                (loss / s.grad_accum).backward()
                 run["loss_sum"] += loss.item() * len(b)
                 run["correct"] += int((logits.argmax(-1) == labels).sum())
                 run["seen"] += len(b)
                 run["tokens"] += int(train_enc.lengths[b].sum())
                 if (i + 1) % s.grad_accum == 0 or i + 1 == len(batches):
-                    if s.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    rng_at_step = torch.get_rng_state()
-                    run.update(batch_index=i + 1, step=step, epoch_seconds=time.perf_counter() - t0)
-                    pos = dict(run)
-                    if checkpoint_every and step % checkpoint_every == 0 and i + 1 < len(batches):
-                        checkpoint(pos)
+                    with sigint_deferred():  # weights, position and checkpoint move together
+                        run["lr"] = clip_and_step(params, opt, sched, s.max_grad_norm)
+                        step += 1
+                        rng_at_step = ckpt.rng_state(device)
+                        run.update(batch_index=i + 1, step=step, epoch_seconds=time.perf_counter() - t0)
+                        pos = dict(run)
+                        if checkpoint_every and step % checkpoint_every == 0 and i + 1 < len(batches):
+                            checkpoint(pos)
+                    fault_points.reached("step")
                 bar.update(1)
                 bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.4f}", acc=f"{run['correct'] / run['seen']:.3f}")
+            bar.close()
+            seconds = time.perf_counter() - t0
+            seen = run["seen"]
+            val = evaluate(model, val_enc, **eval_kw, progress=progress, desc="validation")
+            with sigint_deferred():  # the epoch's record, its best weights and its checkpoint move together
+                row = {"epoch": epoch, "train_loss": run["loss_sum"] / seen, "train_accuracy": run["correct"] / seen,
+                       "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+                       "seconds": seconds, "tokens_per_s": run["tokens"] / seconds, "samples_per_s": seen / seconds,
+                       "lr": run["lr"]}
+                result.history.append(row)
+                result.train_seconds += seconds
+                if val["accuracy"] > best_acc:
+                    best_acc, result.best_epoch = val["accuracy"], epoch
+                    if s.keep == "best":
+                        best_state = _snapshot(model)
+                log(f"epoch {epoch}/{s.epochs} | train loss {row['train_loss']:.4f} acc "
+                    f"{row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} | "
+                    f"{seconds:.1f}s {row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:,.0f} tok/s")
+                if on_epoch:
+                    on_epoch(row)
+                rng_at_step = ckpt.rng_state(device)
+                pos = {"epoch": epoch + 1, "batch_index": 0, "step": step, "loss_sum": 0.0, "correct": 0, "seen": 0,
+                       "tokens": 0, "epoch_seconds": 0.0, "lr": run["lr"]}
+                checkpoint(pos)
         except KeyboardInterrupt:
             bar.close()
-            checkpoint(pos)
-            raise Interrupted(f"interrupted at epoch {epoch}, step {pos['step']}"
+            with sigint_deferred(reraise=False):  # a second Ctrl-C does not cut this save short
+                checkpoint(pos)
+            raise Interrupted(f"interrupted at epoch {pos['epoch']}, step {pos['step']}"
                               + ("; a checkpoint was saved" if save_state else "")) from None
-        bar.close()
-        seconds = time.perf_counter() - t0
-        seen = run["seen"]
-        val = evaluate(model, val_enc, **eval_kw, progress=progress, desc="validation")
-        row = {"epoch": epoch, "train_loss": run["loss_sum"] / seen, "train_accuracy": run["correct"] / seen,
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-               "seconds": seconds, "tokens_per_s": run["tokens"] / seconds, "samples_per_s": seen / seconds,
-               "lr": s.lr}
-        result.history.append(row)
-        result.train_seconds += seconds
-        if val["accuracy"] > best_acc:
-            best_acc, result.best_epoch = val["accuracy"], epoch
-            if s.keep == "best":
-                best_state = _snapshot(model)
-        log(f"epoch {epoch}/{s.epochs} | train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} | {seconds:.1f}s "
-            f"{row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:,.0f} tok/s")
-        if on_epoch:
-            on_epoch(row)
-        rng_at_step = torch.get_rng_state()
-        pos = {"epoch": epoch + 1, "batch_index": 0, "step": step, "loss_sum": 0.0, "correct": 0, "seen": 0,
-               "tokens": 0, "epoch_seconds": 0.0}
-        checkpoint(pos)
     result.kept_epoch = s.epochs
     if s.keep == "best" and best_state is not None:
         result.kept_epoch = result.best_epoch
