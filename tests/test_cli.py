@@ -71,7 +71,7 @@ def test_evaluate_and_predict_agree_with_final(compare_dir):
     from lorafit.runs import load_run
     from lorafit.train import predict_logits, resolve_precision
 
-    cfg, loaded = load_run(run)
+    cfg, loaded = load_run(run, merge=True)
     ids, offsets = encode_texts(loaded.tokenizer, ["A wonderful film.", "Dreadful, boring."], cfg.max_length)
     cpu = torch.device("cpu")
     logits = predict_logits(loaded.model, Encoded(ids, offsets, np.zeros(2, dtype=np.int64)), batch_size=16,

@@ -179,7 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lorafit.runs import load_data, load_run
     from lorafit.train import evaluate, pick_device, resolve_precision
 
-    cfg, loaded = load_run(args.run_dir)
+    cfg, loaded = load_run(args.run_dir, merge=True)
     splits = load_data(cfg, args.data)
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
@@ -204,7 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise LorafitError("no text to classify; pass texts as arguments or lines on standard input")
-    cfg, loaded = load_run(args.run_dir)
+    cfg, loaded = load_run(args.run_dir, merge=True)
     names = json.loads((Path(args.run_dir) / "final.json").read_text()).get("label_names") \
         if (Path(args.run_dir) / "final.json").exists() else None
     names = names or [str(i) for i in range(cfg.num_labels)]

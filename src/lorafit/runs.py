@@ -29,7 +29,7 @@ from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.encoding import encode_split
 from lorafit.errors import ConfigError, RunDirError
-from lorafit.lora import count_parameters
+from lorafit.lora import count_parameters, merge_lora
 from lorafit.models import LoadedModel, fresh_state, load_model
 from lorafit.feature_cache import HeadOnCache, cacheable_head, extract_features
 from lorafit.strategies import STRATEGIES, head_layers, learning_rate
@@ -212,12 +212,14 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
+    saved = save_weights(model, cfg, out, fresh, loaded)
+    # Training is over: the test pass runs the model as `lorafit evaluate` runs the saved
+    # run, adapters merged (one matmul per layer), so the two give the same numbers.
+    merge_lora(model)
     t_test = time.perf_counter()
     test = evaluate(train_model, sets["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
                     precision=precision, progress=progress, desc="test")
     test_seconds = time.perf_counter() - t_test
-
-    saved = save_weights(model, cfg, out, fresh, loaded)
     plot_curves(result.history, out / "curves.png", title=f"{cfg.strategy} · {cfg.model}")
     final = {
         "strategy": cfg.strategy, "model": cfg.model, "data": splits.source,
@@ -285,8 +287,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise RunDirError(f"{path} is not a readable safetensors file ({exc}); the run is corrupt") from None
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, LoadedModel]:
-    """Rebuild a trained run's model (eval mode, LoRA unmerged) from its folder."""
+def load_run(run_dir: str | os.PathLike, merge: bool = False) -> tuple[RunConfig, LoadedModel]:
+    """Rebuild a trained run's model (eval mode) from its folder; LoRA unmerged, or
+    merged into the weights with `merge` (for inference: what the run's test pass ran)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels)
@@ -312,4 +315,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, LoadedModel]:
                 if k not in params or params[k].shape != v.shape:
                     raise RunDirError(f"{path} does not fit model {cfg.model} ({k}); the run is for another model")
                 params[k].copy_(v)
+    if merge:
+        merge_lora(model)
     return cfg, loaded
