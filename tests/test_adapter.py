@@ -157,7 +157,6 @@ def test_load_into_existing_lora_takes_the_files_alpha_scaling_and_dropout(tmp_p
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert {(m.alpha, m.scaling, m.scaling_mode) for m in layers} == {(32, 32 / 2, "rslora")}
     assert {type(m.dropout).__name__ for m in layers} == {"Dropout"} and layers[0].dropout.p == 0.2
-    assert model.lora_config.alpha == 32
     torch.testing.assert_close(_logits(model.eval(), batch), _logits(saved.eval(), batch), atol=0, rtol=0)
 
 
@@ -171,3 +170,68 @@ def test_load_into_merged_lora_is_refused(tmp_path):
     with pytest.raises(AdapterError, match=r"merged into their weights; call unmerge_lora\(model\)"):
         load_adapter(model, tmp_path)
     assert all(torch.equal(p, w[n]) for n, p in model.named_parameters())  # nothing half-loaded
+
+
+def _perturb_all(model, seed=0) -> None:
+    """Every adapter parameter moved off its initial value (B off zero, DoRA's magnitude off ||W0||)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                for a in m.adapters.values():
+                    a.lora_B.add_(torch.randn(a.lora_B.shape, generator=g) * 0.1)
+                    if hasattr(a, "magnitude"):
+                        a.magnitude.mul_(1 + 0.2 * torch.rand(a.magnitude.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert", "roberta"])
+def test_peft_loads_lorafit_dora_adapter(arch, tmp_path, batch):
+    model = tiny_model(arch)
+    apply_lora(model, LoRAConfig(use_dora=True))
+    _perturb_all(model)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True
+    assert any(k.endswith(".lora_magnitude_vector") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    torch.testing.assert_close(_logits(peft_model, batch), _logits(model.eval(), batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert", "roberta"])
+def test_lorafit_loads_peft_dora_adapter(arch, tmp_path, batch):
+    targets = {"distilbert": ["k_lin", "v_lin"], "bert": ["key", "value"], "roberta": ["key", "value"]}[arch]
+    peft_model = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                       use_dora=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                p.add_(torch.rand_like(p) * 0.1)
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path)
+    model = tiny_model(arch)
+    config = load_adapter(model, tmp_path)
+    assert config.use_dora and all(
+        type(m.adapter).__name__ == "DoRAAdapter" for m in model.modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(_logits(model, batch), _logits(peft_model, batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_loads_lorafit_pissa_adapter_on_the_unmodified_base(dora, tmp_path, batch):
+    model = tiny_model("bert")
+    apply_lora(model, LoRAConfig(init="pissa", use_dora=dora))
+    _perturb_all(model)  # as if trained: B and A away from their SVD start
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.adapter.lora_A.mul_(1.1)
+    save_adapter(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_model("bert"), tmp_path).eval()
+    torch.testing.assert_close(_logits(peft_model, batch), _logits(model.eval(), batch), atol=1e-5, rtol=0)
+
+
+def test_peft_pissa_adapter_saved_unconverted_is_refused(tmp_path):
+    peft_model = peft.get_peft_model(tiny_model("bert"), peft.LoraConfig(r=2, target_modules=["key"],
+                                                                         init_lora_weights="pissa"))
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(AdapterError, match="init_lora_weights='pissa' and needs the base weights"):
+        load_adapter(tiny_model("bert"), tmp_path)

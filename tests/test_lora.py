@@ -202,7 +202,7 @@ def test_apply_errors(batch):
         apply_lora(model, LoRAConfig(targets=["classifier"], train_modules=["classifier"]))
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing half-applied
     apply_lora(model, LoRAConfig())
-    with pytest.raises(TargetError, match="already has LoRA applied; call unload_lora"):
+    with pytest.raises(TargetError, match=r"already has LoRA applied \(adapter 'default'\); call unload_lora"):
         apply_lora(model, LoRAConfig())
 
 

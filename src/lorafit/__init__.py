@@ -4,16 +4,19 @@ trains and compares fine-tuning strategies on text classification.
 The public API is what this module exports; everything else is private.
 """
 
-from lorafit.adapter import load_adapter, save_adapter
+from lorafit.adapter import load_adapter, save_adapter, save_adapters
 from lorafit.errors import LorafitError
 from lorafit.lora import (
     LoRAConfig,
     LoRALinear,
+    adapter_names,
     apply_lora,
+    combine_adapters,
     count_parameters,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
+    set_active_adapter,
     unload_lora,
     unmerge_lora,
 )
@@ -25,13 +28,17 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "LorafitError",
+    "adapter_names",
     "apply_lora",
+    "combine_adapters",
     "count_parameters",
     "load_adapter",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
     "save_adapter",
+    "save_adapters",
+    "set_active_adapter",
     "target_presets",
     "unload_lora",
     "unmerge_lora",

@@ -3,19 +3,22 @@
 A folder holds `adapter_config.json` (PEFT's `LoraConfig` fields) and
 `adapter_model.safetensors` with PEFT's key names:
 
-    base_model.model.<module>.lora_A.weight   (r, in)
-    base_model.model.<module>.lora_B.weight   (out, r)
-    base_model.model.<train module>.<param>   (PEFT's modules_to_save)
+    base_model.model.<module>.lora_A.weight          (r, in)
+    base_model.model.<module>.lora_B.weight          (out, r)
+    base_model.model.<module>.lora_magnitude_vector  (out,)   DoRA only
+    base_model.model.<train module>.<param>          (PEFT's modules_to_save)
 
 so `peft.PeftModel.from_pretrained(base, folder)` loads a lorafit adapter and
-`load_adapter` loads one that PEFT saved. Pickle files are never read.
+`load_adapter` loads one that PEFT saved. A PiSSA adapter is saved as the plain
+rank-2r LoRA it amounts to against the original weights, so it loads on the
+unmodified base model. Several named adapters are saved PEFT's way: the default in
+the folder, every other one in a subfolder of its name. Pickle files are never read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -26,7 +29,15 @@ from torch import nn
 
 from lorafit import fault_points
 from lorafit.errors import AdapterError
-from lorafit.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict
+from lorafit.lora import (
+    DEFAULT_ADAPTER,
+    LoRAAdapter,
+    LoRAConfig,
+    adapter_names,
+    apply_lora,
+    lora_modules,
+    mark_only_lora_as_trainable,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,15 +45,21 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _PREFIX = "base_model.model."
 
 
-def _to_peft_key(name: str) -> str:
-    if name.endswith(".lora_A") or name.endswith(".lora_B"):
-        return f"{_PREFIX}{name}.weight"
-    return _PREFIX + name
+_PEFT_PARTS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 
 
-def _from_peft_key(key: str) -> str:
+def _to_peft_key(module: str, part: str) -> str:
+    """PEFT's saved key for adapter parameter `part` (lora_A, lora_B, magnitude) of `module`."""
+    return f"{_PREFIX}{module}.{_PEFT_PARTS[part]}"
+
+
+def _split_peft_key(key: str) -> tuple[str, str | None]:
+    """(module or parameter name, adapter part or None) of a saved key."""
     name = key.removeprefix(_PREFIX)
-    return name.removesuffix(".weight") if re.search(r"\.lora_[AB]\.weight$", name) else name
+    for part, suffix in _PEFT_PARTS.items():
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], part
+    return name, None
 
 
 def _umask_mode() -> int:
@@ -95,42 +112,89 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
         raise
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None) -> Path:
-    """Save `model`'s adapter to `directory` in PEFT's format; returns the folder.
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None,
+                 adapter_name: str | None = None) -> Path:
+    """Save adapter `adapter_name` (default: the active one) to `directory` in PEFT's format.
 
     Raises:
-        AdapterError: `model` has no LoRA applied.
+        AdapterError: `model` has no LoRA (or no such adapter), its layers are merged, or
+            the adapter's layers differ in rank, alpha, scaling, dropout or DoRA.
     """
-    config: LoRAConfig | None = getattr(model, "lora_config", None)
     layers = dict(lora_modules(model))
-    if config is None or not layers:
+    if not layers:
         raise AdapterError("this model has no LoRA applied; call apply_lora(model, config) before save_adapter")
+    if adapter_name is None:
+        active = {n for layer in layers.values() for n in layer.active}
+        if len(active) != 1:
+            raise AdapterError(f"{len(active)} adapters are active; pass adapter_name to say which to save")
+        adapter_name = active.pop()
+    mine = {n: layer.adapters[adapter_name] for n, layer in layers.items() if adapter_name in layer.adapters}
+    if not mine:
+        raise AdapterError(f"this model has no adapter {adapter_name!r}; its adapters: "
+                           f"{', '.join(adapter_names(model))}")
     if any(layer.merged for layer in layers.values()):
         raise AdapterError("the adapters are merged into the weights; call unmerge_lora(model) before saving")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {_to_peft_key(k): v.float() for k, v in lora_state_dict(model).items()}
+    tensors: dict[str, torch.Tensor] = {}
+    settings = set()
+    for module, adapter in mine.items():
+        a, b, r, alpha = adapter.plain_lora()
+        c = adapter.config
+        settings.add((r, alpha, c.scaling, c.dropout, c.use_dora))
+        tensors[_to_peft_key(module, "lora_A")] = a.float()
+        tensors[_to_peft_key(module, "lora_B")] = b.float()
+        if c.use_dora:
+            tensors[_to_peft_key(module, "magnitude")] = adapter.magnitude.detach().float()
+    if len(settings) != 1:
+        raise AdapterError(f"adapter {adapter_name!r} has layers with different rank, alpha, scaling, dropout or "
+                           "DoRA; PEFT's format holds one setting per adapter")
+    r, alpha, scaling, dropout, use_dora = settings.pop()
+    train_modules = list(getattr(model, "lora_train_modules", []))
+    for t in train_modules:
+        for n, p in model.get_submodule(t).named_parameters():
+            tensors[f"{_PREFIX}{t}.{n}"] = p.detach().float()
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.scaling == "rslora",
-        "target_modules": sorted(layers),
-        "modules_to_save": list(getattr(model, "lora_train_modules", [])) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": scaling == "rslora",
+        "target_modules": sorted(mine),
+        "modules_to_save": train_modules or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(peft_config, indent=2) + "\n").encode())
     return out
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None) -> Path:
+    """Save every adapter of `model` PEFT's way: `default` (or the only one) in `directory`,
+    each other one in `directory/<name>/`."""
+    names = adapter_names(model)
+    out = Path(directory)
+    for name in names:
+        top = name == DEFAULT_ADAPTER or len(names) == 1
+        save_adapter(model, out if top else out / name, base_model_name, adapter_name=name)
+    return out
+
+
+def adapter_folders(directory: str | os.PathLike) -> dict[str, Path]:
+    """Adapter name -> folder for a folder saved by `save_adapters` (the top one is `default`)."""
+    root = Path(directory)
+    found = {DEFAULT_ADAPTER: root} if (root / CONFIG_NAME).exists() else {}
+    if root.is_dir():
+        found.update({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / CONFIG_NAME).exists()})
+    return found
 
 
 def _read_config(folder: Path) -> dict:
@@ -163,8 +227,13 @@ def _read_config(folder: Path) -> dict:
             from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{folder / CONFIG_NAME} is not a LoRA adapter config (peft_type must be LORA)")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        raise AdapterError(f"{folder / CONFIG_NAME} was saved with init_lora_weights={init!r} and needs the base "
+                           "weights that initialisation rewrote; save it from PEFT converted to plain LoRA "
+                           "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     unsupported = {
-        "use_dora": raw.get("use_dora"), "fan_in_fan_out": raw.get("fan_in_fan_out"),
+        "fan_in_fan_out": raw.get("fan_in_fan_out"),
         "lora_bias": raw.get("lora_bias"), "rank_pattern": raw.get("rank_pattern"),
         "alpha_pattern": raw.get("alpha_pattern"),
     }
@@ -172,7 +241,7 @@ def _read_config(folder: Path) -> dict:
     if raw.get("bias", "none") != "none":
         bad.append("bias")
     if bad:
-        raise AdapterError(f"{folder / CONFIG_NAME} uses {', '.join(bad)}, which lorafit's plain LoRA does not support")
+        raise AdapterError(f"{folder / CONFIG_NAME} uses {', '.join(bad)}, which lorafit's LoRA does not support")
     return raw
 
 
@@ -190,7 +259,7 @@ def _config_from_peft(raw: dict, folder: Path, lora_names: list[str], train_modu
         return LoRAConfig(
             r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
             targets=lora_names, scaling="rslora" if raw.get("use_rslora") else "standard",
-            train_modules=train_modules,
+            train_modules=train_modules, use_dora=bool(raw.get("use_dora", False)),
         )
     except KeyError as exc:
         raise AdapterError(f"{folder / CONFIG_NAME} lacks the key {exc}; the adapter is corrupt: re-save it") from None
@@ -198,29 +267,41 @@ def _config_from_peft(raw: dict, folder: Path, lora_names: list[str], train_modu
         raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
-    """Load a PEFT-format LoRA adapter (from lorafit or PEFT) into `model`; returns its config.
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> LoRAConfig:
+    """Load a PEFT-format LoRA or DoRA adapter (from lorafit or PEFT) into `model` as
+    adapter `adapter_name`; returns its config.
 
-    If `model` has no LoRA yet, it is applied for the adapter's modules first; if it
-    has, the adapter must fit the LoRA already there (same modules and rank, not
-    merged), and its layers take the file's alpha, scaling and dropout.
+    If `model` has no adapter of that name, it is added (LoRA is applied to the
+    adapter's modules; on a model that has other adapters it joins them, inactive
+    until `set_active_adapter`); if it has, the file must fit it (same modules and
+    rank, not merged), and the layers take the file's alpha, scaling, dropout and DoRA.
 
     Raises:
         AdapterError: a missing, corrupt, truncated or pickled adapter; one saved for
             another architecture (a module it names is not in `model`), another rank,
-            or other shapes; or keys that are missing.
+            or other shapes; keys that are missing; merged layers; or an adapter with
+            whole trained modules added next to another adapter.
     """
     folder = Path(directory)
     raw = _read_config(folder)
     tensors = _read_tensors(folder / WEIGHTS_NAME)
-    by_name = {_from_peft_key(k): v for k, v in tensors.items()}
-    lora_names = sorted({n.rsplit(".", 1)[0] for n in by_name if n.endswith((".lora_A", ".lora_B"))})
+    parts: dict[str, dict[str, torch.Tensor]] = {}  # module -> {lora_A, lora_B, magnitude}
+    train_params: dict[str, torch.Tensor] = {}
+    for key, v in tensors.items():
+        name, part = _split_peft_key(key)
+        if part is None:
+            train_params[name] = v
+        else:
+            parts.setdefault(name, {})[part] = v
+    lora_names = sorted(parts)
     if not lora_names:
         raise AdapterError(f"{folder / WEIGHTS_NAME} holds no LoRA weights (no lora_A/lora_B keys)")
+    use_dora = bool(raw.get("use_dora"))
+    needed = ("lora_A", "lora_B", "magnitude") if use_dora else ("lora_A", "lora_B")
     for n in lora_names:
-        for part in ("lora_A", "lora_B"):
-            if f"{n}.{part}" not in by_name:
-                raise AdapterError(f"{folder / WEIGHTS_NAME} lacks {_to_peft_key(f'{n}.{part}')}; "
+        for part in needed:
+            if part not in parts[n]:
+                raise AdapterError(f"{folder / WEIGHTS_NAME} lacks {_to_peft_key(n, part)}; "
                                    "the adapter is truncated: re-save it")
     modules = dict(model.named_modules())
     missing = [n for n in lora_names if n not in modules]
@@ -230,7 +311,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
             f"({len(missing)} of its {len(lora_names)} adapted modules are absent); load it into the base model "
             f"it was trained on ({raw.get('base_model_name_or_path') or 'see adapter_config.json'})"
         )
-    train_params = {n: v for n, v in by_name.items() if not n.endswith((".lora_A", ".lora_B"))}
     params = dict(model.named_parameters())
     # Parameters under a LoRALinear are named `<module>.base.weight`; plain ones `<module>.weight`.
     absent = [n for n in train_params if n not in params]
@@ -242,31 +322,38 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
         if not any(t == m or t.endswith("." + m) or t.startswith(m + ".") for t in train_modules):
             raise AdapterError(f"{folder / WEIGHTS_NAME} lacks the weights of module {m!r} named in modules_to_save; "
                                "the adapter is truncated: re-save it")
-    bad = [n for n, v in by_name.items() if not torch.isfinite(v).all()]
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"the adapter in {folder} holds NaN or inf in {bad[0]!r}; it is corrupt: retrain it")
     config = _config_from_peft(raw, folder, lora_names, train_modules)
 
-    existing = dict(lora_modules(model))
-    if any(layer.merged for layer in existing.values()):
+    layers = dict(lora_modules(model))
+    if any(layer.merged for layer in layers.values()):
         raise AdapterError("this model's LoRA layers are merged into their weights; call unmerge_lora(model) "
                            f"before loading the adapter in {folder}, or load it into a model without LoRA")
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    if others and train_modules:
+        raise AdapterError(f"the adapter in {folder} trains whole modules ({', '.join(train_modules)}), which "
+                           f"would overwrite those the model's adapter {others[0]!r} uses; load it into a model "
+                           "without adapters")
+    existing = {n: layer for n, layer in layers.items() if adapter_name in layer.adapters}
     if existing:
         if sorted(existing) != lora_names:
-            raise AdapterError(f"the adapter in {folder} adapts other modules than the LoRA already on this model; "
-                               "load it into a model without LoRA")
-        ranks = {layer.r for layer in existing.values()}
+            raise AdapterError(f"the adapter in {folder} adapts other modules than adapter {adapter_name!r} on this "
+                               "model; load it into a model without LoRA, or under another adapter_name")
+        ranks = {layer.adapters[adapter_name].config.r for layer in existing.values()}
         if ranks != {config.r}:
             raise AdapterError(f"the adapter in {folder} has rank {config.r} but this model has LoRA of rank "
                                f"{sorted(ranks)} applied; load it into a model without LoRA")
     for n in lora_names:
-        base = modules[n].base if n in existing else modules[n]
+        base = modules[n].base if n in layers else modules[n]
         if not isinstance(base, nn.Linear):
             raise AdapterError(f"the adapter in {folder} adapts {n!r}, which is a {type(base).__name__} here, "
                                "not an nn.Linear: it was saved for another architecture")
-        a, b = by_name[f"{n}.lora_A"], by_name[f"{n}.lora_B"]
+        a, b = parts[n]["lora_A"], parts[n]["lora_B"]
         want_a, want_b = (config.r, base.in_features), (base.out_features, config.r)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b or (
+                use_dora and tuple(parts[n]["magnitude"].shape) != (base.out_features,)):
             raise AdapterError(
                 f"the adapter in {folder} does not fit module {n!r}: lora_A {tuple(a.shape)} and lora_B "
                 f"{tuple(b.shape)}, but rank {config.r} on this ({base.out_features}x{base.in_features}) layer "
@@ -276,15 +363,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoRAConfig:
         if params[n].shape != v.shape:
             raise AdapterError(f"the adapter in {folder} holds {n!r} of shape {tuple(v.shape)}, but this model's is "
                                f"{tuple(params[n].shape)}: it was saved for another model size or label count")
-    if not existing:
-        apply_lora(model, config)
-    else:  # the layers take the file's alpha, scaling and dropout, not those they had
-        for n in lora_names:
-            existing[n].reconfigure(config.alpha, config.scaling, config.dropout)
-        model.lora_config = config
+    if not existing:  # a new adapter; next to others it joins them inactive
+        apply_lora(model, config, adapter_name)
+    else:  # the layers take the file's alpha, scaling, dropout and DoRA, not those they had
+        for layer in existing.values():
+            layer.adapters[adapter_name] = LoRAAdapter.build(layer.base, config)
         model.lora_train_modules = train_modules
-    params = dict(model.named_parameters())
     with torch.no_grad():
-        for n, v in by_name.items():
+        for n in lora_names:
+            adapter = model.get_submodule(n).adapters[adapter_name]
+            for part, v in parts[n].items():
+                getattr(adapter, part).copy_(v.to(torch.float32))
+        params = dict(model.named_parameters())
+        for n, v in train_params.items():
             params[n].copy_(v.to(params[n].dtype))
+    mark_only_lora_as_trainable(model)
     return config

@@ -20,7 +20,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from lorafit.config import STRATEGY_NAMES, RunConfig, field_types, make_config
+from lorafit.config import RunConfig, field_types, make_config
+from lorafit.strategies import STRATEGY_NAMES
 from lorafit.errors import ConfigError, Interrupted, LorafitError, RunDirError
 
 
@@ -179,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lorafit.runs import load_data, load_run
     from lorafit.train import evaluate, pick_device, resolve_precision
 
-    cfg, loaded = load_run(args.run_dir, merge=True)
+    cfg, loaded = load_run(args.run_dir, merge=True, adapter=args.adapter)
     splits = load_data(cfg, args.data)
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
@@ -204,7 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise LorafitError("no text to classify; pass texts as arguments or lines on standard input")
-    cfg, loaded = load_run(args.run_dir, merge=True)
+    cfg, loaded = load_run(args.run_dir, merge=True, adapter=args.adapter)
     names = json.loads((Path(args.run_dir) / "final.json").read_text()).get("label_names") \
         if (Path(args.run_dir) / "final.json").exists() else None
     names = names or [str(i) for i in range(cfg.num_labels)]
@@ -228,7 +229,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunDirError(f"{out} exists and is not empty; pass a new folder")
-    cfg, loaded = load_run(args.run_dir)
+    cfg, loaded = load_run(args.run_dir, adapter=args.adapter)
     model = unload_lora(loaded.model)
     final = Path(args.run_dir) / "final.json"
     names = json.loads(final.read_text()).get("label_names") if final.exists() else None
@@ -259,6 +260,11 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+_ADAPTER_FLAG = ("--adapter",)
+_ADAPTER_HELP = dict(metavar="NAME", help="which adapter, where the run's adapter folder holds several (default: the "
+                     "one named default, saved at the folder's top)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafit", description="Fine-tune encoders with LoRA and compare strategies.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -276,15 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="test accuracy of a run's weights")
     e.add_argument("run_dir")
     e.add_argument("--data", help="another data source (default: the run's)")
+    e.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
     pr = sub.add_parser("predict", help="label and probability per text (arguments, or lines on stdin)")
     pr.add_argument("run_dir")
     pr.add_argument("texts", nargs="*")
+    pr.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
     pr.set_defaults(func=cmd_predict)
     m = sub.add_parser("merge", help="write a plain Hugging Face model folder with LoRA merged in")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
+    m.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
     m.set_defaults(func=cmd_merge)
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import ConfigError
+from lorafit.lora import INITS
+from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
 
-STRATEGY_NAMES = ("full", "last-two-layers", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 KEEPS = ("last", "best")
 
@@ -33,14 +34,15 @@ def _f(default, help: str, **kw):
 class RunConfig:
     """Everything one training run needs; `lorafit train --help` lists it as flags."""
 
-    strategy: str = _f("lora", "what trains: full, last-two-layers or lora", choices=STRATEGY_NAMES)
+    strategy: str = _f("lora", "what trains: " + "; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values()),
+                       choices=STRATEGY_NAMES)
     model: str = _f("all-MiniLM-L6-v2", "Hugging Face model name or local folder (default: the embedded "
                     "all-MiniLM-L6-v2)")
     data: str | None = _f(None, "data source: an aclImdb/ folder, its .tar.gz, `imdb` (download), a "
                           ".csv/.jsonl/.parquet table (default: the embedded IMDb sample)")
     epochs: int = _f(3, "training epochs")
-    lr: float | None = _f(None, "peak learning rate (default: the strategy's: full 5e-5, last-two-layers 1e-2, "
-                          "lora 2e-3)")
+    lr: float | None = _f(None, "peak learning rate (default: the strategy's: " + ", ".join(
+        f"{s.name} {s.default_lr:g}" for s in STRATEGIES.values()) + ")")
     batch_size: int = _f(16, "examples per optimizer step (before accumulation)")
     grad_accum: int = _f(1, "batches per optimizer step (gradient accumulation)")
     max_length: int = _f(256, "tokens per example; longer texts are truncated")
@@ -55,6 +57,12 @@ class RunConfig:
     targets: list[str] = _f(["key", "value", "classifier"], "LoRA targets, comma-separated: roles (query, key, "
                             "value, output, ffn, classifier, head), module-name suffixes or regexes")
     train_head: bool = _f(False, "lora: train the classifier layer fully next to the adapters")
+    dora: bool = _f(False, "lora: DoRA (Liu et al. 2024), a learned magnitude per output row next to the low-rank "
+                    "direction update")
+    init: str = _f("kaiming", "lora: how A and B start: kaiming (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), "
+                   "pissa (the top-r singular vectors of each weight; the base keeps the residual)", choices=INITS)
+    lora_plus_ratio: float = _f(1.0, "lora: LoRA+ (Hayou et al. 2024), B's learning rate is this times A's (1: off; "
+                                "16 is the paper's suggestion); biases and LayerNorm weights keep the base rate")
     train_size: int | None = _f(None, "cap on training examples (stratified, seeded subset)")
     val_size: float = _f(0.1, "validation examples carved from train: a count, or a fraction of train")
     test_size: int | None = _f(None, "cap on test examples (stratified, seeded subset)")
@@ -86,6 +94,8 @@ class RunConfig:
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
             (self.keep in KEEPS, "keep", f"one of {', '.join(KEEPS)}"),
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
+            (self.init in INITS, "init", f"one of {', '.join(INITS)}"),
+            (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0, "lora_plus_ratio", "a number > 0"),
             (self.epochs >= 1, "epochs", "an integer >= 1"),
             (self.lr is None or (math.isfinite(self.lr) and 0 < self.lr <= 1), "lr", "a number in (0, 1]"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),

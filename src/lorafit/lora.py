@@ -1,4 +1,4 @@
-"""LoRA, written from scratch: the config, the adapted layer and the model-level verbs.
+"""LoRA, written from scratch: the config, one adapter, the adapted layer and the model-level verbs.
 
 Low-Rank Adaptation (Hu et al. 2021) freezes a pretrained weight W0 (out, in) and
 learns a low-rank update:
@@ -7,6 +7,15 @@ learns a low-rank update:
 
 (or s = alpha / sqrt(r) with rsLoRA scaling). B starts at zero, so an adapted model
 computes exactly what the base model computes until the first optimizer step.
+
+Variants are small additions to this core:
+
+- DoRA (Liu et al. 2024, `use_dora`): W' = m * (W0 + sBA) / ||W0 + sBA||, the norm per
+  output row and detached from the graph (the paper's section 4.3); m starts at ||W0||.
+- PiSSA (Meng et al. 2024, `init="pissa"`): A and B start from the top-r singular
+  vectors of W0, and the base keeps the residual W0 - sBA.
+- Several named adapters per layer: one or more are active, each with a weight; the
+  layer adds the weighted sum of their updates.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from lorafit.errors import ConfigError, TargetError
 from lorafit.targets import resolve_targets
 
 SCALINGS = ("standard", "rslora")
+INITS = ("kaiming", "gaussian", "pissa")
+DEFAULT_ADAPTER = "default"
 
 
 @dataclass
@@ -44,6 +55,11 @@ class LoRAConfig:
     train_modules: list[str] = field(default_factory=list)
     """Modules trained fully next to the adapters (PEFT's `modules_to_save`),
     e.g. a fresh classification head; same syntax as `targets`."""
+    use_dora: bool = False
+    """DoRA (`--dora`): learn a magnitude per output row next to the low-rank direction update."""
+    init: str = "kaiming"
+    """How A and B start (`--init`): `kaiming` (A Kaiming-uniform, B zero), `gaussian`
+    (A ~ N(0, 1/r), B zero), or `pissa` (the top-r singular vectors of W0; the base keeps the residual)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -60,6 +76,10 @@ class LoRAConfig:
             raise ConfigError(f"dropout (--lora-dropout) must be in [0, 1), got {self.dropout!r}")
         if self.scaling not in SCALINGS:
             raise ConfigError(f"scaling (--scaling) must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init (--init) must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora (--dora) must be true or false, got {self.use_dora!r}")
         if not isinstance(self.targets, list) or not self.targets \
                 or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(f"targets (--targets) must be a non-empty list of names, got {self.targets!r}")
@@ -77,55 +97,228 @@ def lora_scale(r: int, alpha: float, scaling: str = "standard") -> float:
     return alpha / math.sqrt(r) if scaling == "rslora" else alpha / r
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update.
+def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 whatever autocast says (weights are merged and normed in fp32)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float()
 
-    forward: x (..., in) -> W0 x + b + s * B (A dropout(x)): (..., out).
-    A (r, in) is Kaiming-uniform(a=sqrt 5), B (out, r) is zero, so at initialisation
-    the output equals the base layer's exactly. A and B stay fp32 whatever the base
-    dtype: with a bf16 or fp16 base (and no autocast) the adapter's input is cast to
-    fp32 and its output back to the base's dtype; under `torch.autocast` the adapter's
-    matmuls run in the autocast dtype. When `merged`, W0 holds W0 + s B A (computed in
-    fp32, cast once) and forward is the base layer's single matmul.
+
+class LoRAAdapter(nn.Module):
+    """One low-rank update of one frozen Linear (out, in), with its own config.
+
+    Parameters: A (r, in) and B (out, r), fp32 whatever the base's dtype.
+    `update(x, y, base)`: what the adapter adds to the base layer's output y = base(x):
+    s * B (A dropout(x)), (..., out).
+    """
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
+        super().__init__()
+        self.config = LoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, scaling=config.scaling,
+                                 use_dora=config.use_dora, init=config.init)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(config.r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.r, device=device, dtype=torch.float32))
+        # nn.Identity returns its input as is: no copy when dropout is 0.
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @staticmethod
+    def build(base: nn.Linear, config: LoRAConfig) -> "LoRAAdapter":
+        """The adapter `config` describes (plain or DoRA) for `base`, uninitialised: for loading weights into."""
+        return (DoRAAdapter if config.use_dora else LoRAAdapter)(base, config)
+
+    @staticmethod
+    def create(base: nn.Linear, config: LoRAConfig) -> "LoRAAdapter":
+        """The adapter `config` describes, initialised on `base` (PiSSA rewrites `base.weight`)."""
+        adapter = LoRAAdapter.build(base, config)
+        adapter.initialise(base)
+        return adapter
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scale
+
+    @torch.no_grad()
+    def initialise(self, base: nn.Linear) -> None:
+        """Set A and B as `config.init` says; PiSSA also leaves the residual W0 - sBA in `base`."""
+        init = self.config.init
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.config.r)
+        else:  # pissa: W0 = U S V^T; s B A = U_r S_r V_r^T, the principal part
+            w = base.weight
+            u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
+            r = min(self.config.r, sv.numel())
+            root = (sv[:r] / self.scaling).sqrt()  # (r,)
+            self.lora_A.zero_()[:r] = root[:, None] * vh[:r]  # (r, in)
+            self.lora_B.zero_()[:, :r] = u[:, :r] * root[None, :]  # (out, r)
+            w.copy_((w.float() - self.scaling * (self.lora_B @ self.lora_A)).to(w.dtype))
+            # the starting point, to express the trained adapter against the original W0 on saving
+            self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
+            self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
+
+    def params(self) -> dict[str, nn.Parameter]:
+        """The adapter's trainable parameters, by attribute name."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B (A x): (..., in) -> (..., out), in the adapter's dtype (or autocast's)."""
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # a bf16/fp16 base: the adapter computes in fp32
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        """What this adapter adds to y = base(x): (..., out)."""
+        return self.low_rank(self.dropout(x))
+
+    def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """W' - W0 for base weight `w0`: s * B @ A, (out, in) fp32."""
+        return self.scaling * _fp32_matmul(self.lora_B, self.lora_A)
+
+    def plain_lora(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """(A, B, r, alpha) of a plain LoRA against the *original* W0 with this update.
+
+        PiSSA moved sB0A0 out of the base, so W_res + sBA = W0 + s(BA - B0A0): a rank-2r
+        LoRA with A' = [A; A0] and B' = [B, -B0] at the same scale s (PEFT converts the
+        same way), which loads on the unmodified base model.
+        """
+        c = self.config
+        if c.init != "pissa":
+            return self.lora_A.detach(), self.lora_B.detach(), c.r, c.alpha
+        a = torch.cat([self.lora_A.detach(), self.pissa_A0])  # (2r, in)
+        b = torch.cat([self.lora_B.detach(), -self.pissa_B0], dim=1)  # (out, 2r)
+        alpha = 2 * c.alpha if c.scaling == "standard" else c.alpha * math.sqrt(2)  # s unchanged at rank 2r
+        return a, b, 2 * c.r, alpha
+
+
+class DoRAAdapter(LoRAAdapter):
+    """DoRA: W' = m * (W0 + sBA) / ||W0 + sBA||, norms per output row (detached).
+
+    Extra parameter: the magnitude m (out,), initialised to ||W0 + sBA|| (= ||W0|| for
+    B = 0), so the layer starts as the base. With y = base(x) = W0 x + b:
+
+        W' x + b = y + (m/n - 1) W0 x + (m/n) s B A x,   n = ||W0 + sBA||.detach()
+    """
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
+        super().__init__(base, config)
+        self.magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device, dtype=torch.float32))
+
+    @torch.no_grad()
+    def initialise(self, base: nn.Linear) -> None:
+        super().initialise(base)
+        self.magnitude.copy_(self.weight_norm(base.weight))
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {**super().params(), "magnitude": self.magnitude}
+
+    def weight_norm(self, w0: torch.Tensor) -> torch.Tensor:
+        """||W0 + sBA|| per output row, (out,) fp32, detached (the paper's section 4.3)."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(w0.float() + self.scaling * _fp32_matmul(self.lora_B, self.lora_A), dim=1)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        scale = self.magnitude / self.weight_norm(base.weight)  # (out,)
+        dropped = self.dropout(x)
+        if dropped is x:  # W0 x from the base's output: no second matmul
+            w0x = y if base.bias is None else y - base.bias
+        else:  # the direction update sees the dropped input, as in PEFT
+            w0x = F.linear(dropped.to(base.weight.dtype) if dropped.dtype != base.weight.dtype
+                           and not torch.is_autocast_enabled(x.device.type) else dropped, base.weight)
+        return (scale - 1) * w0x + scale * self.low_rank(dropped)
+
+    def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """m/n (W0 + sBA) - W0: (out, in) fp32."""
+        w = w0.float() + super().delta_weight(w0)
+        return (self.magnitude.detach() / self.weight_norm(w0))[:, None] * w - w0.float()
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus one or more named low-rank adapters.
+
+    forward: x (..., in) -> W0 x + b + sum over active adapters of weight * update:
+    (..., out). With one plain adapter that is W0 x + b + s * B (A dropout(x)).
+    A (r, in) starts Kaiming-uniform(a=sqrt 5) and B (out, r) at zero (by default), so
+    at initialisation the output equals the base layer's exactly. A and B stay fp32
+    whatever the base dtype: with a bf16 or fp16 base (and no autocast) the adapter's
+    input is cast to fp32 and its output back to the base's dtype; under
+    `torch.autocast` the adapter's matmuls run in the autocast dtype. When `merged`, W0
+    holds the active adapters' W' (computed in fp32, cast once) and forward is the base
+    layer's single matmul.
     """
 
     def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8.0, dropout: float = 0.0,
-                 scaling: str = "standard") -> None:
+                 scaling: str = "standard", *, config: LoRAConfig | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TargetError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.r = r
-        self.alpha = alpha
-        self.scaling_mode = scaling
-        self.scaling = lora_scale(r, alpha, scaling)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        # nn.Identity returns its input as is: no copy when dropout is 0.
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters = nn.ModuleDict()
+        self.active: dict[str, float] = {}
+        """Adapter name -> weight of its update; the first adapter added is active with weight 1."""
         self.merged = False
-
-    def reconfigure(self, alpha: float, scaling: str, dropout: float) -> None:
-        """Take another adapter's alpha, scaling mode and dropout (same rank), e.g. when
-        `load_adapter` loads a file into this layer.
-
-        Raises:
-            RuntimeError: the layer is merged (its W0 holds the old scaling's update).
-        """
-        if self.merged:
-            raise RuntimeError("the LoRA layer is merged; call unmerge_lora(model) before changing its scaling")
-        self.alpha, self.scaling_mode = alpha, scaling
-        self.scaling = lora_scale(self.r, alpha, scaling)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._dora_scale: torch.Tensor | None = None
+        self.add_adapter(adapter_name, config or LoRAConfig(r=r, alpha=alpha, dropout=dropout, scaling=scaling))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: LoRAConfig) -> "LoRALinear":
-        """Wrap `linear` with the rank, alpha, dropout and scaling of `config`."""
-        return cls(linear, r=config.r, alpha=config.alpha, dropout=config.dropout, scaling=config.scaling)
+    def from_linear(cls, linear: nn.Linear, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> "LoRALinear":
+        """Wrap `linear` with an adapter as `config` describes."""
+        return cls(linear, config=config, adapter_name=adapter_name)
+
+    def add_adapter(self, name: str, config: LoRAConfig) -> LoRAAdapter:
+        """Add adapter `name` (initialised as `config.init` says); active if it is the first.
+
+        Raises:
+            TargetError: the name is taken, or the layer is merged.
+        """
+        if self.merged:
+            raise TargetError("this LoRA layer is merged; call unmerge_lora(model) before adding an adapter")
+        if name in self.adapters:
+            raise TargetError(f"adapter {name!r} already exists on this layer; pick another adapter name")
+        if config.init == "pissa" and len(self.adapters):
+            raise TargetError("PiSSA rewrites the base weight, so it must be the layer's only adapter; "
+                              "load other adapters into a model without PiSSA")
+        adapter = LoRAAdapter.create(self.base, config)
+        self.adapters[name] = adapter
+        if not self.active:
+            self.active = {name: 1.0}
+        return adapter
+
+    def set_active(self, weights: dict[str, float]) -> None:
+        """Which adapters the layer applies, each scaled by its weight.
+
+        Raises:
+            TargetError: an unknown name, no name, a merged layer, or DoRA in a combination.
+        """
+        unknown = [n for n in weights if n not in self.adapters]
+        if unknown or not weights:
+            raise TargetError(f"no adapter {unknown[0] if unknown else '(none)'!r} on this layer; its adapters: "
+                              f"{', '.join(self.adapters)}")
+        if self.merged:
+            raise TargetError("this LoRA layer is merged; call unmerge_lora(model) before switching adapters")
+        if len(weights) > 1 and any(self.adapters[n].config.use_dora for n in weights):
+            raise TargetError("DoRA adapters cannot be combined (their updates rescale the whole weight); "
+                              "activate one DoRA adapter at a time")
+        self.active = {n: float(w) for n, w in weights.items()}
+
+    @property
+    def adapter(self) -> LoRAAdapter:
+        """The active adapter, when exactly one is active."""
+        if len(self.active) != 1:
+            raise TargetError(f"{len(self.active)} adapters are active on this layer; name one")
+        return self.adapters[next(iter(self.active))]
+
+    # The single active adapter's parameters and settings, as plain attributes.
+    lora_A = property(lambda self: self.adapter.lora_A)
+    lora_B = property(lambda self: self.adapter.lora_B)
+    r = property(lambda self: self.adapter.config.r)
+    alpha = property(lambda self: self.adapter.config.alpha)
+    scaling_mode = property(lambda self: self.adapter.config.scaling)
+    scaling = property(lambda self: self.adapter.scaling)
+    dropout = property(lambda self: self.adapter.dropout)
 
     @property
     def in_features(self) -> int:
@@ -135,47 +328,73 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def adapter_params(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        """Parameters of adapter `name` (default: every adapter), by name relative to this layer."""
+        names = [name] if name is not None else list(self.adapters)
+        return {f"adapters.{n}.{k}": p for n in names for k, p in self.adapters[n].params().items()}
+
     def delta_weight(self) -> torch.Tensor:
-        """s * B @ A: (out, in), fp32."""
-        return self.scaling * (self.lora_B @ self.lora_A)
+        """W' - W0 of the active adapters (weighted sum): (out, in), fp32."""
+        w0 = self.base.weight
+        total = torch.zeros(w0.shape, device=w0.device, dtype=torch.float32)
+        for n, weight in self.active.items():
+            total += weight * self.adapters[n].delta_weight(w0)
+        return total
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + s B A. Idempotent: merging a merged layer changes nothing."""
+        """W0 <- W0 + delta_weight() (DoRA: the rescaled weight). Idempotent."""
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
+        w = self.base.weight
+        single = self.adapter if len(self.active) == 1 else None
+        if isinstance(single, DoRAAdapter):
+            scale = single.magnitude.detach() / single.weight_norm(w)  # (out,)
+            merged = scale[:, None] * (w.float() + LoRAAdapter.delta_weight(single, w))
+            self._dora_scale = scale
+        else:
+            merged = w.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
             raise FloatingPointError(
                 "NaNs or infs in the LoRA update; the adapter diverged. Retrain with a lower learning rate."
             )
-        w = self.base.weight
-        w.copy_((w.float() + delta).to(w.dtype))
+        w.copy_(merged.to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 <- W0 - s B A. Idempotent: unmerging an unmerged layer changes nothing."""
+        """Take the merged update back out of W0 (in fp32, cast once). Idempotent."""
         if not self.merged:
             return
         w = self.base.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        if self._dora_scale is not None:
+            single = self.adapter
+            w.copy_((w.float() / self._dora_scale[:, None] - LoRAAdapter.delta_weight(single, w)).to(w.dtype))
+            self._dora_scale = None
+        else:
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
         if self.merged:
-            if torch.is_grad_enabled() and self.lora_A.requires_grad and self.training:
+            if torch.is_grad_enabled() and self.training and any(
+                    p.requires_grad for p in self.adapter_params().values()):
                 raise RuntimeError("LoRA weights are merged; call unmerge_lora(model) before training")
             return y
-        x = self.dropout(x)
-        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)  # a bf16/fp16 base: the adapter computes in fp32
-        h = F.linear(x, self.lora_A)  # (..., r)
-        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)  # (..., out)
+        out = y
+        for n, weight in self.active.items():
+            if weight == 0:
+                continue
+            d = self.adapters[n].update(x, y, self.base)
+            out = out + (d if weight == 1 else d * weight).to(y.dtype)
+        return out  # (..., out)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        parts = [f"{n}: r={a.config.r}, alpha={a.config.alpha}, scaling={a.scaling:g}"
+                 + (", dora" if a.config.use_dora else "") + (f", init={a.config.init}" if a.config.init != "kaiming"
+                                                               else "") for n, a in self.adapters.items()]
+        return f"{'; '.join(parts)}, active={self.active}, merged={self.merged}"
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -185,31 +404,57 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on `model`'s LoRA layers, in the order they were added."""
+    seen: dict[str, None] = {}
+    for _, layer in lora_modules(model):
+        seen.update(dict.fromkeys(layer.adapters))
+    return list(seen)
+
+
+def adapter_params(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+    """Full dotted name -> parameter, for adapter `adapter_name` (default: all) on every LoRA layer.
+
+    The layers say which parameters they have (A, B, DoRA's magnitude, ...): no name matching.
+    """
+    out = {}
+    for name, layer in lora_modules(model):
+        if adapter_name is None or adapter_name in layer.adapters:
+            out.update({f"{name}.{k}": p for k, p in layer.adapter_params(adapter_name).items()})
+    return out
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> int:
-    """Wrap every target `nn.Linear` of `model` in a LoRALinear, in place; return how many.
+def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> int:
+    """Give every target `nn.Linear` of `model` adapter `adapter_name`, in place; return how many.
 
-    Afterwards only the LoRA parameters and `config.train_modules` are trainable
-    (see `mark_only_lora_as_trainable`).
+    Targets not yet adapted are wrapped in a LoRALinear; targets that already are get
+    one more adapter (several named adapters per model; a further adapter starts
+    inactive: `set_active_adapter`). Afterwards only the active adapters' parameters and
+    `config.train_modules` are trainable (see `mark_only_lora_as_trainable`).
 
     Raises:
         TargetError: a target matches nothing (the message lists the model's Linear
             names), a matched module is not an `nn.Linear`, a module is both a target
-            and in `train_modules`, or the model already has LoRA applied.
+            and in `train_modules`, or the model already has an adapter of that name.
     """
-    if any(True for _ in lora_modules(model)):
-        raise TargetError(
-            "this model already has LoRA applied; call unload_lora(model) first or start from a fresh model"
-        )
+    had = adapter_names(model)
+    if adapter_name in had:
+        hint = "call unload_lora(model) first or start from a fresh model" if adapter_name == DEFAULT_ADAPTER \
+            else "pick another adapter name"
+        raise TargetError(f"this model already has LoRA applied (adapter {adapter_name!r}); {hint}")
+    if had and config.train_modules:
+        raise TargetError(f"adapter {adapter_name!r} would train whole modules next to adapter {had[0]!r}, which "
+                          "shares them; give train_modules only to a model's first adapter")
     names = resolve_targets(model, config.targets)
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, LoRALinear)):
             raise TargetError(
                 f"LoRA target {name!r} is a {type(module).__name__}, not an nn.Linear; "
                 "LoRA adapts Linear layers only: name a Linear inside it instead"
@@ -223,26 +468,70 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> int:
                 "a module either gets an adapter or trains fully: remove it from one of the two"
             )
     for name in names:
-        _set_submodule(model, name, LoRALinear.from_linear(model.get_submodule(name), config))
-    model.lora_config = config  # read by save_adapter and mark_only_lora_as_trainable
-    model.lora_train_modules = train_names
-    mark_only_lora_as_trainable(model, config)
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            module.add_adapter(adapter_name, config)
+        else:
+            _set_submodule(model, name, LoRALinear.from_linear(module, config, adapter_name))
+    if had:  # a further adapter joins inactive (set_active_adapter switches to it), as in PEFT
+        for _, layer in lora_modules(model):
+            layer.active.pop(adapter_name, None)
+    else:
+        # which whole modules train next to the adapters (PEFT's modules_to_save): the one
+        # model-level record, read by save_adapter and mark_only_lora_as_trainable
+        model.lora_train_modules = train_names
+    mark_only_lora_as_trainable(model)
     return len(names)
 
 
 def mark_only_lora_as_trainable(model: nn.Module, config: LoRAConfig | None = None) -> None:
-    """Freeze every parameter except LoRA's A and B and those of `config.train_modules`."""
-    config = config or getattr(model, "lora_config", None)
-    train_names = resolve_targets(model, config.train_modules, what="train module") \
-        if config is not None and config.train_modules else []
+    """Freeze every parameter except the active adapters' and those of the train modules
+    (`config.train_modules` if given, else those `apply_lora` recorded)."""
+    if config is not None:
+        train_names = resolve_targets(model, config.train_modules, what="train module") if config.train_modules else []
+    else:
+        train_names = getattr(model, "lora_train_modules", [])
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_modules(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for n in layer.active:
+            for p in layer.adapter_params(n).values():
+                p.requires_grad_(True)
     for name in train_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter `name` the only active one on every layer that has it; layers
+    without it run as their base. Only its parameters are trainable afterwards."""
+    combine_adapters(model, {name: 1.0})
+
+
+def combine_adapters(model: nn.Module, weights: dict[str, float]) -> None:
+    """Activate several adapters at once: each layer adds sum_i weights[i] * update_i.
+
+    For plain LoRA adapters that is the model whose delta is the weighted sum of their
+    deltas; (1, 0) is the first adapter alone.
+
+    Raises:
+        TargetError: an adapter name the model does not have, merged layers, or DoRA
+            adapters combined with others.
+    """
+    known = adapter_names(model)
+    unknown = [n for n in weights if n not in known]
+    if unknown or not weights:
+        raise TargetError(f"this model has no adapter {unknown[0] if unknown else '(none)'!r}; its adapters: "
+                          f"{', '.join(known) or 'none'}")
+    for _, layer in lora_modules(model):
+        here = {n: w for n, w in weights.items() if n in layer.adapters}
+        if here:
+            layer.set_active(here)
+        else:  # a layer none of them adapts runs as its base
+            if layer.merged:
+                raise TargetError("this LoRA layer is merged; call unmerge_lora(model) before switching adapters")
+            layer.active = {}
+    mark_only_lora_as_trainable(model)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -252,41 +541,40 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Merge every adapter into its base weight (idempotent)."""
+    """Merge every layer's active adapters into its base weight (idempotent)."""
     for _, layer in lora_modules(model):
-        layer.merge()
+        if layer.active:
+            layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Take every merged adapter back out of its base weight (idempotent)."""
+    """Take every merged update back out of its base weight (idempotent)."""
     for _, layer in lora_modules(model):
         layer.unmerge()
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Merge the adapters and put the plain `nn.Linear`s back; returns `model`.
+    """Merge the active adapters and put the plain `nn.Linear`s back; returns `model`.
 
     The result has no LoRA module left, so inference costs exactly the base model's.
     """
     for name, layer in list(lora_modules(model)):
-        layer.merge()
+        if layer.active:
+            layer.merge()
         _set_submodule(model, name, layer.base)
-    for attr in ("lora_config", "lora_train_modules"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, "lora_train_modules"):
+        delattr(model, "lora_train_modules")
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter holds: every LoRA A and B and the parameters of the train modules.
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """What an adapter holds: the adapter's parameters on every layer (as the layers
+    report them) and the parameters of the train modules.
 
-    Keys are `model.named_parameters()` names (`...key.lora_A`, `classifier.weight`).
+    Keys are `model.named_parameters()` names (`...key.adapters.default.lora_A`, `classifier.weight`).
     """
-    train_names = getattr(model, "lora_train_modules", [])
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        is_lora = name.endswith(".lora_A") or name.endswith(".lora_B")
-        in_train = any(name.startswith(t + ".") for t in train_names)
-        if is_lora or in_train:
-            out[name] = p.detach()
+    out = {n: p.detach() for n, p in adapter_params(model, adapter_name).items()}
+    for t in getattr(model, "lora_train_modules", []):
+        for n, p in model.get_submodule(t).named_parameters():
+            out[f"{t}.{n}"] = p.detach()
     return out

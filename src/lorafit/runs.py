@@ -21,23 +21,18 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lorafit.adapter import PICKLE_SUFFIXES, atomic_write_bytes, load_adapter, save_adapter, save_safetensors_atomic
+from lorafit.adapter import atomic_write_bytes
 from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.encoding import encode_split
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.lora import count_parameters, merge_lora
 from lorafit.models import LoadedModel, fresh_state, load_model
-from lorafit.feature_cache import HeadOnCache, cacheable_head, extract_features
-from lorafit.strategies import STRATEGIES, head_layers, learning_rate
+from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.train import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
 
-FRESH_INIT = "fresh_init.safetensors"
-TRAINED = "trained.safetensors"
-ADAPTER_DIR = "adapter"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -160,7 +155,8 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     check_max_length(cfg, model)
     fresh = fresh_state(loaded)
     torch.manual_seed(cfg.seed)
-    STRATEGIES[cfg.strategy].setup(model, cfg)
+    strategy = STRATEGIES[cfg.strategy]
+    strategy.setup(model, cfg)
     model.to(device)
     _check_disk(out, model)
     if not resume:
@@ -192,19 +188,12 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    sets, train_model, cache_seconds = encs, model, 0.0
-    head = head_layers(model)
-    if cfg.cache and cacheable_head(model, head):
-        t_cache = time.perf_counter()
-        sets = {n: extract_features(model, head[0], e, batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                                    device=device, precision=precision) for n, e in encs.items()}
-        train_model = HeadOnCache(model, head[0], head[1]).to(device)
-        cache_seconds = time.perf_counter() - t_cache
-        _log(f"frozen-prefix cache: the frozen encoder ran once over {sum(len(e) for e in encs.values()):,} "
-             f"examples in {cache_seconds:.1f}s; the head ({', '.join(head)}) trains on its cached features")
+    train_model, sets, cache_seconds = strategy.training_view(model, encs, cfg, pad_id=pad_id, device=device,
+                                                              precision=precision, log=_log)
     torch.manual_seed(cfg.seed)
     try:
         result = train(train_model, sets["train"], sets["validation"], settings, pad_id=pad_id, device=device,
+                       param_groups=strategy.param_groups(train_model, cfg, lr),
                        log=_log, progress=progress, on_epoch=on_epoch,
                        save_state=lambda tensors, meta: save_checkpoint(
                            out, tensors, {**meta, "peak_memory_mb": run_peak_mb()}),
@@ -212,7 +201,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
-    saved = save_weights(model, cfg, out, fresh, loaded)
+    saved = strategy.save(model, cfg, out, fresh)
     # Training is over: the test pass runs the model as `lorafit evaluate` runs the saved
     # run, adapters merged (one matmul per layer), so the two give the same numbers.
     merge_lora(model)
@@ -244,24 +233,6 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     return final
 
 
-def save_weights(model: nn.Module, cfg: RunConfig, out: Path, fresh: dict[str, torch.Tensor],
-                 loaded: LoadedModel) -> int:
-    """Save what the run changed; returns bytes on disk."""
-    if cfg.strategy == "lora":
-        save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model)
-        size = dir_size(out / ADAPTER_DIR)
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        # the LoRA'd classifier's base weights are random (a fresh head) and frozen: keep them
-        keep = {k: v for k, v in fresh.items() if k not in trained}
-        if keep:
-            save_safetensors_atomic(keep, out / FRESH_INIT)
-            size += (out / FRESH_INIT).stat().st_size
-        return size
-    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    save_safetensors_atomic(tensors, out / TRAINED, metadata={"strategy": cfg.strategy})
-    return (out / TRAINED).stat().st_size
-
-
 def read_run_config(run_dir: Path) -> RunConfig:
     """The RunConfig saved in `run_dir`/config.json."""
     path = run_dir / "config.json"
@@ -277,44 +248,15 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return RunConfig(**config_from_mapping(raw, where=str(path)))
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix in PICKLE_SUFFIXES:
-        raise RunDirError(f"{path} is a pickle file; lorafit loads safetensors only")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise RunDirError(f"{path} is not a readable safetensors file ({exc}); the run is corrupt") from None
-
-
-def load_run(run_dir: str | os.PathLike, merge: bool = False) -> tuple[RunConfig, LoadedModel]:
+def load_run(run_dir: str | os.PathLike, merge: bool = False, adapter: str | None = None
+             ) -> tuple[RunConfig, LoadedModel]:
     """Rebuild a trained run's model (eval mode) from its folder; LoRA unmerged, or
-    merged into the weights with `merge` (for inference: what the run's test pass ran)."""
+    merged into the weights with `merge` (for inference: what the run's test pass ran).
+    `adapter` picks one of several adapters saved in a lora run's adapter folder."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels)
-    model = loaded.model
-    with torch.no_grad():
-        if (run_dir / FRESH_INIT).exists():
-            sd = model.state_dict()
-            for k, v in _load_tensors(run_dir / FRESH_INIT).items():
-                if k not in sd or sd[k].shape != v.shape:
-                    raise RunDirError(f"{run_dir / FRESH_INIT} does not fit model {cfg.model} ({k}); the run is "
-                                      "for another model")
-                sd[k].copy_(v)
-        if cfg.strategy == "lora":
-            if not (run_dir / ADAPTER_DIR).is_dir():
-                raise RunDirError(f"{run_dir} has no adapter/ folder; the run did not finish")
-            load_adapter(model, run_dir / ADAPTER_DIR)
-        else:
-            path = run_dir / TRAINED
-            if not path.exists():
-                raise RunDirError(f"{run_dir} has no {TRAINED}; the run did not finish")
-            params = dict(model.named_parameters())
-            for k, v in _load_tensors(path).items():
-                if k not in params or params[k].shape != v.shape:
-                    raise RunDirError(f"{path} does not fit model {cfg.model} ({k}); the run is for another model")
-                params[k].copy_(v)
+    STRATEGIES[cfg.strategy].load(loaded.model, cfg, run_dir, adapter)
     if merge:
-        merge_lora(model)
+        merge_lora(loaded.model)
     return cfg, loaded

@@ -167,11 +167,13 @@ def warmup_then_linear_decay(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, s: TrainSettings, steps_per_epoch: int
+def make_optimizer(model: nn.Module, s: TrainSettings, steps_per_epoch: int, param_groups: list[dict] | None = None
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the parameters that require grad (no weight decay on biases and
-    LayerNorm weights), and its warm-up-then-linear-decay schedule over all epochs."""
-    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
+    """AdamW over `param_groups` (default: the parameters that require grad, no weight
+    decay on biases and LayerNorm weights; a strategy may give its own groups and
+    rates), and its warm-up-then-linear-decay schedule over all epochs, which scales
+    every group's rate alike."""
+    opt = torch.optim.AdamW(param_groups or _param_groups(model, s.weight_decay), lr=s.lr)
     total = s.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(int(s.warmup_ratio * total), total))
     return opt, sched
@@ -240,7 +242,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettings, *, pad_id: int,
           device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
-          on_epoch: Callable[[dict], None] | None = None,
+          param_groups: list[dict] | None = None, on_epoch: Callable[[dict], None] | None = None,
           save_state: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
           checkpoint_every: int = 0,
           resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> TrainResult:
@@ -253,7 +255,8 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
     after every epoch, every `checkpoint_every` optimizer steps, and on Ctrl-C (also
     during validation or a checkpoint write); `resume` (from
     `checkpoint.load_checkpoint`) continues from such a state and gives, bit for bit,
-    the weights and metrics of an uninterrupted run.
+    the weights and metrics of an uninterrupted run. `param_groups`: the optimizer's
+    groups (a strategy's; default: see `make_optimizer`).
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the message names the step).
@@ -265,7 +268,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
     if not params:
         raise LorafitError("no parameter is trainable; check the strategy and its targets")
     n_batches = math.ceil(len(train_enc) / s.batch_size)
-    opt, sched = make_optimizer(model, s, math.ceil(n_batches / s.grad_accum))
+    opt, sched = make_optimizer(model, s, math.ceil(n_batches / s.grad_accum), param_groups)
     result = TrainResult()
     best_acc, best_state = -1.0, None
     # position and running totals of the epoch, as of the last optimizer step
