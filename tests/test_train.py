@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -281,3 +283,30 @@ def test_lora_learns_on_a_real_slice():
     bar = _chance_threshold(300, 1e-4)
     assert 0.6 < bar < 0.62
     assert res.history[-1]["val_accuracy"] >= bar, [h["val_accuracy"] for h in res.history]
+
+
+def test_checkpoint_state_goes_through_state_dicts_and_follows_the_parameters():
+    """The optimizer's state is restored by `load_state_dict`, so it lands on the parameters'
+    device and dtype (here: a float64 model reading a checkpoint of a float32 one), and the
+    scheduler resumes at its step, not by replaying steps."""
+    from lorafit import checkpoint as ckpt
+
+    def setup(dtype):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).to(dtype)
+        s = TrainSettings(epochs=2, lr=1e-2, batch_size=8, warmup_ratio=0.25)
+        return (model, *train_mod.make_optimizer(model, s, steps_per_epoch=4))
+
+    model, opt, sched = setup(torch.float32)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        train_mod.clip_and_step(list(model.parameters()), opt, sched, 1.0)
+    tensors, meta = ckpt.capture(model, opt, sched, None, {"step": 3}, ckpt.rng_state(torch.device("cpu")))
+    meta = json.loads(json.dumps(meta))  # as the checkpoint file stores it
+    other, opt2, sched2 = setup(torch.float64)
+    ckpt.restore(other, opt2, sched2, tensors, meta)
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    for p in other.parameters():
+        assert opt2.state[p]["exp_avg"].dtype == torch.float64 and opt2.state[p]["exp_avg"].device == p.device
+    for p, q in zip(model.parameters(), other.parameters()):
+        torch.testing.assert_close(opt2.state[q]["exp_avg_sq"].float(), opt.state[p]["exp_avg_sq"])
