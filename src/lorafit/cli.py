@@ -111,6 +111,29 @@ def _run_child(argv: list[str], tick, every: float = 60.0) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
+def _run_all(out: Path, names: list[str], argv_for, save_state, what: str, command: str) -> dict[str, dict]:
+    """Run every not yet finished run `out/<name>` in its own process (its own peak-memory
+    figure and a clean state), in order; returns each run's final.json, history and config."""
+    results = {}
+    for name in names:
+        run = out / name
+        if not (run / "final.json").exists():
+            print(f"\n=== {name} ===", flush=True)
+            save_state()
+            rc = _run_child(argv_for(name), save_state)
+            if rc == 130:
+                raise Interrupted(f"the {what} stopped during {name}; continue with: lorafit {command} --resume {out}")
+            if rc != 0:
+                raise LorafitError(f"the {name} run failed (exit status {rc}); see its output above; "
+                                   f"after fixing the cause, continue with: lorafit {command} --resume {out}")
+        results[name] = {
+            "final": json.loads((run / "final.json").read_text()),
+            "history": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line],
+            "config": json.loads((run / "config.json").read_text()),
+        }
+    return results
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from lorafit.report import markdown_table, write_compare_report
     from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config, write_json
@@ -146,26 +169,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         state["invocations"][-1]["seconds"] = time.perf_counter() - t0
         write_json(state_path, state)
 
-    results = {}
     try:
-        for strategy in state["strategies"]:
-            run = out / strategy
-            if not (run / "final.json").exists():
-                print(f"\n=== {strategy} ===", flush=True)
-                save_state()
-                # one process per strategy: each gets its own peak-memory figure and a clean state
-                rc = _run_child(_compare_child(out, strategy, args.no_progress), save_state)
-                if rc == 130:
-                    raise Interrupted(f"the comparison stopped during {strategy}; continue with: "
-                                      f"lorafit compare --resume {out}")
-                if rc != 0:
-                    raise LorafitError(f"the {strategy} run failed (exit status {rc}); see its output above; "
-                                       f"after fixing the cause, continue with: lorafit compare --resume {out}")
-            results[strategy] = {
-                "final": json.loads((run / "final.json").read_text()),
-                "history": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line],
-                "config": json.loads((run / "config.json").read_text()),
-            }
+        results = _run_all(out, state["strategies"], lambda s: _compare_child(out, s, args.no_progress), save_state,
+                           "comparison", "compare")
     finally:
         save_state()
     wall = sum(i["seconds"] for i in state["invocations"])
@@ -173,6 +179,89 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("\n" + markdown_table(report["rows"]))
     print(f"report: {out / 'report.md'} ({report['wall_seconds'] / 60:.1f} min)")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, write_json
+    from lorafit.sweep import grid_points, parse_grid, run_name, sweep_rows, write_sweep_report
+
+    command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.resume:
+        _refuse_flags_with_resume(args, "a sweep")
+        out = Path(args.resume)
+        state_path = out / "sweep_state.json"
+        if not state_path.exists():
+            raise RunDirError(f"{out} is not a `lorafit sweep` folder (no sweep_state.json)")
+        state = json.loads(state_path.read_text())
+    else:
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        fixed, swept = parse_grid({k: v for k, v in vars(args).items() if k in names})
+        points = grid_points(swept)
+        # every combination is a valid RunConfig, and its data, model and targets load, before any run starts
+        configs = {run_name(p): make_config(args.config, **fixed, **p) for p in points}
+        out = Path(args.out) if args.out else _default_out("sweep")
+        check_out_dir(out, args.overwrite)
+        checked = set()
+        for cfg in configs.values():
+            key = json.dumps({k: v for k, v in cfg.to_dict().items() if k in (
+                "model", "data", "targets", "train_size", "val_size", "test_size", "text_column", "label_column",
+                "num_labels", "seed", "max_length", "strategy")}, sort_keys=True)
+            if key not in checked:
+                preflight(cfg)
+                checked.add(key)
+        prepare_out_dir(out, args.overwrite)
+        (out / "grid").mkdir()
+        for name, cfg in configs.items():
+            write_json(out / "grid" / f"{name}.json", cfg.to_dict())
+        write_json(out / "config.json", {"sweep": {k: v for k, v in swept.items()}, "fixed": fixed})
+        state = {"command": command, "swept": list(swept), "runs": list(configs), "invocations": []}
+        state_path = out / "sweep_state.json"
+        print(f"sweep: {len(configs)} runs ({' x '.join(f'{k} {len(v)}' for k, v in swept.items()) or 'one'}) "
+              f"in {out}", flush=True)
+    state["invocations"].append({"command": command, "seconds": 0.0})
+    t0 = time.perf_counter()
+
+    def save_state() -> None:
+        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
+        write_json(state_path, state)
+
+    def argv_for(name: str) -> list[str]:
+        run = out / name
+        if (run / "checkpoint.safetensors").exists():
+            child = ["train", "--resume", str(run)]
+        else:
+            child = ["train", "--config", str(out / "grid" / f"{name}.json"), "--out", str(run), "--overwrite"]
+        return [sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if args.no_progress else [])]
+
+    try:
+        results = _run_all(out, state["runs"], argv_for, save_state, "sweep", "sweep")
+    finally:
+        save_state()
+    wall = sum(i["seconds"] for i in state["invocations"])
+    rows = sweep_rows(results, state["swept"])
+    report = write_sweep_report(rows, state["swept"], out, state["command"], wall, len(state["invocations"]))
+    print((out / "report.md").read_text().split("\n\n", 3)[-1].split("![report]")[0].strip())
+    print(f"report: {out / 'report.md'} ({report['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """Every RunConfig field, repeatable, values as text: parse_grid converts and sweeps them."""
+    types_ = field_types()
+    for f in dataclasses.fields(RunConfig):
+        tp, _ = types_[f.name]
+        kw: dict = dict(default=argparse.SUPPRESS, dest=f.name, action="append",
+                        help=f"{f.metadata.get('help', '')} (several values: swept)")
+        if tp is bool:
+            kw.update(nargs="?", const="true", metavar="true,false")
+        else:
+            kw["metavar"] = "VALUES"
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings every run starts from")
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/sweep-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines stay)")
+    p.add_argument("--resume", metavar="OUT_DIR", help="continue an interrupted sweep (finished runs are kept)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -279,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted comparison (finished strategies are kept)")
     c.set_defaults(func=cmd_compare)
+    sw = sub.add_parser("sweep", help="every combination of the listed settings, one run each; a Pareto report",
+                        description="A flag given several times or with a comma list is swept (--targets: each "
+                        "occurrence is one value); a flag given once applies to every run.")
+    _add_sweep_flags(sw)
+    sw.set_defaults(func=cmd_sweep)
     e = sub.add_parser("evaluate", help="test accuracy of a run's weights")
     e.add_argument("run_dir")
     e.add_argument("--data", help="another data source (default: the run's)")
