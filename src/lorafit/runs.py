@@ -34,7 +34,6 @@ from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.train import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
 
 
-
 def write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -43,10 +42,6 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory, MB."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

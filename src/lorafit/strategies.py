@@ -47,6 +47,10 @@ def head_layers(model: nn.Module) -> list[str]:
     return head if len(head) == 2 else linear_names(model)[-2:]
 
 
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file of a run folder (never a pickle)."""
     if path.suffix in PICKLE_SUFFIXES:
@@ -173,7 +177,7 @@ class LoRA(Strategy):
     def save(self, model: nn.Module, cfg: RunConfig, out: Path, fresh: dict[str, torch.Tensor]) -> int:
         """The adapter in PEFT's format (`adapter/`), and the frozen fresh head weights it sits on."""
         save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model)
-        size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file())
+        size = dir_size(out / ADAPTER_DIR)
         trained = set(adapter_params(model)) | {n for n, p in model.named_parameters() if p.requires_grad}
         # the LoRA'd classifier's base weights are random (a fresh head) and frozen: keep them
         keep = {k: v for k, v in fresh.items() if k not in trained}
