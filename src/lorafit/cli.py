@@ -70,16 +70,42 @@ def _refuse_flags_with_resume(args: argparse.Namespace, what: str) -> None:
         raise ConfigError(f"--resume continues {what} with its saved config; drop --{flag}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from lorafit.runs import read_run_config, run_training
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorafit import distributed
+    from lorafit.runs import check_out_dir, read_run_config, run_training
+
+    relaunch = args.nproc > 1 and not distributed.launched()
     if args.resume:
         _refuse_flags_with_resume(args, "a run")
         run_dir = Path(args.resume)
-        run_training(read_run_config(run_dir), run_dir, progress=not args.no_progress, resume=True)
+        cfg = read_run_config(run_dir)
+        if relaunch:
+            return distributed.launch(_without_nproc(args.argv), args.nproc)
+        run_training(cfg, run_dir, progress=not args.no_progress, resume=True)
         return 0
     cfg = _config(args)
-    out = Path(args.out) if args.out else _default_out(cfg.strategy)
+    if args.out:
+        out = Path(args.out)
+    elif distributed.launched():
+        raise ConfigError("a job of several processes needs --out: every process must write to the same folder")
+    else:
+        out = _default_out(cfg.strategy)
+    if relaunch:  # settings and the folder are checked once, here, before the processes start
+        check_out_dir(out, args.overwrite)
+        return distributed.launch([*_without_nproc(args.argv), *([] if args.out else ["--out", str(out)])],
+                                  args.nproc)
     run_training(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
@@ -93,6 +119,10 @@ def _compare_child(out: Path, strategy: str, no_progress: bool) -> list[str]:
         child = ["train", "--config", str(out / "config.json"), "--strategy", strategy, "--out", str(run),
                  "--overwrite"]
     return [sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if no_progress else [])]
+
+
+def _with_nproc(argv: list[str], nproc: int) -> list[str]:
+    return [*argv, "--nproc", str(nproc)] if nproc > 1 else argv
 
 
 def _run_child(argv: list[str], tick, every: float = 60.0) -> int:
@@ -170,7 +200,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         write_json(state_path, state)
 
     try:
-        results = _run_all(out, state["strategies"], lambda s: _compare_child(out, s, args.no_progress), save_state,
+        results = _run_all(out, state["strategies"],
+                           lambda s: _with_nproc(_compare_child(out, s, args.no_progress), args.nproc), save_state,
                            "comparison", "compare")
     finally:
         save_state()
@@ -231,7 +262,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             child = ["train", "--resume", str(run)]
         else:
             child = ["train", "--config", str(out / "grid" / f"{name}.json"), "--out", str(run), "--overwrite"]
-        return [sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if args.no_progress else [])]
+        return _with_nproc([sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if args.no_progress else [])],
+                           args.nproc)
 
     try:
         results = _run_all(out, state["runs"], argv_for, save_state, "sweep", "sweep")
@@ -354,12 +386,29 @@ _ADAPTER_HELP = dict(metavar="NAME", help="which adapter, where the run's adapte
                      "one named default, saved at the folder's top)")
 
 
+def _process_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes, 1 or more; got {text!r}")
+    return n
+
+
+def _add_nproc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=_process_count, default=1, metavar="N",
+                   help="train data-parallel in N processes on this machine, started through torchrun (default 1; "
+                   "for several machines run torchrun yourself: see the README)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafit", description="Fine-tune encoders with LoRA and compare strategies.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one strategy")
     _add_config_flags(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    _add_nproc_flag(t)
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("compare", help="train full, last-two-layers and lora on the same data and seed; report")
     _add_config_flags(c, skip=("strategy",))
@@ -367,11 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset (default: {','.join(STRATEGY_NAMES)})")
     c.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted comparison (finished strategies are kept)")
+    _add_nproc_flag(c)
     c.set_defaults(func=cmd_compare)
     sw = sub.add_parser("sweep", help="every combination of the listed settings, one run each; a Pareto report",
                         description="A flag given several times or with a comma list is swept (--targets: each "
                         "occurrence is one value); a flag given once applies to every run.")
     _add_sweep_flags(sw)
+    _add_nproc_flag(sw)
     sw.set_defaults(func=cmd_sweep)
     e = sub.add_parser("evaluate", help="test accuracy of a run's weights")
     e.add_argument("run_dir")
@@ -405,13 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     # ignored (a background job), which Python would otherwise keep.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    # in a job of several processes, each says which one it is
+    who = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         return args.func(args)
     except Interrupted as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 130
     except LorafitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{who}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

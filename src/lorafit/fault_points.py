@@ -7,8 +7,10 @@ in the middle of a checkpoint write), the test names the point instead:
     LORAFIT_SIGNAL_AT="validation@2:KILL"        SIGKILL on the 2nd validation pass
     LORAFIT_SIGNAL_AT="step@15:INT,write:checkpoint.safetensors@3:KILL"
 
-Each entry is `<point>@<n>:<SIGNAL>`: on the n-th time this process reaches `point`,
-it sends itself SIGNAL (KILL, INT, TERM). The points lorafit marks:
+Each entry is `<point>@<n>:<SIGNAL>[:rank<r>]`: on the n-th time this process reaches
+`point`, it sends itself SIGNAL (KILL, INT, TERM, STOP); with `:rank<r>`, only the
+process of that rank in a distributed job does (`step@3:KILL:rank1`). The points
+lorafit marks:
 
 - `step`: right after an optimizer step (and its mid-epoch checkpoint, if one is due);
 - `validation`: during a validation pass, after its first batch;
@@ -31,8 +33,13 @@ _reached: Counter[str] = Counter()
 def _plan() -> dict[tuple[str, int], signal.Signals]:
     spec = os.environ.get(ENV, "")
     plan = {}
+    rank = "rank" + os.environ.get("RANK", "0")
     for entry in filter(None, (e.strip() for e in spec.split(","))):
         where, _, sig = entry.rpartition(":")
+        if sig.startswith("rank"):
+            if sig != rank:
+                continue
+            where, _, sig = where.rpartition(":")
         point, _, n = where.rpartition("@")
         plan[(point, int(n))] = signal.Signals[f"SIG{sig.upper()}"]
     return plan

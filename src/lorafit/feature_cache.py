@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lorafit import distributed
 from lorafit.data.batching import bucketed_batches, padding_efficiency
 from lorafit.data.encoding import Encoded
 from lorafit.lora import LoRALinear
@@ -49,6 +50,7 @@ class HeadOnCache(nn.Module):
         p = _dropout_p(model.config, keys)
         self.first = model.get_submodule(first)  # shared with the model: training this trains it
         self.second = model.get_submodule(second)
+        self.num_labels = model.num_labels
         self.act = act()
         self.drop_in = nn.Dropout(p) if drop_before else nn.Identity()
         self.drop_mid = nn.Dropout(p)
@@ -94,7 +96,7 @@ class FeatureSet:
 def extract_features(model: nn.Module, first: str, enc: Encoded, *, batch_size: int, pad_id: int,
                      device: torch.device, precision: str) -> FeatureSet:
     """Run the frozen encoder once (eval mode) and keep the input of head layer `first`."""
-    from lorafit.train import autocast
+    from lorafit.train import autocast, to_device
 
     layer = model.get_submodule(first)
     if isinstance(layer, LoRALinear):
@@ -107,18 +109,14 @@ def extract_features(model: nn.Module, first: str, enc: Encoded, *, batch_size: 
     was_training = model.training
     model.eval()
     handle = layer.register_forward_pre_hook(hook)
-    out = torch.zeros(len(enc), 0)
-    try:
-        for b in bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False):
-            inputs = {k: v.to(device) for k, v in enc.batch(b, pad_id).items()}
+    out = np.zeros((len(enc), layer.in_features), dtype=np.float32)  # (N, H)
+    try:  # in a distributed job each rank runs its share of the batches; the rows are gathered below
+        for b in distributed.my_batches(bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False)):
             grabbed.clear()
             with autocast(device, precision):
-                model(**inputs)
-            feats = grabbed[0].cpu()  # (B, H)
-            if out.shape[1] == 0:
-                out = torch.zeros(len(enc), feats.shape[-1])
-            out[torch.from_numpy(b)] = feats
+                model(**to_device(enc.batch(b, pad_id), device))
+            out[b] = grabbed[0].cpu().numpy()  # (B, H)
     finally:
         handle.remove()
         model.train(was_training)
-    return FeatureSet(out, enc.labels.copy(), enc.lengths.copy())
+    return FeatureSet(torch.from_numpy(distributed.gather_rows(out)), enc.labels.copy(), enc.lengths.copy())

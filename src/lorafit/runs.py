@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit import distributed
 from lorafit.adapter import atomic_write_bytes
 from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
@@ -73,7 +74,8 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    if distributed.is_main():
+        print(msg, flush=True)
 
 
 def _encode_splits(splits, tokenizer, max_length: int, pad_multiple: int):
@@ -127,8 +129,19 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     """Train `cfg.strategy`, test the kept weights (`cfg.keep`), save the run; returns final.json.
 
     With `resume`, `out` is an existing run folder: training continues from its last
-    complete checkpoint.
+    complete checkpoint. Started by torchrun as one of several processes, it trains data-
+    parallel (`lorafit.distributed`); rank 0 alone writes the run folder and prints.
     """
+    device = distributed.init() or pick_device()
+    try:
+        return _run_training(cfg, out, device, overwrite=overwrite, progress=progress and distributed.is_main(),
+                             resume=resume)
+    finally:
+        distributed.shutdown()
+
+
+def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool, progress: bool,
+                  resume: bool) -> dict:
     from lorafit.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
     from lorafit.report import plot_curves
 
@@ -142,7 +155,7 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     if not resume:
         check_out_dir(out, overwrite)
     t_start = time.perf_counter()
-    device = pick_device()
+    main = distributed.is_main()
     precision = resolve_precision(cfg.precision, device)
     splits = load_data(cfg)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
@@ -154,15 +167,18 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     strategy.setup(model, cfg)
     model.to(device)
     _check_disk(out, model)
-    if not resume:
+    distributed.barrier()  # every rank has checked the folder before rank 0 empties it
+    if not resume and main:
         prepare_out_dir(out, overwrite)
     trainable, total = count_parameters(model)
     lr = learning_rate(cfg)
-    _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {device.type} {precision} | lr {lr:g}")
+    world = distributed.world_size()
+    _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {device.type} {precision} | lr {lr:g}"
+         + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
-    if not resume:
+    if not resume and main:
         write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
 
     t_tok = time.perf_counter()
@@ -177,11 +193,13 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     metrics_path = out / "metrics.jsonl"
     # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
     history = state[1]["history"] if state else []
-    atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
+    if main:
+        atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
     def on_epoch(row: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     train_model, sets, cache_seconds = strategy.training_view(model, encs, cfg, pad_id=pad_id, device=device,
                                                               precision=precision, log=_log)
@@ -190,13 +208,14 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         result = train(train_model, sets["train"], sets["validation"], settings, pad_id=pad_id, device=device,
                        param_groups=strategy.param_groups(train_model, cfg, lr),
                        log=_log, progress=progress, on_epoch=on_epoch,
-                       save_state=lambda tensors, meta: save_checkpoint(
-                           out, tensors, {**meta, "peak_memory_mb": run_peak_mb()}),
+                       save_state=(lambda tensors, meta: save_checkpoint(
+                           out, tensors, {**meta, "peak_memory_mb": run_peak_mb(), "processes": world}))
+                       if main else None,
                        checkpoint_every=cfg.checkpoint_every, resume=state)
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
-    saved = strategy.save(model, cfg, out, fresh)
+    saved = strategy.save(model, cfg, out, fresh) if main else 0  # from the model itself, not a DDP wrapper
     # Training is over: the test pass runs the model as `lorafit evaluate` runs the saved
     # run, adapters merged (one matmul per layer), so the two give the same numbers.
     merge_lora(model)
@@ -204,6 +223,9 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     test = evaluate(train_model, sets["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
                     precision=precision, progress=progress, desc="test")
     test_seconds = time.perf_counter() - t_test
+    peak = distributed.max_(run_peak_mb())
+    if not main:
+        return {"test_accuracy": test["accuracy"], "rank": distributed.rank()}
     plot_curves(result.history, out / "curves.png", title=f"{cfg.strategy} · {cfg.model}")
     final = {
         "strategy": cfg.strategy, "model": cfg.model, "data": splits.source,
@@ -214,10 +236,10 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         "train_seconds": result.train_seconds + cache_seconds, "cache_seconds": cache_seconds,
         "test_seconds": test_seconds,
         "wall_seconds": time.perf_counter() - t_start,
-        "peak_memory_mb": run_peak_mb(),
+        "peak_memory_mb": peak,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
-        "precision": precision, "device": device.type, "lr": lr,
+        "precision": precision, "device": device.type, "processes": world, "lr": lr,
         "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)

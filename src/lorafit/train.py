@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit import fault_points
+from lorafit import distributed, fault_points
 from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import Interrupted, LorafitError
@@ -44,7 +44,17 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA where there is a GPU (in a torchrun job: this local rank's), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", distributed.local_rank()) if distributed.launched() else torch.device("cuda")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on `device`; to CUDA through pinned memory, without waiting for the copy."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -82,25 +92,23 @@ def predict_logits(model: nn.Module, enc: Encoded, *, batch_size: int, pad_id: i
 
     Runs the model as it is: LoRA adapters stay unmerged (merging writes to the frozen
     weights, and `(W + sBA) - sBA` is not `W` in floating point), and no parameter or
-    buffer is written. The model is put in eval mode and back.
+    buffer is written. The model is put in eval mode and back. In a distributed job
+    each rank runs its share of the batches and every rank returns all the logits.
     """
     was_training = model.training
     model.eval()
-    out: np.ndarray | None = None
+    out = np.zeros((len(enc), model.num_labels), dtype=np.float32)  # HF classifiers and HeadOnCache have it
     try:
-        batches = bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False)
+        batches = distributed.my_batches(bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False))
         for k, b in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch")):
-            inputs = {key: v.to(device) for key, v in enc.batch(b, pad_id).items()}
             with autocast(device, precision):
-                logits = model(**inputs).logits.float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
+                logits = model(**to_device(enc.batch(b, pad_id), device)).logits.float().cpu().numpy()
             out[b] = logits
             if k == 0:
                 fault_points.reached(desc)
     finally:
         model.train(was_training)
-    return out if out is not None else np.zeros((0, 2), dtype=np.float32)
+    return distributed.gather_rows(out)
 
 
 def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -200,8 +208,7 @@ def forward_backward(model: nn.Module, inputs: dict[str, torch.Tensor], labels: 
     with autocast(device, precision):
         logits = model(**inputs).logits
     loss = F.cross_entropy(logits.float(), labels)
-    if torch.isfinite(loss):
-        (loss * weight).backward()
+    (loss * weight).backward()  # a non-finite loss is caught at the optimizer step, before it steps
     return logits, loss
 
 
@@ -258,6 +265,12 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
     the weights and metrics of an uninterrupted run. `param_groups`: the optimizer's
     groups (a strategy's; default: see `make_optimizer`).
 
+    In a torchrun job (see `lorafit.distributed`) every rank calls this with the same
+    arguments: each global batch is shared out across ranks, gradients are all-reduced
+    (DistributedDataParallel, skipped on non-final micro-batches of an accumulation
+    group), metrics are summed over ranks, and only the caller on rank 0 should pass
+    `save_state`. Dropout then draws from a generator seeded per (seed, step, rank).
+
     Raises:
         TrainingDiverged: the loss became NaN or inf (the message names the step).
         Interrupted: Ctrl-C; the state at the last optimizer step was checkpointed.
@@ -285,6 +298,12 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         log(f"resumed at epoch {pos['epoch']}, batch {pos['batch_index']}, step {pos['step']}")
     step = pos["step"]
     rng_at_step = ckpt.rng_state(device)
+    world = distributed.world_size()
+    fwd = model
+    if world > 1:  # gradients all-reduced (fp32) in backward; buffers are not trained, so not broadcast
+        from torch.nn.parallel import DistributedDataParallel
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
 
     def checkpoint(p: dict) -> None:
         if save_state is None:
@@ -304,26 +323,45 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         start = pos["batch_index"] if epoch == pos["epoch"] else 0
         if start == 0:
             pos.update(loss_sum=0.0, correct=0, seen=0, tokens=0, epoch_seconds=0.0)
-        run = dict(pos)  # totals including batches after the last optimizer step
+        run = dict(pos)  # the running totals, updated at each optimizer step
         t0 = time.perf_counter() - pos["epoch_seconds"]
         bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=not progress, unit="batch",
                    initial=start)
+        # this step's loss sum, correct, examples, tokens: on the device, read once per optimizer step
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
         try:
             for i in range(start, len(batches)):
+                if world > 1 and i % s.grad_accum == 0:
+                    torch.manual_seed(distributed.dropout_seed(s.seed, step))
                 b = batches[i]
-                inputs = {k: v.to(device) for k, v in train_enc.batch(b, pad_id).items()}
-                labels = labels_all[b].to(device)
-                logits, loss = forward_backward(model, inputs, labels, weights[i], device, s.precision)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; the run diverged. "
-                        f"Lower the learning rate (now {s.lr:g}, try --lr {s.lr / 10:g})")
-                run["loss_sum"] += loss.item() * len(b)
-                run["correct"] += int((logits.argmax(-1) == labels).sum())
-                run["seen"] += len(b)
-                run["tokens"] += int(train_enc.lengths[b].sum())
-                if (i + 1) % s.grad_accum == 0 or i + 1 == len(batches):
+                part = distributed.share(b)  # this rank's examples of the global batch
+                n = len(part)
+                # the share of the group's gradient; DDP averages over ranks, hence `world`
+                weight = weights[i] * world * n / len(b)
+                if n == 0:  # fewer examples than ranks: run one with weight 0, to join the all-reduce
+                    part, weight = b[:1], 0.0
+                last = (i + 1) % s.grad_accum == 0 or i + 1 == len(batches)
+                labels = labels_all[part].to(device, non_blocking=True)
+                with contextlib.nullcontext() if last or world == 1 else fwd.no_sync():
+                    logits, loss = forward_backward(fwd, to_device(train_enc.batch(part, pad_id), device), labels,
+                                                    weight, device, s.precision)
+                if n:
+                    totals[0] += loss.detach().double() * n
+                    totals[1] += (logits.detach().argmax(-1) == labels).sum()
+                    totals[2] += n
+                    totals[3] += int(train_enc.lengths[part].sum())
+                if last:
+                    loss_sum, correct, seen, tokens = distributed.sum_(totals).tolist()
+                    totals.zero_()
+                    if not math.isfinite(loss_sum):  # every rank sees it, so every rank stops here
+                        raise TrainingDiverged(
+                            f"the training loss became {loss_sum / max(seen, 1)} at epoch {epoch}, step {step + 1}; "
+                            f"the run diverged. Lower the learning rate (now {s.lr:g}, try --lr {s.lr / 10:g})")
                     with sigint_deferred():  # weights, position and checkpoint move together
+                        run["loss_sum"] += loss_sum
+                        run["correct"] += int(correct)
+                        run["seen"] += int(seen)
+                        run["tokens"] += int(tokens)
                         run["lr"] = clip_and_step(params, opt, sched, s.max_grad_norm)
                         step += 1
                         rng_at_step = ckpt.rng_state(device)
@@ -333,7 +371,9 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                             checkpoint(pos)
                     fault_points.reached("step")
                 bar.update(1)
-                bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.4f}", acc=f"{run['correct'] / run['seen']:.3f}")
+                if last and run["seen"]:
+                    bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.4f}",
+                                    acc=f"{run['correct'] / run['seen']:.3f}")
             bar.close()
             seconds = time.perf_counter() - t0
             seen = run["seen"]
