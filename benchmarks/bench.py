@@ -1,15 +1,19 @@
-"""lorafit against its peer (transformers + PEFT), side by side, on one data slice.
+"""lorafit against two peers (transformers + PEFT), side by side, on one data slice.
 
-For each strategy: lorafit (`lorafit train`, bf16 autocast where the CPU has it, length
-buckets, frozen-prefix cache) and the peer as its users write it (benchmarks/peer.py:
-padding to max_length, fp32, a plain loop), each in its own process, on the same data,
-model, max_length, epochs, batch size and learning rates. Prints and writes
-(results/bench.json, results/bench.md) training samples/s and tokens/s, wall time,
-peak memory and test accuracy with the ratios lorafit/peer; this machine's bf16 and
-fp32 matmul peak measured in the same run; lorafit's model FLOP utilisation; and the
-inference throughput of a merged LoRA model against the base model.
+For each strategy and seed: lorafit (`lorafit train`, bf16 autocast where the CPU has it,
+length buckets, frozen-prefix cache), the **typical** peer as its users write it
+(benchmarks/peer.py: padding to max_length, fp32, the model's attention dropout 0.1) and
+the **tuned** peer (peer.py --tuned: bf16 autocast, length-grouped batches padded to
+their longest, lorafit's attention dropout 0, fused AdamW), each in its own process, on
+the same data, model, max_length, epochs, batch size, learning rate, schedule and
+clipping. Prints and writes (results/bench.json, results/bench.md) training samples/s
+and tokens/s, wall time, peak memory and test accuracy with the ratios against each
+peer; this CPU's matmul peak measured first, in this process, with care
+(benchmarks/peak.py); the model FLOP utilisation of lorafit and the tuned peer against
+it; and the inference throughput of a merged LoRA model against the base model.
+Speed is from the first seed's runs; accuracy is the mean over --seeds.
 
-    .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3]
+    .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3 --seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -25,23 +30,10 @@ from pathlib import Path
 
 import torch
 
+from peak import measure
+
 ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
 STRATEGIES = ("full", "last-two-layers", "lora")
-
-
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), seconds: float = 3.0) -> float:
-    """Best FLOP/s of square (n x n) @ (n x n) matmuls over `sizes`, each timed for ~`seconds` after a warm-up."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        c = torch.empty(n, n, dtype=dtype)
-        torch.matmul(a, b, out=c)
-        reps, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds:
-            torch.matmul(a, b, out=c)
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
-    return best
 
 
 def train_flops_per_token(strategy: str, cfg, avg_len: float) -> float:
@@ -115,6 +107,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seeds", default="0", help="comma list; speed from the first, accuracy averaged over all")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--results", type=Path, default=Path("results"))
@@ -124,7 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     data_args = dict(source=args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size)
     if args.merged_only:
-        merged = merged_vs_base(args.out / "lora", data_args, args.max_length)
+        merged = merged_vs_base(args.out / f"lora-seed{args.seeds.split(',')[0]}", data_args, args.max_length)
         print(write_results(args, {}, [], merged))
         return
 
@@ -134,49 +127,69 @@ def main() -> None:
     from lorafit.models import resolve_model_path
     from lorafit.strategies import learning_rate
 
-    peaks = {"bf16_tflops": matmul_peak(torch.bfloat16) / 1e12, "fp32_tflops": matmul_peak(torch.float32) / 1e12}
-    print(f"matmul peak: bf16 {peaks['bf16_tflops']:.2f} TFLOP/s, fp32 {peaks['fp32_tflops']:.2f} TFLOP/s",
-          flush=True)
+    measured_peak = measure()  # first, while this process is the only one working
+    peaks = {"bf16_tflops": measured_peak["bfloat16"]["peak_tflops"],
+             "fp32_tflops": measured_peak["float32"]["peak_tflops"], "cpu": measured_peak["cpu"],
+             "detail": measured_peak}
+    print(f"{peaks['cpu']}: matmul peak bf16 {peaks['bf16_tflops']:.2f} TFLOP/s, fp32 {peaks['fp32_tflops']:.2f} "
+          f"TFLOP/s ({measured_peak['method']})", flush=True)
     model_cfg = AutoConfig.from_pretrained(resolve_model_path(None))
     data = ["--data", args.data, "--train-size", str(args.train_size), "--val-size", str(args.val_size),
             "--test-size", str(args.test_size)]
     common = [*data, "--max-length", str(args.max_length), "--epochs", str(args.epochs),
               "--batch-size", str(args.batch_size)]
+    seeds = [int(x) for x in args.seeds.split(",")]
     rows = []
     for strategy in args.strategies.split(","):
         lr = learning_rate(RunConfig(strategy=strategy))
-        run = args.out / strategy
-        subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, *common,
-                        "--out", str(run), "--overwrite", "--no-progress"], check=True)
-        final = json.loads((run / "final.json").read_text())
-        hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-        tokens = sum(h["tokens_per_s"] * h["seconds"] for h in hist)
-        samples = sum(h["samples_per_s"] * h["seconds"] for h in hist)
-        ours = {"samples_per_s": samples / final["train_seconds"], "tokens_per_s": tokens / final["train_seconds"],
-                "train_seconds": final["train_seconds"], "test_seconds": final["test_seconds"],
-                "wall_seconds": final["wall_seconds"], "peak_memory_mb": final["peak_memory_mb"],
-                "test_accuracy": final["test_accuracy"]}
-        avg_len = tokens / samples
-        flops = train_flops_per_token(strategy, model_cfg, avg_len) * ours["tokens_per_s"]
-        ours["mfu"] = flops / (peaks["bf16_tflops"] * 1e12) if flops else None
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy", strategy,
-                              *common, "--lr", str(lr)], check=True, capture_output=True, text=True)
-        peer = json.loads(out.stdout.strip().splitlines()[-1])
+        per_seed = []
+        for seed in seeds:
+            run = args.out / f"{strategy}-seed{seed}"
+            subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, *common, "--seed",
+                            str(seed), "--out", str(run), "--overwrite", "--no-progress"], check=True)
+            final = json.loads((run / "final.json").read_text())
+            hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+            tokens = sum(h["tokens_per_s"] * h["seconds"] for h in hist)
+            samples = sum(h["samples_per_s"] * h["seconds"] for h in hist)
+            ours = {"samples_per_s": samples / final["train_seconds"], "tokens_per_s": tokens / final["train_seconds"],
+                    "train_seconds": final["train_seconds"], "test_seconds": final["test_seconds"],
+                    "wall_seconds": final["wall_seconds"], "peak_memory_mb": final["peak_memory_mb"],
+                    "test_accuracy": final["test_accuracy"], "precision": final["precision"]}
+            peak = peaks["bf16_tflops"] if final["precision"] == "bf16" else peaks["fp32_tflops"]
+            flops_per_token = train_flops_per_token(strategy, model_cfg, tokens / samples)
+            ours["mfu"] = flops_per_token * ours["tokens_per_s"] / (peak * 1e12) if flops_per_token else None
+            peers = {}
+            for kind, flags in (("tuned", ["--tuned"]), ("typical", [])):
+                out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy", strategy,
+                                      *common, "--lr", str(lr), "--seed", str(seed), *flags], check=True,
+                                     capture_output=True, text=True)
+                peer = json.loads(out.stdout.strip().splitlines()[-1])
+                peer_peak = peaks["bf16_tflops"] if peer.get("bf16") else peaks["fp32_tflops"]
+                peer["mfu"] = flops_per_token * peer["tokens_per_s"] / (peer_peak * 1e12) if flops_per_token else None
+                peers[kind] = peer
+            per_seed.append({"seed": seed, "lorafit": ours, **{f"peer_{k}": v for k, v in peers.items()}})
+            print(json.dumps(per_seed[-1]), flush=True)
+        first = per_seed[0]
+        ours, ratios = first["lorafit"], {}
+        for kind in ("tuned", "typical"):
+            peer = first[f"peer_{kind}"]
+            ratios[kind] = {
+                "samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
+                "tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"],
+                "train_plus_test_time_peer_over_lorafit":
+                    (peer["train_seconds"] + peer["test_seconds"]) / (ours["train_seconds"] + ours["test_seconds"]),
+                "peak_memory": ours["peak_memory_mb"] / peer["peak_memory_mb"],
+            }
+        accuracy = {who: [r[who]["test_accuracy"] for r in per_seed]
+                    for who in ("lorafit", "peer_tuned", "peer_typical")}
         row = {"strategy": strategy, "lr": lr, "matmul_peak": peaks, "measured": time.strftime("%Y-%m-%d %H:%M"),
-               "lorafit": ours, "peer": peer, "ratios": {
-            "samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
-            "tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"],
-            "train_plus_test_time_peer_over_lorafit":
-                (peer["train_seconds"] + peer["test_seconds"]) / (ours["train_seconds"] + ours["test_seconds"]),
-            "peak_memory": ours["peak_memory_mb"] / peer["peak_memory_mb"],
-            "accuracy_points": 100 * (ours["test_accuracy"] - peer["test_accuracy"]),
-        }}
+               "lorafit": ours, "peer": first["peer_typical"], "peer_tuned": first["peer_tuned"], "ratios": ratios,
+               "seeds": seeds, "test_accuracy_per_seed": accuracy, "per_seed": per_seed}
         rows.append(row)
-        print(json.dumps(row), flush=True)
         write_results(args, peaks, rows, None)  # after each strategy: a cut-off run keeps what it measured
     merged = None
     if "lora" in args.strategies:
-        merged = merged_vs_base(args.out / "lora", data_args, args.max_length)
+        merged = merged_vs_base(args.out / f"lora-seed{args.seeds.split(',')[0]}", data_args, args.max_length)
     print(write_results(args, peaks, rows, merged))
     if merged:
         print(json.dumps(merged))
@@ -191,7 +204,7 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
     """
     path = args.results / "bench.json"
     slice_args = {k: str(getattr(args, k)) for k in ("data", "train_size", "val_size", "test_size", "max_length",
-                                                     "epochs", "batch_size")}
+                                                     "epochs", "batch_size", "seeds")}
     old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     old_slice = old.get("slice") or {k: old.get("args", {}).get(k) for k in slice_args}  # older files: "args"
     if old_slice == slice_args:
@@ -204,15 +217,23 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
         report["merged_lora_inference"] = merged
     args.results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| strategy | lorafit samples/s | peer samples/s | ratio | train+test s lorafit / peer | "
-             "peak RSS MB lorafit / peer | test acc lorafit / peer | MFU |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | samples/s lorafit / tuned peer / typical peer | ratio vs tuned | ratio vs typical | "
+             "train+test s lorafit / tuned / typical | peak RSS MB lorafit / tuned / typical | "
+             "test acc (mean over seeds) lorafit / tuned / typical | MFU lorafit / tuned |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        o, p, q = r["lorafit"], r["peer"], r["ratios"]
-        mfu = f"{100 * o['mfu']:.1f}%" if o["mfu"] else "-"
-        lines.append(f"| {r['strategy']} | {o['samples_per_s']:.1f} | {p['samples_per_s']:.1f} | "
-                     f"{q['samples_per_s']:.2f}x | {o['train_seconds'] + o['test_seconds']:.0f} / "
-                     f"{p['train_seconds'] + p['test_seconds']:.0f} | {o['peak_memory_mb']:,.0f} / "
-                     f"{p['peak_memory_mb']:,.0f} | {o['test_accuracy']:.4f} / {p['test_accuracy']:.4f} | {mfu} |")
+        if "peer_tuned" not in r:  # a row of the older, one-peer benchmark
+            continue
+        o, t, p, q = r["lorafit"], r["peer_tuned"], r["peer"], r["ratios"]
+        acc = {k: statistics.mean(v) for k, v in r["test_accuracy_per_seed"].items()}
+        mfu = " / ".join(f"{100 * x['mfu']:.1f}%" if x.get("mfu") else "-" for x in (o, t))
+        lines.append(f"| {r['strategy']} | {o['samples_per_s']:.1f} / {t['samples_per_s']:.1f} / "
+                     f"{p['samples_per_s']:.1f} | {q['tuned']['samples_per_s']:.2f}x | "
+                     f"{q['typical']['samples_per_s']:.2f}x | "
+                     + " / ".join(f"{x['train_seconds'] + x['test_seconds']:.0f}" for x in (o, t, p)) + " | "
+                     + " / ".join(f"{x['peak_memory_mb']:,.0f}" for x in (o, t, p)) + " | "
+                     + " / ".join(f"{acc[k]:.4f}" for k in ("lorafit", "peer_tuned", "peer_typical"))
+                     + f" ({len(r['seeds'])} seeds) | {mfu} |")
     table = "\n".join(lines) + "\n"
     if merged:
         table += (f"\nInference on the test slice ({merged.get('measured', '?')}): merged LoRA model "
@@ -227,8 +248,9 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
         table += ".\n"
     for r in rows:
         pk = r["matmul_peak"]
-        table += (f"\n{r['strategy']}: measured {r.get('measured', '?')}; matmul peak in that run: bf16 "
-                  f"{pk['bf16_tflops']:.2f} TFLOP/s, fp32 {pk['fp32_tflops']:.2f} TFLOP/s (MFU is against bf16).")
+        table += (f"\n{r['strategy']}: measured {r.get('measured', '?')} on {pk.get('cpu', '?')}; matmul peak in "
+                  f"that run: bf16 {pk['bf16_tflops']:.2f} TFLOP/s, fp32 {pk['fp32_tflops']:.2f} TFLOP/s (MFU is "
+                  "against the peak of the precision the run used).")
     table += "\n"
     (args.results / "bench.md").write_text(table)
     return table

@@ -1,9 +1,18 @@
-"""The peer, as its users write it: transformers + PEFT, padding to max_length, fp32, a plain loop.
+"""The peer: transformers + PEFT in a plain loop, typical or tuned.
+
+typical (default), as its users write it: padding to max_length, fp32, the model's own
+attention dropout (0.1), AdamW's default (foreach) implementation.
+--tuned, as a careful user writes it: bf16 autocast where the CPU has AMX/AVX512-BF16
+(as lorafit's `auto`), batches grouped by length (the Trainer's LengthGroupedSampler,
+`group_by_length`) and padded to their longest review (DataCollatorWithPadding),
+attention dropout as lorafit's (--attn-dropout, default 0), fused AdamW.
 
 Run by benchmarks/bench.py in its own process (so its peak memory is its own); prints
 one JSON line: samples/s, tokens/s (real, non-pad tokens), wall time, peak RSS, test
-accuracy. Same data (lorafit.data.load_dataset with the same arguments), model,
-max_length, epochs, batch size and learning rates as lorafit's run.
+accuracy, the training loss per epoch. Same data (lorafit.data.load_dataset with the
+same arguments), model, max_length, epochs, batch size, learning rate, schedule
+(linear warm-up over --warmup-ratio of the steps, then linear decay; --constant-lr:
+none) and clipping (1.0) as lorafit's run.
 """
 
 from __future__ import annotations
@@ -15,10 +24,18 @@ import time
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    get_constant_schedule,
+    get_linear_schedule_with_warmup,
+)
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorafit.data import load_dataset
 from lorafit.models import resolve_model_path
+from lorafit.train import cpu_has_bf16
 
 
 def main() -> None:
@@ -33,6 +50,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tuned", action="store_true")
+    ap.add_argument("--attn-dropout", type=float, default=0.0, help="with --tuned")
+    ap.add_argument("--warmup-ratio", type=float, default=0.1)
+    ap.add_argument("--constant-lr", action="store_true")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -41,7 +62,8 @@ def main() -> None:
                      seed=args.seed)
     path = resolve_model_path(None)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    extra = {"attention_probs_dropout_prob": args.attn_dropout} if args.tuned else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **extra)
     if args.strategy == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -49,44 +71,72 @@ def main() -> None:
     elif args.strategy == "last-two-layers":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("bert.pooler.dense.", "classifier."))
+    bf16 = args.tuned and cpu_has_bf16()
 
-    def tensors(split):
-        enc = tok(split.texts, truncation=True, max_length=args.max_length, padding="max_length",
-                  return_tensors="pt")
-        return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.as_tensor(split.labels))
+    if args.tuned:
+        collate = DataCollatorWithPadding(tok)
 
-    train_ds, test_ds = tensors(d.train), tensors(d.test)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+        def loader_of(split, train: bool):
+            enc = tok(split.texts, truncation=True, max_length=args.max_length)
+            rows = [{"input_ids": i, "attention_mask": m, "labels": int(y)}
+                    for i, m, y in zip(enc["input_ids"], enc["attention_mask"], split.labels)]
+            lengths = [len(r["input_ids"]) for r in rows]
+            sampler = (LengthGroupedSampler(args.batch_size, lengths=lengths,
+                                            generator=torch.Generator().manual_seed(args.seed)) if train
+                       else sorted(range(len(rows)), key=lengths.__getitem__))
+            return DataLoader(rows, batch_size=args.batch_size if train else 64, sampler=sampler,
+                              collate_fn=collate)
+    else:
+        def loader_of(split, train: bool):
+            enc = tok(split.texts, truncation=True, max_length=args.max_length, padding="max_length",
+                      return_tensors="pt")
+            ds = TensorDataset(enc["input_ids"], enc["attention_mask"], torch.as_tensor(split.labels))
+            return DataLoader(ds, batch_size=args.batch_size if train else 64, shuffle=train,
+                              generator=torch.Generator().manual_seed(args.seed),
+                              collate_fn=lambda b: dict(zip(("input_ids", "attention_mask", "labels"),
+                                                            map(torch.stack, zip(*b)))))
+
+    loader, test_loader = loader_of(d.train, True), loader_of(d.test, False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, **({"fused": True} if args.tuned else {}))
     total = args.epochs * len(loader)
-    sched = get_linear_schedule_with_warmup(opt, int(0.1 * total), total)
+    sched = (get_constant_schedule(opt) if args.constant_lr
+             else get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total), total))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     model.train()
     t0 = time.perf_counter()
     seen = tokens = 0
+    epoch_losses = []
     for _ in range(args.epochs):
-        for ids, mask, labels in loader:
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-            out.loss.backward()
+        loss_sum, n = 0.0, 0
+        for batch in loader:
+            with autocast:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad()
-            seen += len(labels)
-            tokens += int(mask.sum())
+            seen += len(batch["labels"])
+            tokens += int(batch["attention_mask"].sum())
+            loss_sum, n = loss_sum + loss.item() * len(batch["labels"]), n + len(batch["labels"])
+        epoch_losses.append(loss_sum / n)
     train_s = time.perf_counter() - t0
     model.eval()
     t1 = time.perf_counter()
     correct = 0
-    with torch.no_grad():
-        for ids, mask, labels in DataLoader(test_ds, batch_size=64):
-            correct += int((model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).sum())
+    with torch.no_grad(), autocast:
+        for batch in test_loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
     test_s = time.perf_counter() - t1
+    test_n = len(d.test)
     print(json.dumps({
         "strategy": args.strategy, "train_seconds": train_s, "test_seconds": test_s,
         "wall_seconds": time.perf_counter() - t_start, "samples_per_s": seen / train_s,
-        "tokens_per_s": tokens / train_s, "test_accuracy": correct / len(test_ds),
+        "tokens_per_s": tokens / train_s, "test_accuracy": correct / test_n, "train_loss": epoch_losses,
+        "tuned": args.tuned, "bf16": bf16, "seed": args.seed, "lr": args.lr, "constant_lr": args.constant_lr,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
