@@ -21,11 +21,14 @@ def _encoded(n=10, seed=0) -> Encoded:
     return Encoded(ids, offsets, rng.integers(0, 2, n))
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_head_on_cache_equals_model(arch):
+def test_head_on_cache_equals_model(arch, pooling):
+    from lorafit.pooling import apply_pooling
     from lorafit.train import predict_logits
 
     model = tiny_model(arch)
+    apply_pooling(model, pooling)
     STRATEGIES["last-two-layers"].setup(model, RunConfig(strategy="last-two-layers"))
     head = head_layers(model)
     assert cacheable_head(model, head)

@@ -235,8 +235,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         checked = set()
         for cfg in configs.values():
             key = json.dumps({k: v for k, v in cfg.to_dict().items() if k in (
-                "model", "data", "targets", "train_size", "val_size", "test_size", "text_column", "label_column",
-                "num_labels", "seed", "max_length", "strategy")}, sort_keys=True)
+                "model", "pooling", "data", "targets", "train_size", "val_size", "test_size", "text_column",
+                "label_column", "num_labels", "seed", "max_length", "strategy")}, sort_keys=True)
             if key not in checked:
                 preflight(cfg)
                 checked.add(key)
@@ -351,6 +351,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunDirError(f"{out} exists and is not empty; pass a new folder")
     cfg, loaded = load_run(args.run_dir, adapter=args.adapter)
+    if loaded.pooling != "cls":
+        raise ConfigError(
+            f"{args.run_dir} classifies from the mean of the tokens (--pooling {cfg.pooling}, resolved to "
+            f"{loaded.pooling}); transformers' {type(loaded.model).__name__} reads the first token, so a plain "
+            "merged model would give other logits. Use the run itself (lorafit predict / evaluate, or "
+            "lorafit.load_run in Python), or train with --pooling cls to get a model that merges")
     model = unload_lora(loaded.model)
     final = Path(args.run_dir) / "final.json"
     names = json.loads(final.read_text()).get("label_names") if final.exists() else None

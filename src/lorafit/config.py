@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorafit.errors import ConfigError
 from lorafit.lora import INITS
+from lorafit.pooling import POOLINGS
 from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -38,6 +39,10 @@ class RunConfig:
                        choices=STRATEGY_NAMES)
     model: str = _f("all-MiniLM-L6-v2", "Hugging Face model name or local folder (default: the embedded "
                     "all-MiniLM-L6-v2)")
+    pooling: str = _f("auto", "what the classifier head reads: cls (the first token, the architecture's own head), "
+                      "mean (the attention-masked mean of the tokens), or auto (the model's sentence-transformers "
+                      "pooling where its folder has one, as all-MiniLM-L6-v2's says mean; else cls)",
+                      choices=POOLINGS)
     data: str | None = _f(None, "data source: an aclImdb/ folder, its .tar.gz, `imdb` (download), a "
                           ".csv/.jsonl/.parquet table (default: the embedded IMDb sample)")
     epochs: int = _f(3, "training epochs")
@@ -92,6 +97,7 @@ class RunConfig:
         checks = [
             (self.strategy in STRATEGY_NAMES, "strategy", f"one of {', '.join(STRATEGY_NAMES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.pooling in POOLINGS, "pooling", f"one of {', '.join(POOLINGS)}"),
             (self.keep in KEEPS, "keep", f"one of {', '.join(KEEPS)}"),
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
             (self.init in INITS, "init", f"one of {', '.join(INITS)}"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import ModelLoadError
+from lorafit.pooling import apply_pooling, resolve_pooling
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _EMBEDDED_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -33,6 +34,8 @@ class LoadedModel:
     fresh_keys: list[str] = field(default_factory=list)
     """State-dict keys missing from the checkpoint, so initialised at random
     (a new classification head); a run saves them to be reproducible."""
+    pooling: str = "cls"
+    """What the head reads: `cls` or `mean` (see lorafit.pooling)."""
 
 
 def resolve_model_path(name: str | None) -> str:
@@ -55,10 +58,11 @@ ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
 def load_model(name: str | None, num_labels: int = 2, seed: int | None = None,
-               attn_dropout: float | None = None) -> LoadedModel:
+               attn_dropout: float | None = None, pooling: str = "cls") -> LoadedModel:
     """Load `name` (hub name or local folder; None = embedded default) with a fresh head.
 
     `attn_dropout` overrides the attention-probability dropout (None keeps the model's).
+    `pooling` (`cls`, `mean` or `auto`, see lorafit.pooling) says what the head reads.
 
     Raises:
         ModelLoadError: the model cannot be found (the hub is unreachable and no local
@@ -104,7 +108,9 @@ def load_model(name: str | None, num_labels: int = 2, seed: int | None = None,
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"model {name!r} has no fast tokenizer (tokenizer.json); lorafit needs one")
     fresh = sorted(info.get("missing_keys", []))
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, source=source, fresh_keys=fresh)
+    resolved = resolve_pooling(pooling, source)
+    apply_pooling(model, resolved)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, source=source, fresh_keys=fresh, pooling=resolved)
 
 
 def fresh_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:

@@ -119,7 +119,8 @@ def preflight(cfg: RunConfig) -> None:
         LorafitError: whatever `run_training` would raise on these at its start.
     """
     load_data(cfg)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
+                        pooling=cfg.pooling)
     check_max_length(cfg, loaded.model)
     STRATEGIES["lora"].setup(loaded.model, cfg)
 
@@ -158,7 +159,8 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     main = distributed.is_main()
     precision = resolve_precision(cfg.precision, device)
     splits = load_data(cfg)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
+                        pooling=cfg.pooling)
     model = loaded.model
     check_max_length(cfg, model)
     fresh = fresh_state(loaded)
@@ -173,13 +175,15 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     trainable, total = count_parameters(model)
     lr = learning_rate(cfg)
     world = distributed.world_size()
-    _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {device.type} {precision} | lr {lr:g}"
+    _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {loaded.pooling} pooling | "
+         f"{device.type} {precision} | lr {lr:g}"
          + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
     if not resume and main:
-        write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision})
+        write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
+                                           "pooling_resolved": loaded.pooling})
 
     t_tok = time.perf_counter()
     encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length, cfg.pad_multiple)
@@ -239,7 +243,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         "peak_memory_mb": peak,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
-        "precision": precision, "device": device.type, "processes": world, "lr": lr,
+        "precision": precision, "device": device.type, "processes": world, "lr": lr, "pooling": loaded.pooling,
         "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
@@ -261,8 +265,19 @@ def read_run_config(run_dir: Path) -> RunConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt ({exc}); the run cannot be reloaded") from None
-    raw = {k: v for k, v in raw.items() if k not in ("lr_resolved", "precision_resolved")}
+    raw = {k: v for k, v in raw.items() if k not in RESOLVED}
+    raw.setdefault("pooling", "cls")  # runs from before --pooling read the first token
     return RunConfig(**config_from_mapping(raw, where=str(path)))
+
+
+RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved")
+"""What config.json records beside the RunConfig: how `auto` and defaults resolved."""
+
+
+def run_pooling(run_dir: Path, cfg: RunConfig) -> str:
+    """The pooling a run trained with (config.json's `pooling_resolved`; older runs: cls)."""
+    raw = json.loads((Path(run_dir) / "config.json").read_text())
+    return raw.get("pooling_resolved", "cls" if "pooling" not in raw else cfg.pooling)
 
 
 def load_run(run_dir: str | os.PathLike, merge: bool = False, adapter: str | None = None
@@ -272,7 +287,7 @@ def load_run(run_dir: str | os.PathLike, merge: bool = False, adapter: str | Non
     `adapter` picks one of several adapters saved in a lora run's adapter folder."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(run_dir, cfg))
     STRATEGIES[cfg.strategy].load(loaded.model, cfg, run_dir, adapter)
     if merge:
         merge_lora(loaded.model)

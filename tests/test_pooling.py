@@ -1,0 +1,81 @@
+"""Pooling: what the head reads (the first token, or the masked mean of the tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cli_helpers import TINY, lorafit
+from conftest import ARCHS, tiny_model
+from lorafit.models import load_model, resolve_model_path
+from lorafit.pooling import apply_pooling, masked_mean, pooling_of, resolve_pooling
+
+
+def test_auto_follows_the_sentence_transformers_config(tiny_model_dir):
+    assert resolve_pooling("auto", resolve_model_path(None)) == "mean"  # all-MiniLM-L6-v2's 1_Pooling says mean
+    assert resolve_pooling("auto", str(tiny_model_dir)) == "cls"  # no sentence-transformers config: BERT's head
+    assert resolve_pooling("cls", resolve_model_path(None)) == "cls"
+    assert resolve_pooling("auto", "someone/not-in-any-cache") == "cls"
+
+
+def test_mean_pooled_logits_are_the_head_on_the_masked_mean(tiny_model_dir, batch):
+    """BERT with mean pooling: classifier(tanh(pooler.dense(mean of the unmasked last hidden states)))."""
+    mean = load_model(str(tiny_model_dir), seed=0, pooling="mean").model
+    cls = load_model(str(tiny_model_dir), seed=0, pooling="cls").model  # the same weights, the head unchanged
+    assert pooling_of(mean) == "mean" and pooling_of(cls) == "cls"
+    with torch.no_grad():
+        hidden = cls.bert(**batch).last_hidden_state  # (B, T, H)
+        expected = cls.classifier(torch.tanh(cls.bert.pooler.dense(masked_mean(hidden, batch["attention_mask"]))))
+        torch.testing.assert_close(mean(**batch).logits, expected, atol=1e-6, rtol=0)
+        assert not torch.allclose(cls(**batch).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mean_pooling_ignores_padding(arch, batch):
+    """The same texts padded further give the same logits; pooling applied twice is applied once."""
+    model = tiny_model(arch)
+    apply_pooling(model, "mean")
+    apply_pooling(model, "mean")
+    pad = 1 if arch == "roberta" else 0
+    longer = {"input_ids": torch.cat([batch["input_ids"], torch.full((3, 5), pad)], 1),
+              "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(3, 5, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        a, b = model(**batch).logits, model(**longer).logits
+        plain = tiny_model(arch)(**batch).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(a, plain, atol=1e-4)  # it is not the first token's head
+
+
+def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
+    """--pooling mean: recorded in config.json and final.json; `evaluate` reproduces the test
+    numbers (so it pools as the run did); `merge` refuses with the reason; auto on a plain
+    BERT folder resolves to cls."""
+    run = tmp_path / "mean"
+    r = lorafit("train", "--model", str(tiny_model_dir), "--pooling", "mean", *TINY, "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mean pooling" in r.stdout
+    assert json.loads((run / "config.json").read_text())["pooling_resolved"] == "mean"
+    final = json.loads((run / "final.json").read_text())
+    assert final["pooling"] == "mean"
+    r = lorafit("evaluate", str(run), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout[r.stdout.index("{"):])
+    assert again["test_accuracy"] == final["test_accuracy"] and again["test_loss"] == pytest.approx(
+        final["test_loss"], abs=1e-6)
+    r = lorafit("merge", str(run), str(tmp_path / "merged"))
+    assert r.returncode == 2 and "classifies from the mean of the tokens" in r.stderr
+    assert "--pooling cls" in r.stderr and not (tmp_path / "merged").exists()
+    auto = tmp_path / "auto"
+    r = lorafit("train", "--model", str(tiny_model_dir), *TINY, "--out", str(auto))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((auto / "config.json").read_text())["pooling_resolved"] == "cls"
+
+
+def test_runs_from_before_pooling_read_the_first_token(tmp_path):
+    from lorafit.runs import read_run_config, run_pooling
+
+    (tmp_path / "config.json").write_text(json.dumps({"strategy": "lora"}))
+    cfg = read_run_config(tmp_path)
+    assert cfg.pooling == "cls" and run_pooling(tmp_path, cfg) == "cls"
