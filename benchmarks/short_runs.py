@@ -27,7 +27,9 @@ DATA = ["--train-size", "600", "--val-size", "100", "--test-size", "400", "--max
         "--batch-size", "16"]
 # name -> (runner, extra flags, what it is)
 SETTINGS = {
-    "lorafit": ("lorafit", [], "lorafit's defaults: lr 2e-3, 10% warm-up then linear decay"),
+    "lorafit": ("lorafit", ["--pooling", "cls"], "lorafit's defaults: lr 2e-3, 10% warm-up then linear decay; "
+                "the first token's head, as the peer's"),
+    "lorafit-mean": ("lorafit", ["--pooling", "mean"], "as lorafit, the head on the mean of the tokens"),
     "peer-tuned": ("peer", ["--lr", "2e-3"], "tuned peer, lorafit's recipe: lr 2e-3, 10% warm-up then linear decay"),
     "peer-tuned-constant": ("peer", ["--lr", "1e-3", "--constant-lr"], "tuned peer, constant lr 1e-3"),
 }
