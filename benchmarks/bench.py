@@ -60,10 +60,10 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3)
     from lorafit.data.encoding import encode_split
     from lorafit.lora import merge_lora, unload_lora
     from lorafit.models import load_model
-    from lorafit.runs import load_run
-    from lorafit.train import autocast, resolve_precision
+    from lorafit.runs import load_trained
+    from lorafit.training import autocast, resolve_precision
 
-    _, loaded = load_run(run)  # read once; the other forms are copies
+    _, loaded = load_trained(run)  # read once; the other forms are copies
     merged = copy.deepcopy(loaded.model)
     merge_lora(merged)
     models = {"unloaded": unload_lora(copy.deepcopy(loaded.model)), "merged": merged, "unmerged": loaded.model,

@@ -47,7 +47,7 @@ def make(strategy: str):
 
 def time_steps(model, data, steps: int, precision: str) -> tuple[float, float]:
     """(seconds of the first step per shape, i.e. warm-up/compile; steps/s after it)."""
-    from lorafit.train import autocast
+    from lorafit.training import autocast
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="128,256", help="padded lengths of the timed batches")
     ap.add_argument("--results", type=Path, default=Path("results"))
     args = ap.parse_args()
-    from lorafit.train import resolve_precision
+    from lorafit.training import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
     threads = torch.get_num_threads()

@@ -79,7 +79,7 @@ def main() -> None:
                                                          "typical bucket at max_length 256)")
     ap.add_argument("--results", type=Path, default=Path("results"))
     args = ap.parse_args()
-    from lorafit.train import autocast, resolve_precision
+    from lorafit.training import autocast, resolve_precision
 
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)

@@ -35,7 +35,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorafit.data import load_dataset
 from lorafit.models import resolve_model_path
-from lorafit.train import cpu_has_bf16
+from lorafit.training import cpu_has_bf16
 
 
 def main() -> None:

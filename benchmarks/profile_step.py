@@ -62,7 +62,7 @@ def build(strategy: str, batch_size: int, length: int, data: str):
     from lorafit.data import load_dataset
     from lorafit.models import load_model
     from lorafit.strategies import STRATEGIES, learning_rate
-    from lorafit.train import TrainSettings, make_optimizer
+    from lorafit.training import TrainSettings, make_optimizer
 
     cfg = RunConfig(strategy=strategy)
     loaded = load_model(None, num_labels=2, seed=0, attn_dropout=0.0)
@@ -81,7 +81,7 @@ def build(strategy: str, batch_size: int, length: int, data: str):
 
 
 def step(model, opt, sched, inputs, labels, precision: str) -> None:
-    from lorafit.train import clip_and_step, forward_backward
+    from lorafit.training import clip_and_step, forward_backward
 
     device = torch.device("cpu")
     forward_backward(model, inputs, labels, 1.0, device, precision)
@@ -89,7 +89,7 @@ def step(model, opt, sched, inputs, labels, precision: str) -> None:
 
 
 def profile_strategy(strategy: str, args) -> dict:
-    from lorafit.train import resolve_precision
+    from lorafit.training import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
     model, opt, sched, inputs, labels = build(strategy, args.batch_size, args.length, args.data)

@@ -68,10 +68,10 @@ def test_evaluate_and_predict_agree_with_final(compare_dir):
     import numpy as np
 
     from lorafit.data.encoding import Encoded, encode_texts
-    from lorafit.runs import load_run
-    from lorafit.train import predict_logits, resolve_precision
+    from lorafit.runs import load_trained
+    from lorafit.training import predict_logits, resolve_precision
 
-    cfg, loaded = load_run(run, merge=True)
+    cfg, loaded = load_trained(run, merge=True)
     ids, offsets = encode_texts(loaded.tokenizer, ["A wonderful film.", "Dreadful, boring."], cfg.max_length)
     cpu = torch.device("cpu")
     logits = predict_logits(loaded.model, Encoded(ids, offsets, np.zeros(2, dtype=np.int64)), batch_size=16,
@@ -87,15 +87,18 @@ def test_evaluate_and_predict_agree_with_final(compare_dir):
 def test_merge_loads_with_plain_transformers(compare_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorafit.runs import load_run
+    from lorafit.runs import load_trained
 
-    run = compare_dir / "lora"
+    # the default model pools by mean (auto), which a plain transformers head cannot: merge a cls run
+    run = tmp_path / "lora"
+    r = lorafit("train", "--strategy", "lora", "--pooling", "cls", *TINY, "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
     r = lorafit("merge", str(run), str(tmp_path / "merged"))
     assert r.returncode == 0, r.stderr[-2000:]
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert not any(type(m).__name__ == "LoRALinear" for m in plain.modules())
-    _, loaded = load_run(run)
+    _, loaded = load_trained(run)
     batch = tok(["A wonderful film.", "Dreadful and boring, I left early."], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, loaded.model.eval()(**batch).logits, atol=1e-5, rtol=0)

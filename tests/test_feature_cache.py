@@ -25,7 +25,7 @@ def _encoded(n=10, seed=0) -> Encoded:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_head_on_cache_equals_model(arch, pooling):
     from lorafit.pooling import apply_pooling
-    from lorafit.train import predict_logits
+    from lorafit.training import predict_logits
 
     model = tiny_model(arch)
     apply_pooling(model, pooling)
@@ -54,7 +54,7 @@ def test_not_cacheable_when_the_encoder_trains():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padding_to_a_multiple_changes_no_logit(arch):
     """Extra padding is masked: logits with batches padded to a multiple of 16 equal exact padding's."""
-    from lorafit.train import predict_logits
+    from lorafit.training import predict_logits
 
     model = tiny_model(arch)
     exact, rounded = _encoded(seed=1), _encoded(seed=1)

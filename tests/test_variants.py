@@ -151,7 +151,7 @@ def test_lora_plus_gives_b_its_rate_and_keeps_biases_at_the_base_rate():
         want = 16e-3 if n.endswith("lora_B") else 1e-3  # A, magnitudes, the head's weight and bias: base rate
         assert rate[id(p)] == pytest.approx(want), n
     assert any(n.startswith("classifier.") and n.endswith("bias") for n in named if named[n].requires_grad)
-    from lorafit.train import TrainSettings, make_optimizer
+    from lorafit.training import TrainSettings, make_optimizer
 
     opt, sched = make_optimizer(model, TrainSettings(epochs=1, lr=1e-3, batch_size=8, warmup_ratio=0.5), 4, groups)
     opt.step()
@@ -230,7 +230,7 @@ def test_variants_through_the_cli_and_a_run_folder_with_several_adapters(tiny_mo
     import shutil
 
     from cli_helpers import lorafit
-    from lorafit.runs import load_run
+    from lorafit.runs import load_trained
 
     args = ["--model", str(tiny_model_dir), "--train-size", "32", "--val-size", "8", "--test-size", "16",
             "--max-length", "32", "--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--no-progress"]
@@ -259,6 +259,6 @@ def test_variants_through_the_cli_and_a_run_folder_with_several_adapters(tiny_mo
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    _, plain = load_run(tmp_path / "plain")
+    _, plain = load_trained(tmp_path / "plain")
     ids = {"input_ids": torch.tensor([[101, 2023, 2143, 2001, 2307, 102]]), "attention_mask": torch.ones(1, 6).long()}
     torch.testing.assert_close(_logits(merged, ids), _logits(plain.model.eval(), ids), atol=1e-5, rtol=0)

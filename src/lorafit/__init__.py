@@ -1,10 +1,15 @@
 """lorafit: LoRA from scratch for pretrained transformer encoders, and a tool that
 trains and compares fine-tuning strategies on text classification.
 
+    lorafit.train(strategy="lora", out="runs/lora") -> RunResult; lorafit.compare(...);
+    lorafit.load_run(path).predict(texts); LoRALinear, apply_lora, merge_lora, ...
+
 The public API is what this module exports; everything else is private.
 """
 
 from lorafit.adapter import load_adapter, save_adapter, save_adapters
+from lorafit.api import CompareResult, Run, RunResult, compare, load_run, train
+from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
 from lorafit.lora import (
     LoRAConfig,
@@ -25,14 +30,20 @@ from lorafit.targets import target_presets
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompareResult",
     "LoRAConfig",
     "LoRALinear",
     "LorafitError",
+    "Run",
+    "RunConfig",
+    "RunResult",
     "adapter_names",
     "apply_lora",
     "combine_adapters",
+    "compare",
     "count_parameters",
     "load_adapter",
+    "load_run",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
@@ -40,6 +51,7 @@ __all__ = [
     "save_adapters",
     "set_active_adapter",
     "target_presets",
+    "train",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -10,14 +10,11 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 from lorafit.config import RunConfig, field_types, make_config
@@ -56,10 +53,6 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return make_config(args.config, **overrides)
 
 
-def _default_out(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def _refuse_flags_with_resume(args: argparse.Namespace, what: str) -> None:
     """`--resume` takes the saved config: any setting flag beside it is an error naming the flag."""
     names = {f.name for f in dataclasses.fields(RunConfig)}
@@ -84,7 +77,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit import distributed
-    from lorafit.runs import check_out_dir, read_run_config, run_training
+    from lorafit.api import default_out, train
+    from lorafit.runs import check_out_dir, read_run_config
 
     relaunch = args.nproc > 1 and not distributed.launched()
     if args.resume:
@@ -93,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = read_run_config(run_dir)
         if relaunch:
             return distributed.launch(_without_nproc(args.argv), args.nproc)
-        run_training(cfg, run_dir, progress=not args.no_progress, resume=True)
+        train(resume=run_dir, progress=not args.no_progress)
         return 0
     cfg = _config(args)
     if args.out:
@@ -101,122 +95,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif distributed.launched():
         raise ConfigError("a job of several processes needs --out: every process must write to the same folder")
     else:
-        out = _default_out(cfg.strategy)
+        out = default_out(cfg.strategy)
     if relaunch:  # settings and the folder are checked once, here, before the processes start
         check_out_dir(out, args.overwrite)
         return distributed.launch([*_without_nproc(args.argv), *([] if args.out else ["--out", str(out)])],
                                   args.nproc)
-    run_training(cfg, out, overwrite=args.overwrite, progress=not args.no_progress)
+    train(config=cfg, out=out, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
 
-def _compare_child(out: Path, strategy: str, no_progress: bool) -> list[str]:
-    """The `lorafit train` command line for one strategy of a comparison in `out`."""
-    run = out / strategy
-    if (run / "checkpoint.safetensors").exists():
-        child = ["train", "--resume", str(run)]
-    else:  # not started, or stopped before its first checkpoint: (re)start it
-        child = ["train", "--config", str(out / "config.json"), "--strategy", strategy, "--out", str(run),
-                 "--overwrite"]
-    return [sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if no_progress else [])]
-
-
-def _with_nproc(argv: list[str], nproc: int) -> list[str]:
-    return [*argv, "--nproc", str(nproc)] if nproc > 1 else argv
-
-
-def _run_child(argv: list[str], tick, every: float = 60.0) -> int:
-    """Run a training child, calling `tick()` every `every` seconds while it runs (so a
-    comparison killed abruptly still has its time on record); a SIGINT to us is passed
-    on, and we wait while the child saves its checkpoint."""
-    child = subprocess.Popen(argv)
-    previous = signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
-    try:
-        while True:
-            try:
-                return child.wait(timeout=every)
-            except subprocess.TimeoutExpired:
-                tick()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _run_all(out: Path, names: list[str], argv_for, save_state, what: str, command: str) -> dict[str, dict]:
-    """Run every not yet finished run `out/<name>` in its own process (its own peak-memory
-    figure and a clean state), in order; returns each run's final.json, history and config."""
-    results = {}
-    for name in names:
-        run = out / name
-        if not (run / "final.json").exists():
-            print(f"\n=== {name} ===", flush=True)
-            save_state()
-            rc = _run_child(argv_for(name), save_state)
-            if rc == 130:
-                raise Interrupted(f"the {what} stopped during {name}; continue with: lorafit {command} --resume {out}")
-            if rc != 0:
-                raise LorafitError(f"the {name} run failed (exit status {rc}); see its output above; "
-                                   f"after fixing the cause, continue with: lorafit {command} --resume {out}")
-        results[name] = {
-            "final": json.loads((run / "final.json").read_text()),
-            "history": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line],
-            "config": json.loads((run / "config.json").read_text()),
-        }
-    return results
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lorafit.report import markdown_table, write_compare_report
-    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config, write_json
+    from lorafit.api import cli_command, compare
+    from lorafit.report import markdown_table
 
-    command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.resume:
         _refuse_flags_with_resume(args, "a comparison")
-        out = Path(args.resume)
-        cfg = read_run_config(out)
-        state_path = out / "compare_state.json"
-        if not state_path.exists():
-            raise RunDirError(f"{out} is not a `lorafit compare` folder (no compare_state.json)")
-        state = json.loads(state_path.read_text())
-        preflight(cfg)
+        result = compare(resume=args.resume, progress=not args.no_progress, nproc=args.nproc, command=cli_command())
     else:
-        cfg = _config(args)
-        out = Path(args.out) if args.out else _default_out("compare")
-        strategies = args.strategies.split(",") if args.strategies else list(STRATEGY_NAMES)
-        unknown = [s for s in strategies if s not in STRATEGY_NAMES]
-        if unknown or not strategies:
-            raise ConfigError(f"--strategies: unknown strategy {unknown[0] if unknown else '(none)'}; "
-                              f"choose from {', '.join(STRATEGY_NAMES)}")
-        check_out_dir(out, args.overwrite)
-        preflight(cfg)  # bad data, model or targets fail now, not after the first strategy has trained
-        prepare_out_dir(out, args.overwrite)
-        write_json(out / "config.json", cfg.to_dict())
-        state = {"command": command, "strategies": strategies, "invocations": []}
-        state_path = out / "compare_state.json"
-    state["invocations"].append({"command": command, "seconds": 0.0})
-    t0 = time.perf_counter()
-
-    def save_state() -> None:
-        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
-        write_json(state_path, state)
-
-    try:
-        results = _run_all(out, state["strategies"],
-                           lambda s: _with_nproc(_compare_child(out, s, args.no_progress), args.nproc), save_state,
-                           "comparison", "compare")
-    finally:
-        save_state()
-    wall = sum(i["seconds"] for i in state["invocations"])
-    report = write_compare_report(results, out, state["command"], wall, invocations=len(state["invocations"]))
-    print("\n" + markdown_table(report["rows"]))
-    print(f"report: {out / 'report.md'} ({report['wall_seconds'] / 60:.1f} min)")
+        result = compare(config=_config(args), strategies=args.strategies.split(",") if args.strategies else None,
+                         out=args.out, overwrite=args.overwrite, progress=not args.no_progress, nproc=args.nproc,
+                         command=cli_command())
+    print("\n" + markdown_table(result.report["rows"]))
+    print(f"report: {result.path / 'report.md'} ({result.report['wall_seconds'] / 60:.1f} min)")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorafit.api import cli_command, default_out
+    from lorafit.jobs import run_all, with_nproc
     from lorafit.runs import check_out_dir, preflight, prepare_out_dir, write_json
     from lorafit.sweep import grid_points, parse_grid, run_name, sweep_rows, write_sweep_report
 
-    command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = cli_command()
     if args.resume:
         _refuse_flags_with_resume(args, "a sweep")
         out = Path(args.resume)
@@ -230,7 +140,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         points = grid_points(swept)
         # every combination is a valid RunConfig, and its data, model and targets load, before any run starts
         configs = {run_name(p): make_config(args.config, **fixed, **p) for p in points}
-        out = Path(args.out) if args.out else _default_out("sweep")
+        out = Path(args.out) if args.out else default_out("sweep")
         check_out_dir(out, args.overwrite)
         checked = set()
         for cfg in configs.values():
@@ -262,11 +172,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             child = ["train", "--resume", str(run)]
         else:
             child = ["train", "--config", str(out / "grid" / f"{name}.json"), "--out", str(run), "--overwrite"]
-        return _with_nproc([sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if args.no_progress else [])],
+        return with_nproc([sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if args.no_progress else [])],
                            args.nproc)
 
     try:
-        results = _run_all(out, state["runs"], argv_for, save_state, "sweep", "sweep")
+        results = run_all(out, state["runs"], argv_for, save_state, "sweep", "sweep")
     finally:
         save_state()
     wall = sum(i["seconds"] for i in state["invocations"])
@@ -297,60 +207,32 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lorafit.data.encoding import encode_split
-    from lorafit.runs import load_data, load_run
-    from lorafit.train import evaluate, pick_device, resolve_precision
+    from lorafit.api import load_run
 
-    cfg, loaded = load_run(args.run_dir, merge=True, adapter=args.adapter)
-    splits = load_data(cfg, args.data)
-    device = pick_device()
-    precision = resolve_precision(cfg.precision, device)
-    enc = encode_split(splits.test, loaded.tokenizer, cfg.max_length, pad_multiple=cfg.pad_multiple)
-    m = evaluate(loaded.model.to(device), enc, batch_size=cfg.eval_batch_size,
-                 pad_id=loaded.tokenizer.pad_token_id or 0, device=device, precision=precision,
-                 progress=not args.no_progress, desc="test")
-    print(json.dumps({"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_loss": m["loss"],
-                      "examples": len(enc), "data": splits.source}, indent=2))
+    print(json.dumps(load_run(args.run_dir, adapter=args.adapter).evaluate(args.data, progress=not args.no_progress),
+                     indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from lorafit.data.encoding import Encoded, encode_texts
-    from lorafit.data.text import clean_text
-    from lorafit.runs import load_run
-    from lorafit.train import pick_device, predict_logits, resolve_precision
+    from lorafit.api import load_run
 
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise LorafitError("no text to classify; pass texts as arguments or lines on standard input")
-    cfg, loaded = load_run(args.run_dir, merge=True, adapter=args.adapter)
-    names = json.loads((Path(args.run_dir) / "final.json").read_text()).get("label_names") \
-        if (Path(args.run_dir) / "final.json").exists() else None
-    names = names or [str(i) for i in range(cfg.num_labels)]
-    ids, offsets = encode_texts(loaded.tokenizer, [clean_text(t) for t in texts], cfg.max_length)
-    enc = Encoded(ids, offsets, np.zeros(len(texts), dtype=np.int64))
-    device = pick_device()
-    logits = predict_logits(loaded.model.to(device), enc, batch_size=cfg.eval_batch_size,
-                            pad_id=loaded.tokenizer.pad_token_id or 0, device=device,
-                            precision=resolve_precision(cfg.precision, device))
-    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
-    for text, p in zip(texts, probs):
-        k = int(p.argmax())
-        print(f"{names[k]}\t{p[k]:.4f}\t{text[:80]}")
+    for p in load_run(args.run_dir, adapter=args.adapter).predict(texts):
+        print(f"{p['label']}\t{p['probability']:.4f}\t{p['text'][:80]}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorafit.lora import unload_lora
-    from lorafit.runs import load_run
+    from lorafit.runs import load_trained
 
     out = Path(args.out_dir)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise RunDirError(f"{out} exists and is not empty; pass a new folder")
-    cfg, loaded = load_run(args.run_dir, adapter=args.adapter)
+    cfg, loaded = load_trained(args.run_dir, adapter=args.adapter)
     if loaded.pooling != "cls":
         raise ConfigError(
             f"{args.run_dir} classifies from the mean of the tokens (--pooling {cfg.pooling}, resolved to "

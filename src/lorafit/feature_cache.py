@@ -96,7 +96,7 @@ class FeatureSet:
 def extract_features(model: nn.Module, first: str, enc: Encoded, *, batch_size: int, pad_id: int,
                      device: torch.device, precision: str) -> FeatureSet:
     """Run the frozen encoder once (eval mode) and keep the input of head layer `first`."""
-    from lorafit.train import autocast, to_device
+    from lorafit.training import autocast, to_device
 
     layer = model.get_submodule(first)
     if isinstance(layer, LoRALinear):

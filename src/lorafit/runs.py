@@ -32,7 +32,7 @@ from lorafit.errors import ConfigError, RunDirError
 from lorafit.lora import count_parameters, merge_lora
 from lorafit.models import LoadedModel, fresh_state, load_model
 from lorafit.strategies import STRATEGIES, learning_rate
-from lorafit.train import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
+from lorafit.training import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -280,7 +280,7 @@ def run_pooling(run_dir: Path, cfg: RunConfig) -> str:
     return raw.get("pooling_resolved", "cls" if "pooling" not in raw else cfg.pooling)
 
 
-def load_run(run_dir: str | os.PathLike, merge: bool = False, adapter: str | None = None
+def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str | None = None
              ) -> tuple[RunConfig, LoadedModel]:
     """Rebuild a trained run's model (eval mode) from its folder; LoRA unmerged, or
     merged into the weights with `merge` (for inference: what the run's test pass ran).

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import lorafit.train as train_mod
+import lorafit.training as train_mod
 from lorafit.config import RunConfig
 from lorafit.data import load_dataset
 from lorafit.data.encoding import encode_split
 from lorafit.models import load_model
 from lorafit.strategies import STRATEGIES
-from lorafit.train import TrainSettings, f1_score, train
+from lorafit.training import TrainSettings, f1_score, train
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +267,7 @@ def _chance_threshold(n: int, p_value: float) -> float:
 def test_lora_learns_on_a_real_slice():
     """384 real reviews, 3 epochs: the training loss falls and validation accuracy on 300
     held-out reviews rises above what guessing reaches with probability 1e-4 (0.61)."""
-    from lorafit.train import pick_device, resolve_precision
+    from lorafit.training import pick_device, resolve_precision
 
     loaded = load_model(None, seed=0)
     d = load_dataset(None, train_size=384, val_size=300, test_size=8)

@@ -1,0 +1,281 @@
+"""The experiment as functions, for notebooks and scripts; the `lorafit` command is a thin
+layer over them, so the same RunConfig validation and the same errors apply.
+
+    import lorafit
+    result = lorafit.train(strategy="lora", epochs=3, out="runs/lora")   # -> RunResult
+    result.test_accuracy, result.history[-1]["val_accuracy"], result.paths["adapter"]
+    cmp = lorafit.compare(train_size=2000, out="runs/cmp")               # -> CompareResult
+    run = lorafit.load_run("runs/lora")                                  # -> Run
+    run.predict(["A wonderful film.", "Dull."]), run.evaluate()
+
+Every RunConfig field is a keyword argument (`lorafit train --help` lists them as flags);
+`config=` takes a TOML/JSON file, a dict or a RunConfig, and the keywords override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from torch import nn
+
+from lorafit.config import RunConfig, make_config
+from lorafit.errors import ConfigError, LorafitError, RunDirError
+from lorafit.strategies import STRATEGY_NAMES
+
+PathLike = str | os.PathLike
+
+
+def _read_history(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+@dataclass
+class RunResult:
+    """A finished training run: what `lorafit train` leaves, read back."""
+
+    path: Path
+    """The run folder."""
+    config: RunConfig
+    final: dict
+    """final.json: test accuracy, F1 and loss, parameters, time, peak memory, ..."""
+    history: list[dict] = field(default_factory=list)
+    """metrics.jsonl: one dict per epoch (train/val loss and accuracy, seconds, samples/s, lr)."""
+
+    @classmethod
+    def read(cls, path: PathLike) -> RunResult:
+        from lorafit.runs import read_run_config
+
+        path = Path(path)
+        if not (path / "final.json").exists():
+            raise RunDirError(f"{path} has no final.json: the run did not finish (lorafit train --resume {path})")
+        return cls(path, read_run_config(path), json.loads((path / "final.json").read_text()), _read_history(path))
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.final["test_accuracy"]
+
+    @property
+    def metrics(self) -> dict:
+        """The test metrics and run figures (final.json)."""
+        return self.final
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """What the run folder holds: config, metrics, final, curves, and adapter or trained weights."""
+        from lorafit.strategies import ADAPTER_DIR, TRAINED
+
+        names = {"config": "config.json", "metrics": "metrics.jsonl", "final": "final.json", "curves": "curves.png",
+                 "adapter": ADAPTER_DIR, "trained": TRAINED, "checkpoint": "checkpoint.safetensors"}
+        return {k: self.path / v for k, v in names.items() if (self.path / v).exists()}
+
+    def load(self, adapter: str | None = None) -> Run:
+        """The trained model, ready to predict and evaluate."""
+        return load_run(self.path, adapter=adapter)
+
+
+def _config(config: PathLike | dict | RunConfig | None, settings: dict) -> RunConfig:
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; the settings are RunConfig's fields: "
+                          + ", ".join(f.name for f in dataclasses.fields(RunConfig)))
+    if isinstance(config, RunConfig):
+        return dataclasses.replace(config, **settings)
+    if isinstance(config, dict):
+        return make_config(None, **{**config, **settings})
+    return make_config(None if config is None else str(config), **settings)
+
+
+def default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(*, out: PathLike | None = None, config: PathLike | dict | RunConfig | None = None,
+          overwrite: bool = False, progress: bool = True, resume: PathLike | None = None,
+          **settings) -> RunResult:
+    """Train one strategy (every RunConfig field as a keyword), test it, save the run folder.
+
+    `out`: the run folder (default runs/<strategy>-<time>); `overwrite` replaces one that
+    holds an earlier run; `resume=RUN_DIR` continues an interrupted run from its last
+    checkpoint with its saved settings (no other settings allowed).
+
+    Raises:
+        ConfigError, DataError, ModelLoadError, RunDirError: bad settings, data, model or folder.
+        Interrupted: Ctrl-C; the run was checkpointed (resume it with `resume=`).
+    """
+    from lorafit.runs import read_run_config, run_training
+
+    if resume is not None:
+        if settings or config is not None or out is not None:
+            raise ConfigError("resume= continues a run with its saved settings; pass no other settings")
+        run_dir = Path(resume)
+        cfg = read_run_config(run_dir)
+        final = run_training(cfg, run_dir, progress=progress, resume=True)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return RunResult(run_dir, cfg, final)
+        return RunResult.read(run_dir)
+    cfg = _config(config, settings)
+    run_dir = Path(out) if out is not None else default_out(cfg.strategy)
+    final = run_training(cfg, run_dir, overwrite=overwrite, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # another rank of a torchrun job: rank 0 writes the folder
+        return RunResult(run_dir, cfg, final)
+    return RunResult.read(run_dir)
+
+
+@dataclass
+class CompareResult:
+    """A finished comparison: one run per strategy and the report."""
+
+    path: Path
+    runs: dict[str, RunResult]
+    """strategy -> its run."""
+    report: dict
+    """report.json: rows (accuracy, parameters, time, memory per strategy), wall time, command."""
+
+    @property
+    def test_accuracy(self) -> dict[str, float]:
+        return {name: r.test_accuracy for name, r in self.runs.items()}
+
+
+def compare(*, strategies: Sequence[str] | None = None, out: PathLike | None = None,
+            config: PathLike | dict | RunConfig | None = None, overwrite: bool = False, progress: bool = True,
+            resume: PathLike | None = None, nproc: int = 1, command: str | None = None,
+            **settings) -> CompareResult:
+    """Train every strategy (default: all) on the same data and seed, each in a process of
+    its own (so each run's peak memory is its own); report them side by side.
+
+    `resume=DIR` continues a cut-off comparison: finished strategies are kept, a cut-off
+    one continues from its checkpoint. `nproc`: processes per run (torchrun).
+    Writes report.md, report.json, report.png and one run folder per strategy.
+    """
+    from lorafit.jobs import compare_child, run_all, with_nproc
+    from lorafit.report import write_compare_report
+    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config, write_json
+
+    command = command or "lorafit.compare(" + ", ".join(
+        f"{k}={v!r}" for k, v in {"strategies": strategies, "out": out, "resume": resume, **settings}.items()
+        if v is not None) + ")"
+    if resume is not None:
+        if settings or config is not None or out is not None or strategies is not None:
+            raise ConfigError("resume= continues a comparison with its saved settings; pass no other settings")
+        folder = Path(resume)
+        cfg = read_run_config(folder)
+        state_path = folder / "compare_state.json"
+        if not state_path.exists():
+            raise RunDirError(f"{folder} is not a `lorafit compare` folder (no compare_state.json)")
+        state = json.loads(state_path.read_text())
+        preflight(cfg)
+    else:
+        cfg = _config(config, settings)
+        folder = Path(out) if out is not None else default_out("compare")
+        names = list(strategies) if strategies else list(STRATEGY_NAMES)
+        unknown = [s for s in names if s not in STRATEGY_NAMES]
+        if unknown or not names:
+            raise ConfigError(f"--strategies: unknown strategy {unknown[0] if unknown else '(none)'}; "
+                              f"choose from {', '.join(STRATEGY_NAMES)}")
+        check_out_dir(folder, overwrite)
+        preflight(cfg)  # bad data, model or targets fail now, not after the first strategy has trained
+        prepare_out_dir(folder, overwrite)
+        write_json(folder / "config.json", cfg.to_dict())
+        state = {"command": command, "strategies": names, "invocations": []}
+        state_path = folder / "compare_state.json"
+    state["invocations"].append({"command": command, "seconds": 0.0})
+    t0 = time.perf_counter()
+
+    def save_state() -> None:
+        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
+        write_json(state_path, state)
+
+    try:
+        results = run_all(folder, state["strategies"],
+                          lambda s: with_nproc(compare_child(folder, s, not progress), nproc), save_state,
+                          "comparison", "compare")
+    finally:
+        save_state()
+    wall = sum(i["seconds"] for i in state["invocations"])
+    report = write_compare_report(results, folder, state["command"], wall, invocations=len(state["invocations"]))
+    return CompareResult(folder, {name: RunResult.read(folder / name) for name in results}, report)
+
+
+@dataclass
+class Run:
+    """A trained run's model (adapters merged, eval mode), ready to predict and evaluate."""
+
+    path: Path
+    config: RunConfig
+    model: nn.Module
+    tokenizer: object
+    label_names: list[str]
+    pooling: str
+
+    def predict(self, texts: str | Sequence[str]) -> list[dict]:
+        """Per text: `label` (its name), `label_id`, `probability` (of that label) and
+        `probabilities` (every label's), in the order given."""
+        import numpy as np
+        import torch
+
+        from lorafit.data.encoding import Encoded, encode_texts
+        from lorafit.data.text import clean_text
+        from lorafit.training import pick_device, predict_logits, resolve_precision
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise LorafitError("no text to classify; pass one text or a list of texts")
+        cfg = self.config
+        ids, offsets = encode_texts(self.tokenizer, [clean_text(t) for t in texts], cfg.max_length)
+        enc = Encoded(ids, offsets, np.zeros(len(texts), dtype=np.int64))
+        device = pick_device()
+        logits = predict_logits(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
+                                pad_id=self.tokenizer.pad_token_id or 0, device=device,
+                                precision=resolve_precision(cfg.precision, device))
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        out = []
+        for text, p in zip(texts, probs):
+            k = int(p.argmax())
+            out.append({"text": text, "label": self.label_names[k], "label_id": k, "probability": float(p[k]),
+                        "probabilities": {n: float(q) for n, q in zip(self.label_names, p)}})
+        return out
+
+    def evaluate(self, data: str | None = None, progress: bool = False) -> dict:
+        """test_accuracy, test_f1, test_loss, examples, data: on the run's test split, or
+        on the test split of `data` (another source, cut as the run's config says)."""
+        from lorafit.data.encoding import encode_split
+        from lorafit.runs import load_data
+        from lorafit.training import evaluate, pick_device, resolve_precision
+
+        cfg = self.config
+        splits = load_data(cfg, data)
+        device = pick_device()
+        enc = encode_split(splits.test, self.tokenizer, cfg.max_length, pad_multiple=cfg.pad_multiple)
+        m = evaluate(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
+                     pad_id=self.tokenizer.pad_token_id or 0, device=device,
+                     precision=resolve_precision(cfg.precision, device), progress=progress, desc="test")
+        return {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_loss": m["loss"], "examples": len(enc),
+                "data": splits.source}
+
+
+def load_run(path: PathLike, adapter: str | None = None) -> Run:
+    """A trained run folder's model, adapters merged (what its test pass ran), eval mode.
+    `adapter` picks one of several adapters saved in a lora run's adapter folder."""
+    from lorafit.runs import load_trained
+
+    path = Path(path)
+    cfg, loaded = load_trained(path, merge=True, adapter=adapter)
+    final = path / "final.json"
+    names = json.loads(final.read_text()).get("label_names") if final.exists() else None
+    return Run(path, cfg, loaded.model, loaded.tokenizer, names or [str(i) for i in range(cfg.num_labels)],
+               loaded.pooling)
+
+
+def cli_command() -> str:
+    """This process's command line, as a user would type it."""
+    return "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
