@@ -6,27 +6,30 @@ import io
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lorafit.adapter import atomic_write_bytes  # noqa: E402
+from lorafit.adapter import atomic_write_bytes
 
 COLORS = {"full": "#1f77b4", "last-two-layers": "#ff7f0e", "lora": "#2ca02c"}
 
 
-def _save(fig, path: Path) -> None:
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8)):
+    """A figure and its axes, outside pyplot: drawing a report neither needs nor changes
+    the caller's matplotlib backend (a notebook keeps its inline figures)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols)
+
+
+def _save(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, train vs validation (the seed experiment's figures)."""
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(9, 3.4))
     ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax1.plot(epochs, [r["val_loss"] for r in history], "s--", label="validation")
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -81,7 +84,7 @@ def markdown_table(rows: list[dict]) -> str:
 def plot_compare(results: dict[str, dict], path: Path) -> None:
     """Test accuracy vs trainable parameters (log x), validation accuracy per epoch, training time."""
     rows = compare_rows(results)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(14, 3.8))
     for r in rows:
         c = COLORS.get(r["strategy"])
         ax1.scatter(r["trainable_params"], r["test_accuracy"], s=80, color=c, label=r["strategy"], zorder=3)

@@ -122,7 +122,7 @@ def write_sweep_report(rows: list[dict], swept: list[str], out: Path, command: s
                        invocations: int) -> dict:
     """report.md, report.json, report.png for a sweep; returns the report."""
     from lorafit.adapter import atomic_write_bytes
-    from lorafit.report import _save, _size, plt
+    from lorafit.report import _save, _size, subplots
 
     best = next((r for r in rows if r.get("best")), None)
     report = {"command": command, "swept": swept, "wall_seconds": wall_seconds, "invocations": invocations,
@@ -139,7 +139,7 @@ def write_sweep_report(rows: list[dict], swept: list[str], out: Path, command: s
               f"accuracy {best['test_accuracy']:.4f} is reported, not used to choose).") if best else ""
     md = (f"# lorafit sweep\n\n`{command}`\n\n{len(rows)} runs, wall time {wall_seconds / 60:.1f} min over "
           f"{invocations} invocation(s).\n\n{head}{body}\n{chosen}\n\n![report](report.png)\n")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(6.5, 4))
     ax.scatter([r["trainable_params"] for r in rows], [r["val_accuracy"] for r in rows], s=40, color="#999",
                label="run", zorder=2)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["trainable_params"])
