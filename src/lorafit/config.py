@@ -18,6 +18,7 @@ from pathlib import Path
 from lorafit.errors import ConfigError
 from lorafit.lora import INITS
 from lorafit.pooling import POOLINGS
+from lorafit.tracking import TRACKERS
 from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -87,6 +88,9 @@ class RunConfig:
                    "epoch with the best validation accuracy; on a small validation split that choice is noisy)",
                    choices=KEEPS)
     checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0: only at the end of each epoch)")
+    report_to: list[str] = _f([], "experiment trackers, comma-separated: tensorboard (event files in the run "
+                              "folder), mlflow (MLFLOW_TRACKING_URI, else ./mlruns); default none. Needs "
+                              "pip install 'lorafit[tracking]'")
     attn_dropout: float | None = _f(0.0, "attention-probability dropout while training (None in a config file: "
                                     "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel: "
                                     "about 2x faster training on CPU")
@@ -94,6 +98,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.report_to, str):
+            self.report_to = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        if self.report_to == ["none"]:
+            self.report_to = []
         checks = [
             (self.strategy in STRATEGY_NAMES, "strategy", f"one of {', '.join(STRATEGY_NAMES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
@@ -123,6 +131,8 @@ class RunConfig:
             (self.num_labels >= 2, "num_labels", "an integer >= 2"),
             (self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0"),
             (self.attn_dropout is None or 0 <= self.attn_dropout < 1, "attn_dropout", "a number in [0, 1)"),
+            (all(t in TRACKERS for t in self.report_to), "report_to",
+             f"a comma list of {', '.join(TRACKERS)} (or none)"),
         ]
         for ok, name, allowed in checks:
             if not ok:

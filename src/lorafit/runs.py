@@ -32,6 +32,8 @@ from lorafit.errors import ConfigError, RunDirError
 from lorafit.lora import count_parameters, merge_lora
 from lorafit.models import LoadedModel, fresh_state, load_model
 from lorafit.strategies import STRATEGIES, learning_rate
+from lorafit.tracking import Tracker
+from lorafit.tracking import check_available as check_trackers
 from lorafit.training import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
 
 
@@ -123,6 +125,7 @@ def preflight(cfg: RunConfig) -> None:
                         pooling=cfg.pooling)
     check_max_length(cfg, loaded.model)
     STRATEGIES["lora"].setup(loaded.model, cfg)
+    check_trackers(cfg.report_to)
 
 
 def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
@@ -155,6 +158,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
 
     if not resume:
         check_out_dir(out, overwrite)
+    check_trackers(cfg.report_to)
     t_start = time.perf_counter()
     main = distributed.is_main()
     precision = resolve_precision(cfg.precision, device)
@@ -200,10 +204,14 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     if main:
         atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
+    tracker = Tracker(cfg.report_to if main else [], out, {**cfg.to_dict(), "lr_resolved": lr,
+                      "precision_resolved": precision, "pooling_resolved": loaded.pooling}, out.name, resume=resume)
+
     def on_epoch(row: dict) -> None:
         if main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.epoch(row)
 
     train_model, sets, cache_seconds = strategy.training_view(model, encs, cfg, pad_id=pad_id, device=device,
                                                               precision=precision, log=_log)
@@ -215,9 +223,14 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
                        save_state=(lambda tensors, meta: save_checkpoint(
                            out, tensors, {**meta, "peak_memory_mb": run_peak_mb(), "processes": world}))
                        if main else None,
-                       checkpoint_every=cfg.checkpoint_every, resume=state)
+                       checkpoint_every=cfg.checkpoint_every, resume=state,
+                       on_step=tracker.step if cfg.report_to and main else None)
     except Interrupted as exc:
+        tracker.close("KILLED")
         raise Interrupted(f"{exc}; continue with: lorafit train --resume {out}") from None
+    except BaseException:
+        tracker.close("FAILED")
+        raise
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
     saved = strategy.save(model, cfg, out, fresh) if main else 0  # from the model itself, not a DDP wrapper
     # Training is over: the test pass runs the model as `lorafit evaluate` runs the saved
@@ -247,6 +260,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
+    tracker.finish(final, out / "curves.png")
     _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | "
          f"weights of epoch {result.kept_epoch} ({cfg.keep}) | "
          f"train {final['train_seconds']:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "

@@ -251,6 +251,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
           device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
           param_groups: list[dict] | None = None, on_epoch: Callable[[dict], None] | None = None,
           save_state: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
+          on_step: Callable[[int, float, float], None] | None = None,
           checkpoint_every: int = 0,
           resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad; nothing else is written.
@@ -270,6 +271,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
     (DistributedDataParallel, skipped on non-final micro-batches of an accumulation
     group), metrics are summed over ranks, and only the caller on rank 0 should pass
     `save_state`. Dropout then draws from a generator seeded per (seed, step, rank).
+    `on_step(step, loss, lr)`: after each optimizer step, its mean training loss and rate.
 
     Raises:
         TrainingDiverged: the loss became NaN or inf (the message names the step).
@@ -369,6 +371,8 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                         pos = dict(run)
                         if checkpoint_every and step % checkpoint_every == 0 and i + 1 < len(batches):
                             checkpoint(pos)
+                    if on_step is not None:
+                        on_step(step, loss_sum / max(seen, 1), run["lr"])
                     fault_points.reached("step")
                 bar.update(1)
                 if last and run["seen"]:
