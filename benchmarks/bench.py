@@ -11,7 +11,9 @@ and tokens/s, wall time, peak memory and test accuracy with the ratios against e
 peer; this CPU's matmul peak measured first, in this process, with care
 (benchmarks/peak.py); the model FLOP utilisation of lorafit and the tuned peer against
 it; and the inference throughput of a merged LoRA model against the base model.
-Speed is from the first seed's runs; accuracy is the mean over --seeds.
+Speed is from the first seed's runs; accuracy is the mean over --seeds. Resumable: a
+finished lorafit run or peer record in --out is read back (each records its CPU model).
+lorafit runs with `--pooling cls`, the first token's head, as the peers' heads read it.
 
     .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3 --seeds 0,1,2]
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from peak import measure
+from peak import cpu_model, measure
 
 ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
 STRATEGIES = ("full", "last-two-layers", "lora")
@@ -145,8 +147,11 @@ def main() -> None:
         per_seed = []
         for seed in seeds:
             run = args.out / f"{strategy}-seed{seed}"
-            subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, *common, "--seed",
-                            str(seed), "--out", str(run), "--overwrite", "--no-progress"], check=True)
+            if not (run / "final.json").exists():  # resumable: a finished run is read back
+                # the first token's head, as the peers' transformers heads read it
+                subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, *common, "--seed",
+                                str(seed), "--pooling", "cls", "--out", str(run), "--overwrite", "--no-progress"],
+                               check=True)
             final = json.loads((run / "final.json").read_text())
             hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
             tokens = sum(h["tokens_per_s"] * h["seconds"] for h in hist)
@@ -154,16 +159,22 @@ def main() -> None:
             ours = {"samples_per_s": samples / final["train_seconds"], "tokens_per_s": tokens / final["train_seconds"],
                     "train_seconds": final["train_seconds"], "test_seconds": final["test_seconds"],
                     "wall_seconds": final["wall_seconds"], "peak_memory_mb": final["peak_memory_mb"],
-                    "test_accuracy": final["test_accuracy"], "precision": final["precision"]}
+                    "test_accuracy": final["test_accuracy"], "precision": final["precision"], "cpu": cpu_model()}
             peak = peaks["bf16_tflops"] if final["precision"] == "bf16" else peaks["fp32_tflops"]
             flops_per_token = train_flops_per_token(strategy, model_cfg, tokens / samples)
             ours["mfu"] = flops_per_token * ours["tokens_per_s"] / (peak * 1e12) if flops_per_token else None
             peers = {}
             for kind, flags in (("tuned", ["--tuned"]), ("typical", [])):
-                out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy", strategy,
-                                      *common, "--lr", str(lr), "--seed", str(seed), *flags], check=True,
-                                     capture_output=True, text=True)
-                peer = json.loads(out.stdout.strip().splitlines()[-1])
+                saved = args.out / f"peer-{kind}-{strategy}-seed{seed}.json"
+                if saved.exists():
+                    peer = json.loads(saved.read_text())
+                else:
+                    out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy",
+                                          strategy, *common, "--lr", str(lr), "--seed", str(seed), *flags],
+                                         check=True, capture_output=True, text=True)
+                    peer = {**json.loads(out.stdout.strip().splitlines()[-1]), "cpu": cpu_model()}
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    saved.write_text(json.dumps(peer, indent=2) + "\n")
                 peer_peak = peaks["bf16_tflops"] if peer.get("bf16") else peaks["fp32_tflops"]
                 peer["mfu"] = flops_per_token * peer["tokens_per_s"] / (peer_peak * 1e12) if flops_per_token else None
                 peers[kind] = peer
