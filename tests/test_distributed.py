@@ -228,3 +228,13 @@ def test_shares_cover_each_global_batch_once(monkeypatch):
     short = np.arange(2)  # fewer examples than ranks: the last rank's share is empty
     monkeypatch.setattr(distributed, "rank", lambda: 2)
     assert len(distributed.share(short)) == 0
+
+
+def test_compare_passes_nproc_to_every_run(setup, tmp_path):
+    model, data = setup
+    out = tmp_path / "cmp"
+    r = lorafit("compare", "--strategies", "lora", "--model", str(model), "--data", str(data), *COMMON[:-3],
+                "--no-progress", "--nproc", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "lora" / "final.json").read_text())["processes"] == 2
+    assert json.loads((out / "report.json").read_text())["rows"][0]["strategy"] == "lora"
