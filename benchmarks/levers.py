@@ -1,0 +1,137 @@
+"""The levers the step profile points to, each timed side by side against what lorafit does now.
+
+1. AdamW: the default (foreach) step against `fused=True`, over all-MiniLM-L6-v2's
+   parameters (full fine-tuning's optimizer), fp32, gradients drawn once.
+2. Attention: scaled-dot-product attention forward + backward at the model's shape
+   (batch x 12 heads x length x 32, bf16 where the CPU has it) with the backend PyTorch
+   picks on CPU (the fused flash kernel) against the plain math backend; then a whole
+   training step (full and lora) under each.
+
+Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
+reports the best and the median time of each and their ratio; the numbers the fused
+optimizer and the math backend give are compared with the default's too.
+
+    .venv/bin/python benchmarks/levers.py [--trials 7]     # results/levers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from peak import cpu_flags, cpu_model
+
+
+def alternate(a, b, trials: int) -> dict:
+    """Time callables a and b alternately; best and median seconds of each, ratio a/b of medians."""
+    ta, tb = [], []
+    a(), b()  # warm-up
+    for _ in range(trials):
+        for f, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t)
+    return {"a_best": min(ta), "a_median": statistics.median(ta), "b_best": min(tb), "b_median": statistics.median(tb),
+            "speedup_b_over_a": statistics.median(ta) / statistics.median(tb)}
+
+
+def adamw(trials: int) -> dict:
+    from lorafit.models import load_model
+
+    model = load_model(None, seed=0).model
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for p, q in zip(params, twins):
+        q.grad = p.grad.clone()
+    foreach = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
+    fused = torch.optim.AdamW(twins, lr=5e-5, weight_decay=0.01, fused=True)
+    out = alternate(foreach.step, fused.step, trials)
+    # the same number of steps on each: how far apart the weights are
+    out["max_abs_weight_difference"] = max(float((p - q).abs().max()) for p, q in zip(params, twins))
+    out["params"] = sum(p.numel() for p in params)
+    out["a"], out["b"] = "AdamW (foreach, the default)", "AdamW fused=True"
+    return out
+
+
+def attention(trials: int, batch: int, length: int, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, 12, length, 32, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(batch, 12, length, 32, generator=g, dtype=dtype)
+
+    def run(backend):
+        def f():
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v)
+                out.backward(grad)
+            for t in (q, k, v):
+                t.grad = None
+        return f
+
+    out = alternate(run(SDPBackend.FLASH_ATTENTION), run(SDPBackend.MATH), trials)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = F.scaled_dot_product_attention(q, k, v).float()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        math_ = F.scaled_dot_product_attention(q, k, v).float()
+    out["max_abs_output_difference"] = float((flash - math_).abs().max())
+    out["shape"] = [batch, 12, length, 32]
+    out["dtype"] = str(dtype)
+    out["a"], out["b"] = "SDPA flash (PyTorch's CPU choice)", "SDPA math"
+    return out
+
+
+def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
+    from profile_step import build, step
+
+    from lorafit.training import resolve_precision
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    model, opt, sched, inputs, labels = build(strategy, batch, length, data)
+    model.train()
+
+    def run(backend):
+        def f():
+            with sdpa_kernel(backend):
+                step(model, opt, sched, inputs, labels, precision)
+        return f
+
+    out = alternate(run(SDPBackend.FLASH_ATTENTION), run(SDPBackend.MATH), trials)
+    out["a"], out["b"] = f"{strategy} step, SDPA flash", f"{strategy} step, SDPA math"
+    out["batch"], out["precision"] = [batch, length], precision
+    return out
+
+
+def main() -> None:
+    from bench import ARCHIVE
+    from lorafit.training import cpu_has_bf16
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--data", default=ARCHIVE)
+    ap.add_argument("--out", default="results/levers.json")
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    result = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "command": "python benchmarks/levers.py", "trials": args.trials}
+    result["adamw"] = adamw(args.trials)
+    print(json.dumps(result["adamw"]), flush=True)
+    result["attention"] = {f"{length}": attention(args.trials, args.batch, length, dtype) for length in (128, 256)}
+    print(json.dumps(result["attention"]), flush=True)
+    result["step"] = {s: training_step(s, max(3, args.trials // 2), args.batch, args.length, args.data)
+                      for s in ("full", "lora")}
+    print(json.dumps(result["step"]), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
