@@ -7,7 +7,9 @@ tokens (every row full, so the shape is fixed), profiled with torch.profiler ove
 `--steps` steps after `--warmup` steps. Each op's self time goes to one class:
 matmul, attention (the fused scaled-dot-product kernels), dropout, optimizer (anything
 under `optimizer.step`/`zero_grad`), elementwise (activations, norms, adds, copies, ...),
-other. The step's wall time without the profiler is measured too.
+other. The step's wall time without the profiler is measured too, and the model FLOP
+utilisation of the unprofiled step against this CPU's matmul peak, measured first in the
+same process (benchmarks/peak.py: best of trials at 2048^2 and the model's GEMM shapes).
 
     .venv/bin/python benchmarks/profile_step.py [--strategies full,lora] [--out results/profile.json]
 """
@@ -24,8 +26,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import ARCHIVE
-from peak import cpu_flags, cpu_model
+from bench import ARCHIVE, train_flops_per_token
+from peak import cpu_flags, cpu_model, measure
 
 CLASSES = [
     ("attention", re.compile(r"scaled_dot_product|flash_attention|efficient_attention|_fused_sdp")),
@@ -132,13 +134,24 @@ def main() -> None:
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/profile.json")
     args = ap.parse_args()
-    result = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
+    peak = measure()  # first, before any model is loaded
+    print(f"matmul peak: bf16 {peak['bfloat16']['peak_tflops']:.3f}, fp32 {peak['float32']['peak_tflops']:.3f} "
+          "TFLOP/s", flush=True)
+    result = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(), "matmul_peak": peak,
               "torch": torch.__version__, "batch": [args.batch_size, args.length], "steps": args.steps,
               "command": "python benchmarks/profile_step.py", "rows": []}
     for strategy in args.strategies.split(","):
         row = profile_strategy(strategy, args)
+        from transformers import AutoConfig
+
+        from lorafit.models import resolve_model_path
+
+        flops = train_flops_per_token(strategy, AutoConfig.from_pretrained(resolve_model_path(None)), args.length)
+        tflops = flops * args.batch_size * args.length / row["step_seconds"] / 1e12
+        dtype = "bfloat16" if row["precision"] == "bf16" else "float32"
+        row["model_tflops"], row["mfu"] = tflops, tflops / peak[dtype]["peak_tflops"]
         result["rows"].append(row)
-        print(f"{strategy}: {row['step_seconds']:.3f} s/step ({row['precision']}); "
+        print(f"{strategy}: {row['step_seconds']:.3f} s/step ({row['precision']}), MFU {100 * row['mfu']:.1f}%; "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row["share"].items()), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import numpy as np
@@ -228,6 +230,27 @@ def test_schedule_warms_up_then_decays_and_the_logged_lr_is_the_scheduled_one(mi
     factor = train_mod.warmup_then_linear_decay(0, 4)
     assert [h["lr"] for h in res.history] == pytest.approx([1e-3 * factor(1), 1e-3 * factor(3)])
     assert res.history[0]["lr"] < 1e-3  # not the peak
+
+
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_default_does():
+    """make_optimizer takes the fused kernel; after the same steps from the same state its
+    weights match the default (foreach) AdamW's within fp32 rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    s = TrainSettings(epochs=1, lr=1e-2, batch_size=4, weight_decay=0.01, warmup_ratio=0.0)
+    opt, _ = train_mod.make_optimizer(model, s, steps_per_epoch=5)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = torch.optim.AdamW(train_mod._param_groups(twin, 0.01), lr=1e-2)
+    x, y = torch.randn(32, 16), torch.randint(0, 2, (32,))
+    for m, o in ((model, opt), (twin, ref)):
+        for _ in range(5):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+    for a, b, a0 in zip(model.parameters(), twin.parameters(), start.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert (a - a0).abs().max() > 1e-3  # the steps moved every tensor
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 0.0])

@@ -180,8 +180,17 @@ def make_optimizer(model: nn.Module, s: TrainSettings, steps_per_epoch: int, par
     """AdamW over `param_groups` (default: the parameters that require grad, no weight
     decay on biases and LayerNorm weights; a strategy may give its own groups and
     rates), and its warm-up-then-linear-decay schedule over all epochs, which scales
-    every group's rate alike."""
-    opt = torch.optim.AdamW(param_groups or _param_groups(model, s.weight_decay), lr=s.lr)
+    every group's rate alike.
+
+    The fused AdamW kernel where every parameter allows it (fp32/bf16/fp16 on CPU or
+    CUDA): one pass over each tensor instead of a dozen foreach ops. On the 2-core AMD
+    EPYC its step over all-MiniLM-L6-v2's parameters took 1/6.5 of the default's, and
+    the weights after the same steps differed by at most 6e-8 (results/levers.json).
+    """
+    groups = param_groups or _param_groups(model, s.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(groups, lr=s.lr, fused=fused or None)
     total = s.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear_decay(int(s.warmup_ratio * total), total))
     return opt, sched
