@@ -145,9 +145,10 @@ SIZES = dict(train_size=int(os.environ.get("LORAFIT_EXAMPLE_TRAIN", "600")),
              test_size=int(os.environ.get("LORAFIT_EXAMPLE_TEST", "400")),
              max_length=int(os.environ.get("LORAFIT_EXAMPLE_MAX_LENGTH", "256")))
 EPOCHS = int(os.environ.get("LORAFIT_EXAMPLE_EPOCHS", "3"))
-OUT = os.environ.get("LORAFIT_EXAMPLE_OUT", "runs/example-compare")"""),
-    new_code_cell("""result = lorafit.compare(data=DATA, epochs=EPOCHS, out=OUT, overwrite=True, progress=False,
-                         **SIZES)
+OUT = os.environ.get("LORAFIT_EXAMPLE_OUT", "runs/example-compare")
+STRATEGIES = os.environ.get("LORAFIT_EXAMPLE_STRATEGIES", "full,last-two-layers,lora").split(",")"""),
+    new_code_cell("""result = lorafit.compare(strategies=STRATEGIES, data=DATA, epochs=EPOCHS, out=OUT, overwrite=True,
+                         progress=False, **SIZES)
 for name, run in result.runs.items():
     print(f"{name:16s} test accuracy {run.test_accuracy:.4f}  trainable {run.final['trainable_params']:>11,}  "
           f"train {run.final['train_seconds']:.0f}s  peak memory {run.final['peak_memory_mb']:,.0f} MB")"""),
@@ -178,6 +179,8 @@ for p in run.predict(["A wonderful, moving film.", "Dull and far too long; I lef
 
 
 def write(name: str, cells: list) -> None:
+    for i, cell in enumerate(cells):  # stable ids, so rebuilding changes nothing that did not change
+        cell["id"] = f"{Path(name).stem.replace('_', '-')}-{i}"
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                             "language": "python"}})
     nbformat.validate(nb)

@@ -68,9 +68,9 @@ def test_config_as_a_dict_a_runconfig_or_a_file(tmp_path):
 
 
 def test_compare_returns_every_run_and_the_report(tiny_model_dir, tmp_path):
-    result = lorafit.compare(strategies=["lora", "last-two-layers"], model=str(tiny_model_dir), out=tmp_path / "cmp",
+    result = lorafit.compare(strategies=["last-two-layers"], model=str(tiny_model_dir), out=tmp_path / "cmp",
                              progress=False, **SMALL)
-    assert set(result.runs) == {"lora", "last-two-layers"}
+    assert set(result.runs) == {"last-two-layers"}
     assert json.loads((tmp_path / "cmp" / "report.json").read_text()) == result.report
     rows = {r["strategy"]: r for r in result.report["rows"]}
     for name, run in result.runs.items():
