@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench import ARCHIVE
-from variants import cpu_model
+from peak import cpu_model
 
 LAYOUTS = {"1 process x 2 threads": ([], {"OMP_NUM_THREADS": "2"}),
            "2 processes x 1 thread": (["--nproc", "2"], {})}  # torchrun sets OMP_NUM_THREADS=1 per rank

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from bench import ARCHIVE
-from variants import cpu_model
+from peak import cpu_model
 
 DATA = ["--train-size", "600", "--val-size", "100", "--test-size", "400", "--max-length", "256", "--epochs", "2",
         "--batch-size", "16"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench import ARCHIVE
+from peak import cpu_model
 
 VARIANTS = {
     "lora": [],
@@ -32,16 +32,6 @@ VARIANTS = {
     "lora+": ["--lora-plus-ratio", "16"],
     "pissa": ["--init", "pissa"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_once(name: str, seed: int, data: str, out: Path) -> Path:

@@ -76,6 +76,7 @@ def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
 def test_runs_from_before_pooling_read_the_first_token(tmp_path):
     from lorafit.runs import read_run_config, run_pooling
 
-    (tmp_path / "config.json").write_text(json.dumps({"strategy": "lora"}))
+    raw = {"strategy": "lora"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
     cfg = read_run_config(tmp_path)
-    assert cfg.pooling == "cls" and run_pooling(tmp_path, cfg) == "cls"
+    assert cfg.pooling == "cls" and run_pooling(raw) == "cls"

@@ -61,18 +61,16 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init() -> torch.device | None:
-    """Join the job torchrun started (a no-op outside one); returns this rank's device.
+def init() -> None:
+    """Join the job torchrun started (a no-op outside one); this rank's device is `device()`.
 
     CUDA: backend nccl, the GPU of this local rank; otherwise gloo on the CPU.
 
     Raises:
         DistributedError: the job asks for more processes per machine than it has GPUs.
     """
-    if not launched():
-        return None
-    if dist.is_initialized():
-        return _device()
+    if not launched() or dist.is_initialized():
+        return
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
     if torch.cuda.is_available():
         if local_rank() >= torch.cuda.device_count():
@@ -83,10 +81,10 @@ def init() -> torch.device | None:
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank()))
     else:
         dist.init_process_group("gloo", timeout=timeout)
-    return _device()
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
+    """This rank's device: the GPU of its local rank where there is CUDA, else the CPU."""
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -124,7 +122,7 @@ def max_(x: float) -> float:
     """The largest `x` over ranks."""
     if world_size() == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=_device())
+    t = torch.tensor([x], dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -133,7 +131,7 @@ def gather_rows(rows: np.ndarray) -> np.ndarray:
     """Rows filled by exactly one rank each (zeros elsewhere) -> every row, on every rank."""
     if world_size() == 1:
         return rows
-    t = torch.from_numpy(np.ascontiguousarray(rows)).to(_device())
+    t = torch.from_numpy(np.ascontiguousarray(rows)).to(device())
     return sum_(t).cpu().numpy()
 
 

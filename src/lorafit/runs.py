@@ -136,7 +136,8 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
     complete checkpoint. Started by torchrun as one of several processes, it trains data-
     parallel (`lorafit.distributed`); rank 0 alone writes the run folder and prints.
     """
-    device = distributed.init() or pick_device()
+    distributed.init()
+    device = pick_device()
     try:
         return _run_training(cfg, out, device, overwrite=overwrite, progress=progress and distributed.is_main(),
                              resume=resume)
@@ -185,9 +186,10 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
+    resolved = {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
+                "pooling_resolved": loaded.pooling}
     if not resume and main:
-        write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
-                                           "pooling_resolved": loaded.pooling})
+        write_json(out / "config.json", resolved)
 
     t_tok = time.perf_counter()
     encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length, cfg.pad_multiple)
@@ -204,8 +206,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     if main:
         atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
-    tracker = Tracker(cfg.report_to if main else [], out, {**cfg.to_dict(), "lr_resolved": lr,
-                      "precision_resolved": precision, "pooling_resolved": loaded.pooling}, out.name, resume=resume)
+    tracker = Tracker(cfg.report_to if main else [], out, resolved, out.name, resume=resume)
 
     def on_epoch(row: dict) -> None:
         if main:
@@ -268,8 +269,8 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     return final
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    """The RunConfig saved in `run_dir`/config.json."""
+def _read_config_json(run_dir: Path) -> dict:
+    """`run_dir`/config.json as saved: the RunConfig's fields and what resolved (RESOLVED)."""
     path = run_dir / "config.json"
     if not run_dir.is_dir():
         raise RunDirError(f"run folder {run_dir} does not exist; pass a folder written by `lorafit train`")
@@ -279,19 +280,28 @@ def read_run_config(run_dir: Path) -> RunConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt ({exc}); the run cannot be reloaded") from None
-    raw = {k: v for k, v in raw.items() if k not in RESOLVED}
-    raw.setdefault("pooling", "cls")  # runs from before --pooling read the first token
-    return RunConfig(**config_from_mapping(raw, where=str(path)))
+    return raw
+
+
+def _config_of(raw: dict, run_dir: Path) -> RunConfig:
+    fields = {k: v for k, v in raw.items() if k not in RESOLVED}
+    fields.setdefault("pooling", "cls")  # runs from before --pooling read the first token
+    return RunConfig(**config_from_mapping(fields, where=str(run_dir / "config.json")))
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig saved in `run_dir`/config.json."""
+    return _config_of(_read_config_json(run_dir), run_dir)
 
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 
-def run_pooling(run_dir: Path, cfg: RunConfig) -> str:
-    """The pooling a run trained with (config.json's `pooling_resolved`; older runs: cls)."""
-    raw = json.loads((Path(run_dir) / "config.json").read_text())
-    return raw.get("pooling_resolved", "cls" if "pooling" not in raw else cfg.pooling)
+def run_pooling(raw: dict) -> str:
+    """The pooling a run trained with, from its config.json: `pooling_resolved` (older
+    runs: their `pooling`, and cls before the field existed)."""
+    return raw.get("pooling_resolved", raw.get("pooling", "cls"))
 
 
 def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str | None = None
@@ -300,8 +310,9 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     merged into the weights with `merge` (for inference: what the run's test pass ran).
     `adapter` picks one of several adapters saved in a lora run's adapter folder."""
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(run_dir, cfg))
+    raw = _read_config_json(run_dir)
+    cfg = _config_of(raw, run_dir)
+    loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(raw))
     STRATEGIES[cfg.strategy].load(loaded.model, cfg, run_dir, adapter)
     if merge:
         merge_lora(loaded.model)

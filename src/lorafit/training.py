@@ -45,9 +45,9 @@ def cpu_has_bf16() -> bool:
 
 def pick_device() -> torch.device:
     """CUDA where there is a GPU (in a torchrun job: this local rank's), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", distributed.local_rank()) if distributed.launched() else torch.device("cuda")
+    if distributed.launched():
+        return distributed.device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
