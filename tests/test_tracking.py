@@ -71,3 +71,29 @@ def test_a_missing_tracker_fails_before_training(tiny_model_dir, tmp_path):
 def test_unknown_tracker_is_a_config_error(tmp_path):
     r = lorafit("train", "--report-to", "wandb", "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "report_to (--report-to) must be a comma list of tensorboard, mlflow" in r.stderr
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed mid-epoch 2 and resumed: one MLflow run, FINISHED, with every epoch's metrics."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), *TINY, "--epochs", "2", "--batch-size", "8",
+            "--checkpoint-every", "1", "--report-to", "mlflow", "--out", str(run)]
+    r = lorafit(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "", "LORAFIT_SIGNAL_AT": "step@4:KILL"})
+    assert r.returncode != 0 and not (run / "final.json").exists()
+    first = json.loads((run / "tracking.json").read_text())["mlflow_run_id"]
+    r = lorafit("train", "--resume", str(run), "--no-progress", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "tracking.json").read_text())
+    assert state["mlflow_run_id"] == first
+    client = MlflowClient(state["mlflow_tracking_uri"])
+    exp = client.get_experiment_by_name("lorafit")
+    assert [x.info.run_id for x in client.search_runs([exp.experiment_id])] == [first]
+    assert client.get_run(first).info.status == "FINISHED"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    history = client.get_metric_history(first, "epoch/val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx([x["val_accuracy"] for x in rows])
+    assert {m.step for m in client.get_metric_history(first, "train/loss")} == set(range(1, 7))
