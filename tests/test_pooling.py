@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -46,6 +47,21 @@ def test_mean_pooling_ignores_padding(arch, batch):
         plain = tiny_model(arch)(**batch).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(a, plain, atol=1e-4)  # it is not the first token's head
+
+
+def test_a_deepcopy_pools_on_its_own(tiny_model_dir, batch):
+    """A deepcopy of a mean-pooled model is mean-pooled, pooling it again changes nothing
+    (no hook registered twice), and the copy keeps its own mask, not the original's."""
+    model = load_model(str(tiny_model_dir), seed=0, pooling="mean").model
+    copy_ = copy.deepcopy(model)
+    assert pooling_of(copy_) == "mean"
+    apply_pooling(copy_, "mean")
+    assert len(copy_._forward_pre_hooks) == len(copy_.bert.encoder._forward_hooks) == 1
+    assert copy_._lorafit_mask is copy_.bert.encoder._lorafit_mask is not model._lorafit_mask
+    short = {k: v[:, :4] for k, v in batch.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(**batch).logits, model(**batch).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(copy_(**short).logits, model(**short).logits, atol=1e-6, rtol=0)
 
 
 def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):

@@ -15,7 +15,6 @@ head's "two last layers" stay the same two layers.
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 
 import torch
@@ -24,9 +23,6 @@ from torch import nn
 from lorafit.errors import ConfigError
 
 POOLINGS = ("auto", "cls", "mean")
-
-_MEAN: weakref.WeakSet = weakref.WeakSet()  # models whose head reads the mean
-
 
 def _sentence_transformers_pooling(source: str) -> dict | None:
     """The pooling config of a sentence-transformers model folder or hub name, if it has one."""
@@ -78,34 +74,50 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+class _MaskSlot:
+    """The attention mask of the forward in flight, shared by a model and its encoder.
+
+    It lives on the model (`_lorafit_mask`), so `copy.deepcopy` gives a copy its own slot
+    and its own pooling state, and two copies never read each other's mask.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+
+def _keep_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    model._lorafit_mask.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+
+def _first_token_is_mean(encoder: nn.Module, _args: tuple, output):
+    hidden = output[0]  # (B, T, H)
+    slot = encoder._lorafit_mask
+    mean = masked_mean(hidden, slot.mask).to(hidden.dtype)
+    slot.mask = None  # do not keep the batch's mask alive after its forward
+    pooled = torch.cat([mean.unsqueeze(1), hidden[:, 1:]], dim=1)
+    if isinstance(output, tuple):
+        return (pooled, *output[1:])
+    output["last_hidden_state"] = pooled
+    return output
+
+
 def apply_pooling(model: nn.Module, pooling: str) -> None:
-    """Make `model`'s head read what `pooling` (`cls` or `mean`) names; idempotent.
+    """Make `model`'s head read what `pooling` (`cls` or `mean`) names; idempotent, also on
+    a `copy.deepcopy` of a mean-pooled model (the copy carries its hooks and its own state).
 
     Raises:
         ConfigError: mean pooling on an architecture whose encoder output lorafit cannot find.
     """
-    if pooling == "cls" or model in _MEAN:
+    if pooling == "cls" or pooling_of(model) == "mean":
         return
     encoder = _encoder(model)
-    mask: list[torch.Tensor | None] = [None]
-
-    def keep_mask(_module, args, kwargs):
-        mask[0] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    def first_token_is_mean(_module, _args, output):
-        hidden = output[0]  # (B, T, H)
-        mean = masked_mean(hidden, mask[0]).to(hidden.dtype)
-        pooled = torch.cat([mean.unsqueeze(1), hidden[:, 1:]], dim=1)
-        if isinstance(output, tuple):
-            return (pooled, *output[1:])
-        output["last_hidden_state"] = pooled
-        return output
-
-    model.register_forward_pre_hook(keep_mask, with_kwargs=True)
-    encoder.register_forward_hook(first_token_is_mean)
-    _MEAN.add(model)
+    slot = _MaskSlot()
+    model._lorafit_mask = slot  # plain attributes: not parameters, not in the state dict
+    encoder._lorafit_mask = slot
+    model.register_forward_pre_hook(_keep_mask, with_kwargs=True)
+    encoder.register_forward_hook(_first_token_is_mean)
 
 
 def pooling_of(model: nn.Module) -> str:
     """`mean` or `cls`: what `model`'s head reads."""
-    return "mean" if model in _MEAN else "cls"
+    return "mean" if isinstance(getattr(model, "_lorafit_mask", None), _MaskSlot) else "cls"
