@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench import ARCHIVE
-from peak import cpu_model
+from peak import cpu_model, measure
 
 LAYOUTS = {"1 process x 2 threads": ([], {"OMP_NUM_THREADS": "2"}),
            "2 processes x 1 thread": (["--nproc", "2"], {})}  # torchrun sets OMP_NUM_THREADS=1 per rank
@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--results", default="results/distributed")
     args = p.parse_args()
     out = Path(args.out)
+    peak = measure()  # first, while this process is the only one working: the CPU this ran on, at its matmul peak
     records = [run(layout, k, args, out) for k in range(args.repeats) for layout in LAYOUTS]
     summary = {}
     for layout in LAYOUTS:
@@ -66,11 +67,12 @@ def main() -> None:
     one, two = (summary[k]["samples_per_s"] for k in LAYOUTS)
     result = {"cpu": cpu_model(), "cores": os.cpu_count(), "train_size": args.train_size, "test_size": args.test_size,
               "epochs": args.epochs, "command": "python " + " ".join(sys.argv), "records": records,
-              "summary": summary, "ratio_2proc_over_1proc": two / one}
+              "summary": summary, "ratio_2proc_over_1proc": two / one, "matmul_peak": peak}
     Path(args.results + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"CPU: {result['cpu']} ({result['cores']} cores); lora, {args.train_size} training reviews, "
              f"max_length 256, global batch 16, {args.epochs} epoch(s), {records[0]['precision']}; "
-             f"{args.repeats} alternated repeats", "",
+             f"{args.repeats} alternated repeats; matmul peak measured first in this run: bf16 "
+             f"{peak['bfloat16']['peak_tflops']:.2f}, fp32 {peak['float32']['peak_tflops']:.2f} TFLOP/s", "",
              "| layout | training samples/s (mean) | test accuracy per repeat | peak RSS per process |",
              "|---|---|---|---|"]
     for layout, s in summary.items():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from peak import cpu_flags, cpu_model
+from peak import cpu_flags, cpu_model, measure
 
 
 def alternate(a, b, trials: int) -> dict:
@@ -121,7 +121,9 @@ def main() -> None:
     ap.add_argument("--out", default="results/levers.json")
     args = ap.parse_args()
     dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
-    result = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    peak = measure()  # first, while this process is the only one working
+    result = {"matmul_peak": peak,
+              "cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "command": "python benchmarks/levers.py", "trials": args.trials}
     result["adamw"] = adamw(args.trials)
     print(json.dumps(result["adamw"]), flush=True)
