@@ -6,12 +6,15 @@
    (batch x 12 heads x length x 32, bf16 where the CPU has it) with the backend PyTorch
    picks on CPU (the fused flash kernel) against the plain math backend; then a whole
    training step (full and lora) under each.
+3. Dropout (p=0.1): nn.Dropout's per-element Bernoulli draw against lorafit's FastDropout
+   (16-bit lanes of int64 random words), one call at the model's activation shape, then
+   whole training steps (full and lora) with every dropout of the model one or the other.
 
 Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
-    .venv/bin/python benchmarks/levers.py [--trials 7]     # results/levers.json
+    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers adamw,attention,dropout]   # results/levers.json
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +92,39 @@ def attention(trials: int, batch: int, length: int, dtype: torch.dtype) -> dict:
     return out
 
 
+def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str) -> dict:
+    """Dropout p=0.1: one call on a (batch, length, 384) activation, then whole training steps
+    (full and lora, every dropout of the model one kind or the other), nn.Dropout (A) against
+    lorafit's FastDropout (B)."""
+    from torch import nn
+
+    from profile_step import build, step
+
+    from lorafit.dropout import FastDropout
+    from lorafit.training import resolve_precision
+
+    x = torch.randn(batch, length, 384, dtype=dtype)
+    plain, fast = nn.Dropout(0.1).train(), FastDropout(0.1).train()
+    out = {"call": alternate(lambda: plain(x), lambda: fast(x), trials * 3), "shape": [batch, length, 384],
+           "dtype": str(dtype), "a": "nn.Dropout (bernoulli_)", "b": "lorafit FastDropout (int64 words, 16-bit lanes)"}
+    precision = resolve_precision("auto", torch.device("cpu"))
+    for strategy in ("full", "lora"):
+        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
+        model.train()
+
+        def run(cls):
+            def f():
+                for module in model.modules():
+                    for name, child in module.named_children():
+                        if isinstance(child, nn.Dropout) and type(child) is not cls:
+                            setattr(module, name, cls(child.p).train())
+                step(model, opt, sched, inputs, labels, precision)
+            return f
+
+        out[f"{strategy}_step"] = alternate(run(nn.Dropout), run(FastDropout), max(3, trials // 2))
+    return out
+
+
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import build, step
 
@@ -119,20 +156,30 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/levers.json")
+    ap.add_argument("--levers", default="adamw,attention,dropout",
+                    help="comma list; the others' entries already in --out are kept")
     args = ap.parse_args()
+    chosen = args.levers.split(",")
     dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
     peak = measure()  # first, while this process is the only one working
-    result = {"matmul_peak": peak,
-              "cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "command": "python benchmarks/levers.py", "trials": args.trials}
-    result["adamw"] = adamw(args.trials)
-    print(json.dumps(result["adamw"]), flush=True)
-    result["attention"] = {f"{length}": attention(args.trials, args.batch, length, dtype) for length in (128, 256)}
-    print(json.dumps(result["attention"]), flush=True)
-    result["step"] = {s: training_step(s, max(3, args.trials // 2), args.batch, args.length, args.data)
-                      for s in ("full", "lora")}
-    print(json.dumps(result["step"]), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    context = {"matmul_peak": peak, "cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "trials": args.trials,
+               "measured": time.strftime("%Y-%m-%d %H:%M")}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    if "adamw" in chosen:
+        result["adamw"] = {**adamw(args.trials), "context": context}
+        print(json.dumps(result["adamw"]), flush=True)
+    if "attention" in chosen:
+        result["attention"] = {f"{length}": attention(args.trials, args.batch, length, dtype) for length in (128, 256)}
+        result["step"] = {s: training_step(s, max(3, args.trials // 2), args.batch, args.length, args.data)
+                          for s in ("full", "lora")}
+        result["attention"]["context"] = result["step"]["context"] = context
+        print(json.dumps([result["attention"], result["step"]]), flush=True)
+    if "dropout" in chosen:
+        result["dropout"] = {**dropout(args.trials, args.batch, args.length, dtype, args.data), "context": context}
+        print(json.dumps(result["dropout"]), flush=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

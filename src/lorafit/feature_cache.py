@@ -19,6 +19,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from lorafit import distributed
 from lorafit.data.batching import bucketed_batches, padding_efficiency
 from lorafit.data.encoding import Encoded
+from lorafit.dropout import FastDropout
 from lorafit.lora import LoRALinear
 
 # model_type -> (activation between the two head layers, dropout before the first layer?,
@@ -52,8 +53,8 @@ class HeadOnCache(nn.Module):
         self.second = model.get_submodule(second)
         self.num_labels = model.num_labels
         self.act = act()
-        self.drop_in = nn.Dropout(p) if drop_before else nn.Identity()
-        self.drop_mid = nn.Dropout(p)
+        self.drop_in = FastDropout(p) if drop_before else nn.Identity()
+        self.drop_mid = FastDropout(p)
 
     def forward(self, features: torch.Tensor) -> SequenceClassifierOutput:
         h = self.act(self.first(self.drop_in(features)))  # (B, H)

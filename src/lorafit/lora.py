@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.dropout import FastDropout
 from lorafit.errors import ConfigError, TargetError
 from lorafit.targets import resolve_targets
 
@@ -119,7 +120,7 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.r, device=device, dtype=torch.float32))
         # nn.Identity returns its input as is: no copy when dropout is 0.
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = FastDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @staticmethod
     def build(base: nn.Linear, config: LoRAConfig) -> "LoRAAdapter":

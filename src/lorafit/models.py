@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import ModelLoadError
+from lorafit.dropout import use_fast_dropout
 from lorafit.pooling import apply_pooling, resolve_pooling
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -110,6 +111,7 @@ def load_model(name: str | None, num_labels: int = 2, seed: int | None = None,
     fresh = sorted(info.get("missing_keys", []))
     resolved = resolve_pooling(pooling, source)
     apply_pooling(model, resolved)
+    use_fast_dropout(model)  # cheaper dropout masks on CPU (lorafit.dropout)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, source=source, fresh_keys=fresh, pooling=resolved)
 
 
