@@ -9,12 +9,16 @@
 3. Dropout (p=0.1): nn.Dropout's per-element Bernoulli draw against lorafit's FastDropout
    (16-bit lanes of int64 random words), one call at the model's activation shape, then
    whole training steps (full and lora) with every dropout of the model one or the other.
+4. Attention in fp32 under bf16 autocast (--attention sdpa-fp32) against SDPA on the bf16
+   tensors autocast gives it: the kernel forward + backward, then whole training steps.
 
 Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
-    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers adamw,attention,dropout]   # results/levers.json
+    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers adamw,attention,dropout,attention-fp32]
+
+writes results/levers.json (entries of levers not chosen are kept).
 """
 
 from __future__ import annotations
@@ -125,6 +129,43 @@ def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str)
     return out
 
 
+def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
+    """Attention in fp32 under bf16 autocast (lorafit --attention sdpa-fp32) against SDPA as
+    autocast gives it (bf16): SDPA forward + backward at the model's shape, then whole
+    training steps (full and lora) with the model's attention one or the other."""
+    from profile_step import build, step
+
+    from lorafit.attention import set_attention
+    from lorafit.training import resolve_precision
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, 12, length, 32, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    grad = torch.randn(batch, 12, length, 32, generator=g, dtype=torch.bfloat16)
+
+    def kernel(fp32: bool):
+        def f():
+            a, b, c = ((x.float() if fp32 else x).requires_grad_() for x in (q.clone(), k.clone(), v.clone()))
+            F.scaled_dot_product_attention(a, b, c).backward(grad.float() if fp32 else grad)
+        return f
+
+    out = {"kernel": alternate(kernel(False), kernel(True), trials), "shape": [batch, 12, length, 32],
+           "a": "SDPA on bf16 q, k, v (what autocast gives)", "b": "SDPA on fp32 q, k, v (--attention sdpa-fp32)"}
+    precision = resolve_precision("auto", torch.device("cpu"))
+    for strategy in ("full", "lora"):
+        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
+        model.train()
+
+        def run(choice):
+            def f():
+                set_attention(model, choice)
+                step(model, opt, sched, inputs, labels, precision)
+            return f
+
+        out[f"{strategy}_step"] = alternate(run("sdpa"), run("sdpa-fp32"), max(3, trials // 2))
+    out["precision"] = precision
+    return out
+
+
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import build, step
 
@@ -156,7 +197,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/levers.json")
-    ap.add_argument("--levers", default="adamw,attention,dropout",
+    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32",
                     help="comma list; the others' entries already in --out are kept")
     args = ap.parse_args()
     chosen = args.levers.split(",")
@@ -179,6 +220,10 @@ def main() -> None:
     if "dropout" in chosen:
         result["dropout"] = {**dropout(args.trials, args.batch, args.length, dtype, args.data), "context": context}
         print(json.dumps(result["dropout"]), flush=True)
+    if "attention-fp32" in chosen:
+        result["attention_fp32"] = {**attention_fp32(args.trials, args.batch, args.length, args.data),
+                                    "context": context}
+        print(json.dumps(result["attention_fp32"]), flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

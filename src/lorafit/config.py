@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorafit.errors import ConfigError
 from lorafit.lora import INITS
+from lorafit.attention import ATTENTIONS
 from lorafit.pooling import POOLINGS
 from lorafit.tracking import TRACKERS
 from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
@@ -78,6 +79,10 @@ class RunConfig:
     seed: int = _f(0, "seed of data cuts, initialisation, dropout and batch order")
     precision: str = _f("auto", "fp32, bf16, or auto (bf16 where the CPU has AMX/AVX512-BF16, or on CUDA)",
                         choices=PRECISIONS)
+    attention: str = _f("auto", "attention kernel: sdpa (in the dtype autocast gives it), sdpa-fp32 (attention in "
+                        "fp32 under bf16 autocast; faster on some CPUs, and more precise), or auto (on CPU under "
+                        "bf16, both timed once per CPU and shape and the faster kept; else sdpa)",
+                        choices=ATTENTIONS)
     eval_batch_size: int = _f(16, "examples per evaluation and feature-extraction batch (16 used the least time "
                               "and half the peak memory of 64 on this CPU)")
     pad_multiple: int = _f(32, "pad each batch to a multiple of this many tokens (at most max_length): fewer "
@@ -106,6 +111,7 @@ class RunConfig:
             (self.strategy in STRATEGY_NAMES, "strategy", f"one of {', '.join(STRATEGY_NAMES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
             (self.pooling in POOLINGS, "pooling", f"one of {', '.join(POOLINGS)}"),
+            (self.attention in ATTENTIONS, "attention", f"one of {', '.join(ATTENTIONS)}"),
             (self.keep in KEEPS, "keep", f"one of {', '.join(KEEPS)}"),
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
             (self.init in INITS, "init", f"one of {', '.join(INITS)}"),

@@ -25,6 +25,7 @@ from torch import nn
 
 from lorafit import distributed
 from lorafit.adapter import atomic_write_bytes
+from lorafit.attention import resolve_attention, set_attention
 from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.encoding import encode_split
@@ -173,6 +174,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     strategy = STRATEGIES[cfg.strategy]
     strategy.setup(model, cfg)
     model.to(device)
+    attention = _pick_attention(cfg, model, device, precision, out if resume else None)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
     if not resume and main:
@@ -181,13 +183,13 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     lr = learning_rate(cfg)
     world = distributed.world_size()
     _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {loaded.pooling} pooling | "
-         f"{device.type} {precision} | lr {lr:g}"
+         f"{device.type} {precision} | attention {attention} | lr {lr:g}"
          + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
     resolved = {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
-                "pooling_resolved": loaded.pooling}
+                "pooling_resolved": loaded.pooling, "attention_resolved": attention}
     if not resume and main:
         write_json(out / "config.json", resolved)
 
@@ -258,7 +260,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
         "precision": precision, "device": device.type, "processes": world, "lr": lr, "pooling": loaded.pooling,
-        "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
+        "attention": attention, "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
     tracker.finish(final, out / "curves.png")
@@ -294,8 +296,24 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return _config_of(_read_config_json(run_dir), run_dir)
 
 
-RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved")
+RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
+
+
+def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str, resumed: Path | None) -> str:
+    """The attention kernel this run uses (lorafit.attention), set on `model`: a resumed run's
+    recorded one; else `cfg.attention` resolved by rank 0 and shared, so every rank agrees."""
+    recorded = _read_config_json(resumed).get("attention_resolved", "sdpa") if resumed else None  # older: sdpa
+    if recorded in ("sdpa", "sdpa-fp32"):
+        return set_attention(model, recorded)
+    if recorded:  # the model's own implementation: nothing to set
+        return recorded
+    c = model.config
+    shape = (-(-cfg.batch_size // distributed.world_size()), c.num_attention_heads, cfg.max_length,
+             c.hidden_size // c.num_attention_heads)
+    choice = resolve_attention(cfg.attention, device, precision, shape) if distributed.is_main() else "sdpa"
+    choice = ("sdpa", "sdpa-fp32")[int(distributed.max_(float(choice == "sdpa-fp32")))]
+    return set_attention(model, choice)
 
 
 def run_pooling(raw: dict) -> str:
@@ -313,6 +331,7 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     raw = _read_config_json(run_dir)
     cfg = _config_of(raw, run_dir)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(raw))
+    set_attention(loaded.model, raw.get("attention_resolved", "sdpa"))  # as the run tested (older runs: sdpa)
     STRATEGIES[cfg.strategy].load(loaded.model, cfg, run_dir, adapter)
     if merge:
         merge_lora(loaded.model)
