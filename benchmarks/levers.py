@@ -96,47 +96,57 @@ def attention(trials: int, batch: int, length: int, dtype: torch.dtype) -> dict:
     return out
 
 
+def steps_side_by_side(configure, a, b, trials: int, batch: int, length: int, data: str) -> dict:
+    """Whole training steps of full and lora (batch x length, precision auto), each timed
+    right after `configure(model, a)` or `configure(model, b)`, alternated."""
+    from profile_step import build, step
+
+    from lorafit.training import resolve_precision
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    out = {"precision": precision}
+    for strategy in ("full", "lora"):
+        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
+        model.train()
+
+        def run(setting):
+            def f():
+                configure(model, setting)
+                step(model, opt, sched, inputs, labels, precision)
+            return f
+
+        out[f"{strategy}_step"] = alternate(run(a), run(b), max(3, trials // 2))
+    return out
+
+
 def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str) -> dict:
     """Dropout p=0.1: one call on a (batch, length, 384) activation, then whole training steps
     (full and lora, every dropout of the model one kind or the other), nn.Dropout (A) against
     lorafit's FastDropout (B)."""
     from torch import nn
 
-    from profile_step import build, step
-
     from lorafit.dropout import FastDropout
-    from lorafit.training import resolve_precision
 
     x = torch.randn(batch, length, 384, dtype=dtype)
     plain, fast = nn.Dropout(0.1).train(), FastDropout(0.1).train()
     out = {"call": alternate(lambda: plain(x), lambda: fast(x), trials * 3), "shape": [batch, length, 384],
            "dtype": str(dtype), "a": "nn.Dropout (bernoulli_)", "b": "lorafit FastDropout (int64 words, 16-bit lanes)"}
-    precision = resolve_precision("auto", torch.device("cpu"))
-    for strategy in ("full", "lora"):
-        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
-        model.train()
 
-        def run(cls):
-            def f():
-                for module in model.modules():
-                    for name, child in module.named_children():
-                        if isinstance(child, nn.Dropout) and type(child) is not cls:
-                            setattr(module, name, cls(child.p).train())
-                step(model, opt, sched, inputs, labels, precision)
-            return f
+    def swap(model, cls):
+        for module in model.modules():
+            for name, child in module.named_children():
+                if isinstance(child, nn.Dropout) and type(child) is not cls:
+                    setattr(module, name, cls(child.p).train())
 
-        out[f"{strategy}_step"] = alternate(run(nn.Dropout), run(FastDropout), max(3, trials // 2))
-    return out
+    return {**out, **steps_side_by_side(swap, nn.Dropout, FastDropout, trials, batch, length, data)}
 
 
 def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
     """Attention in fp32 under bf16 autocast (lorafit --attention sdpa-fp32) against SDPA as
     autocast gives it (bf16): SDPA forward + backward at the model's shape, then whole
     training steps (full and lora) with the model's attention one or the other."""
-    from profile_step import build, step
 
     from lorafit.attention import set_attention
-    from lorafit.training import resolve_precision
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, 12, length, 32, generator=g, dtype=torch.bfloat16) for _ in range(3))
@@ -150,20 +160,7 @@ def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
 
     out = {"kernel": alternate(kernel(False), kernel(True), trials), "shape": [batch, 12, length, 32],
            "a": "SDPA on bf16 q, k, v (what autocast gives)", "b": "SDPA on fp32 q, k, v (--attention sdpa-fp32)"}
-    precision = resolve_precision("auto", torch.device("cpu"))
-    for strategy in ("full", "lora"):
-        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
-        model.train()
-
-        def run(choice):
-            def f():
-                set_attention(model, choice)
-                step(model, opt, sched, inputs, labels, precision)
-            return f
-
-        out[f"{strategy}_step"] = alternate(run("sdpa"), run("sdpa-fp32"), max(3, trials // 2))
-    out["precision"] = precision
-    return out
+    return {**out, **steps_side_by_side(set_attention, "sdpa", "sdpa-fp32", trials, batch, length, data)}
 
 
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
