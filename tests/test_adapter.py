@@ -156,7 +156,7 @@ def test_load_into_existing_lora_takes_the_files_alpha_scaling_and_dropout(tmp_p
     load_adapter(model, tmp_path)
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert {(m.alpha, m.scaling, m.scaling_mode) for m in layers} == {(32, 32 / 2, "rslora")}
-    assert {type(m.dropout).__name__ for m in layers} == {"Dropout"} and layers[0].dropout.p == 0.2
+    assert {type(m.dropout).__name__ for m in layers} == {"FastDropout"} and layers[0].dropout.p == 0.2
     torch.testing.assert_close(_logits(model.eval(), batch), _logits(saved.eval(), batch), atol=0, rtol=0)
 
 

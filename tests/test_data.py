@@ -108,6 +108,12 @@ def test_bad_sources(tmp_path):
     three.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3}) + "\n" for i in range(30)))
     _expect("has 3 label classes .* pass --num-labels 3", three)
     assert len(load_dataset(three, num_labels=3).label_names) == 3
+    nested = tmp_path / "nested.jsonl"  # found by tests/test_fuzz.py: pyarrow raised SystemError reading it
+    nested.write_text(json.dumps({"text": None, "label": [None, "0"]}) + "\n")
+    _expect(r"the label column 'label' holds list<item: string> values; it must hold one integer or string label",
+            nested)
+    nested.write_text(json.dumps({"text": {"a": 1}, "label": 1}) + "\n")
+    _expect(r"the text column 'text' holds struct<a: int64> values; it must hold one string per row", nested)
     (tmp_path / "data.txt").write_text("hello")
     _expect("neither a folder, a tar archive nor", tmp_path / "data.txt")
     _expect("validation size .* must be smaller", None, val_size=5000)

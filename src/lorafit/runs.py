@@ -309,8 +309,10 @@ def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str,
     if recorded:  # the model's own implementation: nothing to set
         return recorded
     c = model.config
-    shape = (-(-cfg.batch_size // distributed.world_size()), c.num_attention_heads, cfg.max_length,
-             c.hidden_size // c.num_attention_heads)
+    heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
+    if c._attn_implementation != "sdpa" or not heads or not hidden:  # its own kernel: nothing to choose
+        return set_attention(model, "sdpa")
+    shape = (-(-cfg.batch_size // distributed.world_size()), heads, cfg.max_length, hidden // heads)
     choice = resolve_attention(cfg.attention, device, precision, shape) if distributed.is_main() else "sdpa"
     choice = ("sdpa", "sdpa-fp32")[int(distributed.max_(float(choice == "sdpa-fp32")))]
     return set_attention(model, choice)

@@ -135,12 +135,16 @@ def _read_table(path: Path, text_column: str, label_column: str) -> dict[str, li
             if col not in columns:
                 raise DataError(f"{path} has no {what} column {col!r} (its columns: {', '.join(columns)}); "
                                 f"name it with --{what}-column")
+            kind = table.column(col).type
+            if pa.types.is_nested(kind):  # lists, objects, maps: no text or label is one of those
+                raise DataError(f"{path}: the {what} column {col!r} holds {kind} values; it must hold one "
+                                + ("string per row" if what == "text" else "integer or string label per row"))
         out = {"text": table.column(text_column).to_pylist(), "label": table.column(label_column).to_pylist()}
         out["split"] = table.column("split").to_pylist() if "split" in columns else None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") \
             from None
-    except pa.ArrowException as exc:
+    except (pa.ArrowException, SystemError) as exc:  # SystemError: pyarrow on some malformed values
         raise DataError(f"{path} holds values that cannot be read ({exc}); check the file") from None
     return out
 
