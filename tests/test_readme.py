@@ -62,3 +62,15 @@ def test_readme_compare_tables_are_the_committed_reports():
         assert len(rows) == 3, name
         for row in rows:
             assert row in readme, f"README lacks results/{name}/report.md row: {row}"
+
+
+def test_readme_sweep_table_is_the_committed_sweep_report():
+    """The README's sweep table is results/sweep/report.md, row for row, and its figure is there."""
+    readme = README.read_text()
+    report = (README.parent / "results" / "sweep" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if re.match(r"\| `\d+` \|", line)]
+    assert len(rows) == 10
+    for row in rows:
+        assert row in readme, f"README lacks results/sweep/report.md row: {row}"
+    assert (README.parent / "results" / "sweep" / "report.png").stat().st_size > 10_000
+    assert "(results/sweep/report.png)" in readme
