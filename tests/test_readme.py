@@ -36,10 +36,10 @@ def test_readme_padding_table_matches_results():
 
 
 def test_readme_benchmark_table_matches_results():
-    """Each row of the README's table against transformers + PEFT is the measurement in results/bench.json."""
+    """Each row of the README's first table against transformers + PEFT is the measurement in results/bench_v1.json."""
     import json
 
-    rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / "bench.json").read_text())["rows"]}
+    rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / "bench_v1.json").read_text())["rows"]}
     found = re.findall(r"^\| (full|lora|last-two-layers) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| (\d+) / (\d+) \|"
                        r" ([\d,]+) / ([\d,]+) MB \| ([\d.]+) / ([\d.]+) \|", README.read_text(), re.M)
     assert sorted(f[0] for f in found) == sorted(rows)
@@ -51,6 +51,29 @@ def test_readme_benchmark_table_matches_results():
                                               round(p["train_seconds"] + p["test_seconds"]))
         assert (mem_o, mem_p) == (f"{o['peak_memory_mb']:,.0f}", f"{p['peak_memory_mb']:,.0f}")
         assert abs(float(acc_o) - o["test_accuracy"]) < 5e-4 and abs(float(acc_p) - p["test_accuracy"]) < 5e-4
+
+
+def test_readme_tuned_peer_table_matches_results():
+    """Each row of the README's table against both peers is the measurement in results/bench.json."""
+    import json
+
+    rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / "bench.json").read_text())["rows"]}
+    found = re.findall(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x \| "
+                       r"([\d.]+)x \| (\d+) / (\d+) / (\d+) \| ([\d,]+) / ([\d,]+) / ([\d,]+) \| "
+                       r"([\d.]+) / ([\d.]+) / ([\d.]+) \((\d) seeds?\)", README.read_text(), re.M)
+    assert found and sorted(f[0] for f in found) == sorted(rows)
+    for strategy, *cells in found:
+        r = rows[strategy]
+        who = (r["lorafit"], r["peer_tuned"], r["peer"])
+        assert cells[0:3] == [f"{x['samples_per_s']:.1f}" for x in who]
+        assert abs(float(cells[3]) - r["ratios"]["tuned"]["samples_per_s"]) < 0.0051
+        assert abs(float(cells[4]) - r["ratios"]["typical"]["samples_per_s"]) < 0.0051
+        assert [int(c) for c in cells[5:8]] == [round(x["train_seconds"] + x["test_seconds"]) for x in who]
+        assert cells[8:11] == [f"{x['peak_memory_mb']:,.0f}" for x in who]
+        acc = r["test_accuracy_per_seed"]
+        means = [sum(acc[k]) / len(acc[k]) for k in ("lorafit", "peer_tuned", "peer_typical")]
+        assert all(abs(float(c) - m) < 5e-5 for c, m in zip(cells[11:14], means))
+        assert int(cells[14]) == len(r["seeds"])
 
 
 def test_readme_compare_tables_are_the_committed_reports():
