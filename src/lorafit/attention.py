@@ -104,18 +104,6 @@ def time_both(batch: int, heads: int, length: int, head_dim: int, trials: int = 
     return best
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
 def _cache_path() -> Path:
     from lorafit.data.encoding import cache_root
 
@@ -132,7 +120,9 @@ def resolve_attention(attention: str, device: torch.device, precision: str, shap
         return attention
     if device.type != "cpu" or precision != "bf16":
         return "sdpa"
-    key = (f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+    from lorafit.training import cpu_model
+
+    key = (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
            + "x".join(map(str, shape)))
     path = _cache_path()
     try:

@@ -303,11 +303,8 @@ RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_
 def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str, resumed: Path | None) -> str:
     """The attention kernel this run uses (lorafit.attention), set on `model`: a resumed run's
     recorded one; else `cfg.attention` resolved by rank 0 and shared, so every rank agrees."""
-    recorded = _read_config_json(resumed).get("attention_resolved", "sdpa") if resumed else None  # older: sdpa
-    if recorded in ("sdpa", "sdpa-fp32"):
-        return set_attention(model, recorded)
-    if recorded:  # the model's own implementation: nothing to set
-        return recorded
+    if resumed:  # what it recorded (older runs: sdpa); set_attention keeps a model's own kernel
+        return set_attention(model, _read_config_json(resumed).get("attention_resolved", "sdpa"))
     c = model.config
     heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
     if c._attn_implementation != "sdpa" or not heads or not hidden:  # its own kernel: nothing to choose

@@ -33,6 +33,21 @@ class TrainingDiverged(LorafitError):
 
 
 @lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+@lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls run fast)."""
     try:
