@@ -2,15 +2,15 @@
 pooled embeddings.
 
 The frozen all-MiniLM-L6-v2 runs once over the training and test splits (eval mode,
-bf16 autocast where the CPU has it, max_length 256); the probe (scikit-learn's
-LogisticRegression, its C chosen on a validation split carved from train) is fit on the
-training embeddings and tested once on the test split. `--pooling mean` is how the model
-was trained (sentence-transformers); `cls` is the first token, what BERT's head reads.
-The embeddings are kept in --out, so a second run (another pooling reads other ones)
-skips the encoder pass.
+bf16 autocast where the CPU has it, max_length 256) and keeps both pooled embeddings of
+each text from that one pass: `mean`, the attention-masked mean of the last hidden
+states (how the model was trained, sentence-transformers), and `cls`, the first token
+(what BERT's head reads). The probe (scikit-learn's LogisticRegression, its C chosen on
+a validation split carved from train) is fit on the training embeddings and tested once
+on the test split. The embeddings are kept in --out, so a second run skips the encoder.
 
-    .venv/bin/python benchmarks/probe.py --pooling mean      # full archive: 25,000 / 25,000
-    .venv/bin/python benchmarks/probe.py --pooling cls
+    .venv/bin/python benchmarks/probe.py                    # full archive: 25,000 / 25,000, both poolings
+    .venv/bin/python benchmarks/probe.py --pooling mean
 
 Writes results/probe_<pooling>.json.
 """
@@ -29,24 +29,35 @@ from bench import ARCHIVE
 from peak import cpu_model
 
 
-def embed(split, loaded, pooling: str, max_length: int, batch_size: int = 32) -> np.ndarray:
-    """(N, H) fp32: the input of the head's first layer (pooler.dense) for each text."""
+def embed(split, model, tokenizer, max_length: int, batch_size: int = 32,
+          precision: str = "auto") -> dict[str, np.ndarray]:
+    """{"mean": (N, H), "cls": (N, H)} fp32 pooled last hidden states of each text, one encoder pass."""
+    from lorafit.data.batching import bucketed_batches
     from lorafit.data.encoding import encode_split
-    from lorafit.feature_cache import extract_features
-    from lorafit.training import pick_device, resolve_precision
+    from lorafit.training import autocast, pick_device, resolve_precision, to_device
 
     device = pick_device()
-    enc = encode_split(split, loaded.tokenizer, max_length, pad_multiple=32)
-    feats = extract_features(loaded.model.to(device), "bert.pooler.dense", enc, batch_size=batch_size,
-                             pad_id=loaded.tokenizer.pad_token_id or 0, device=device,
-                             precision=resolve_precision("auto", device))
-    return feats.features.numpy()
+    precision = resolve_precision(precision, device)
+    enc = encode_split(split, tokenizer, max_length, pad_multiple=32)
+    encoder = model.base_model.to(device).eval()
+    hidden = encoder.config.hidden_size
+    out = {k: np.zeros((len(enc), hidden), dtype=np.float32) for k in ("mean", "cls")}
+    pad_id = tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        for b in bucketed_batches(enc.lengths, batch_size, seed=0, shuffle=False):
+            batch = to_device(enc.batch(b, pad_id), device)
+            with autocast(device, precision):
+                h = encoder(**batch).last_hidden_state.float()  # (B, T, H)
+            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            out["mean"][b] = ((h * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+            out["cls"][b] = h[:, 0].cpu().numpy()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=ARCHIVE)
-    ap.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+    ap.add_argument("--pooling", default="mean,cls", help="mean, cls or both (comma-separated; one encoder pass)")
     ap.add_argument("--train-size", type=int, default=None)
     ap.add_argument("--test-size", type=int, default=None)
     ap.add_argument("--val-size", type=int, default=2500)
@@ -59,36 +70,45 @@ def main() -> None:
     from lorafit.data import load_dataset
     from lorafit.models import load_model
 
+    poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
+    if not poolings or set(poolings) - {"mean", "cls"}:
+        ap.error(f"--pooling {args.pooling!r}: give mean, cls or mean,cls")
     torch.manual_seed(0)
     splits = load_dataset(args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
                           seed=0)
-    loaded = load_model(None, num_labels=2, seed=0, pooling=args.pooling)
-    cache = Path(args.out) / f"embeddings_{args.pooling}_{len(splits.train)}_{len(splits.test)}.npz"
+    cache = Path(args.out) / f"embeddings_{len(splits.train)}_{len(splits.validation)}_{len(splits.test)}.npz"
+    names = ("train", "validation", "test")
     t0 = time.perf_counter()
     if cache.exists():
         with np.load(cache) as z:
-            x = {k: z[k] for k in ("train", "validation", "test")}
+            x = {p: {k: z[f"{p}_{k}"] for k in names} for p in ("mean", "cls")}
     else:
-        x = {k: embed(getattr(splits, k), loaded, args.pooling, args.max_length)
-             for k in ("train", "validation", "test")}
+        loaded = load_model(None, num_labels=2, seed=0, pooling="cls")  # the encoder only; pooling is done here
+        per_split = {k: embed(getattr(splits, k), loaded.model, loaded.tokenizer, args.max_length) for k in names}
+        x = {p: {k: per_split[k][p] for k in names} for p in ("mean", "cls")}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, **x)
+        tmp = cache.with_name(cache.name + ".part.npz")
+        np.savez(tmp, **{f"{p}_{k}": x[p][k] for p in x for k in names})
+        tmp.replace(cache)
     encode_seconds = time.perf_counter() - t0
-    y = {k: getattr(splits, k).labels for k in x}
-    scores = {}
-    for c in (0.01, 0.1, 1.0, 10.0, 100.0):  # chosen on validation; the test split is read once, below
-        clf = LogisticRegression(C=c, max_iter=2000).fit(x["train"], y["train"])
-        scores[c] = float(clf.score(x["validation"], y["validation"]))
-    best = max(scores, key=lambda c: (scores[c], -c))
-    clf = LogisticRegression(C=best, max_iter=2000).fit(np.concatenate([x["train"], x["validation"]]),
-                                                        np.concatenate([y["train"], y["validation"]]))
-    result = {"pooling": args.pooling, "data": splits.source, "sizes": splits.sizes(), "max_length": args.max_length,
-              "validation_accuracy_by_C": scores, "C": best, "test_accuracy": float(clf.score(x["test"], y["test"])),
-              "encode_seconds": encode_seconds, "cpu": cpu_model(),
-              "command": f"python benchmarks/probe.py --pooling {args.pooling}"}
+    y = {k: getattr(splits, k).labels for k in names}
     Path(args.results).mkdir(exist_ok=True)
-    (Path(args.results) / f"probe_{args.pooling}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    for pooling in poolings:
+        xp = x[pooling]
+        scores = {}
+        for c in (0.01, 0.1, 1.0, 10.0, 100.0):  # chosen on validation; the test split is read once, below
+            clf = LogisticRegression(C=c, max_iter=2000).fit(xp["train"], y["train"])
+            scores[c] = float(clf.score(xp["validation"], y["validation"]))
+        best = max(scores, key=lambda c: (scores[c], -c))
+        clf = LogisticRegression(C=best, max_iter=2000).fit(np.concatenate([xp["train"], xp["validation"]]),
+                                                            np.concatenate([y["train"], y["validation"]]))
+        result = {"pooling": pooling, "data": splits.source, "sizes": splits.sizes(), "max_length": args.max_length,
+                  "validation_accuracy_by_C": scores, "C": best,
+                  "test_accuracy": float(clf.score(xp["test"], y["test"])),
+                  "encode_seconds_both_poolings": encode_seconds, "cpu": cpu_model(),
+                  "command": f"python benchmarks/probe.py --pooling {args.pooling}"}
+        (Path(args.results) / f"probe_{pooling}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

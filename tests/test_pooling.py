@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,30 @@ def test_runs_from_before_pooling_read_the_first_token(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     cfg = read_run_config(tmp_path)
     assert cfg.pooling == "cls" and run_pooling(raw) == "cls"
+
+
+def test_probe_embeddings_are_what_each_pooled_head_reads(tiny_model_dir):
+    """benchmarks/probe.py's one encoder pass gives, per text, exactly the input of
+    pooler.dense in the mean-pooled model and in the first-token model (the features
+    last-two-layers trains on), so its probe is the reference for that strategy."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from probe import embed
+
+    from lorafit.data.encoding import encode_split
+    from lorafit.data.splits import Split
+    from lorafit.feature_cache import extract_features
+
+    texts = ["a fine film", "dull, long and far too loud for its own good " * 3, "ok", "bad acting and a thin plot"]
+    split = Split(texts=texts, labels=np.array([1, 0, 1, 0]))
+    got = embed(split, load_model(str(tiny_model_dir), seed=0).model, load_model(str(tiny_model_dir)).tokenizer,
+                max_length=64, batch_size=3, precision="fp32")
+    for pooling in ("mean", "cls"):
+        loaded = load_model(str(tiny_model_dir), seed=0, pooling=pooling)
+        enc = encode_split(split, loaded.tokenizer, 64, pad_multiple=32)
+        want = extract_features(loaded.model, "bert.pooler.dense", enc, batch_size=3, pad_id=0,
+                                device=torch.device("cpu"), precision="fp32").features.numpy()
+        np.testing.assert_allclose(got[pooling], want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got["mean"], got["cls"])
