@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The tests' token caches and attention timings (tiny models, test shapes) stay out of the
+# user's $LORAFIT_CACHE: one folder for the session, shared by the CLI subprocesses.
+os.environ["LORAFIT_CACHE"] = tempfile.mkdtemp(prefix="lorafit-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["LORAFIT_CACHE"], True)
 
 from transformers import (  # noqa: E402
     BertConfig,

@@ -145,17 +145,33 @@ def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
 
 
 def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
-    """bf16 autocast: the resumed run equals the uninterrupted one too (tolerance 0: CPU kernels are deterministic)."""
+    """bf16 autocast: the resumed run equals the uninterrupted one too (tolerance 0: CPU kernels are deterministic).
+
+    Under `--attention auto` the kernel is timed and cached per machine; a run killed in
+    epoch 2 resumes with the kernel it recorded, even when the cached choice has changed
+    since (another CPU, a re-timing): otherwise its remaining steps run other numerics."""
+    cache = tmp_path / "cache"
+    env = {"LORAFIT_CACHE": str(cache)}
     args = ["train", "--strategy", "lora", *[a if a != "fp32" else "bf16" for a in BASE], "--model",
-            str(tiny_model_dir)]
+            str(tiny_model_dir), "--attention", "auto"]
     reference = tmp_path / "ref"
-    assert lorafit(*args, "--out", str(reference)).returncode == 0
+    assert lorafit(*args, "--out", str(reference), env=env).returncode == 0
+    chosen = json.loads((reference / "final.json").read_text())["attention"]
     run = tmp_path / "run"
-    r = _signalled(*args, "--out", str(run), plan="step@8:KILL")
+    r = lorafit(*args, "--out", str(run), env={**env, "LORAFIT_SIGNAL_AT": "step@8:KILL"})
     assert r.returncode == -signal.SIGKILL and _position(run) == (2, 8)
-    r = lorafit("train", "--resume", str(run), "--no-progress")
+    assert json.loads((run / "config.json").read_text())["attention_resolved"] == chosen
+    timings = json.loads((cache / "attention.json").read_text())
+    assert [v["choice"] for v in timings.values()] == [chosen]
+    other = {"sdpa": "sdpa-fp32", "sdpa-fp32": "sdpa"}[chosen]
+    (cache / "attention.json").write_text(json.dumps({k: {**v, "choice": other} for k, v in timings.items()}))
+    r = lorafit("train", "--resume", str(run), "--no-progress", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"attention {chosen}" in r.stdout
+    assert json.loads((run / "final.json").read_text())["attention"] == chosen
     _assert_same(run, reference)
+    fresh = lorafit(*args, "--epochs", "1", "--out", str(tmp_path / "fresh"), env=env)  # the flipped cache is read
+    assert fresh.returncode == 0 and f"attention {other}" in fresh.stdout, fresh.stderr[-2000:]
 
 
 def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
