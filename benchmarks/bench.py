@@ -11,7 +11,8 @@ and tokens/s, wall time, peak memory and test accuracy with the ratios against e
 peer; this CPU's matmul peak measured first, in this process, with care
 (benchmarks/peak.py); the model FLOP utilisation of lorafit and the tuned peer against
 it; and the inference throughput of a merged LoRA model against the base model.
-Speed is from the first seed's runs; accuracy is the mean over --seeds. Resumable: a
+Speed is from the first seed's runs; accuracy is the mean over --seeds (the typical
+peer's over its first --typical-seeds, as its accuracy is context only). Resumable: a
 finished lorafit run or peer record in --out is read back (each records its CPU model).
 lorafit runs with `--pooling cls`, the first token's head, as the peers' heads read it.
 
@@ -110,6 +111,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", default="0", help="comma list; speed from the first, accuracy averaged over all")
+    ap.add_argument("--typical-seeds", type=int, default=None,
+                    help="run the typical peer on only the first N seeds (its speed needs one; default: all)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--results", type=Path, default=Path("results"))
@@ -165,6 +168,8 @@ def main() -> None:
             ours["mfu"] = flops_per_token * ours["tokens_per_s"] / (peak * 1e12) if flops_per_token else None
             peers = {}
             for kind, flags in (("tuned", ["--tuned"]), ("typical", [])):
+                if kind == "typical" and args.typical_seeds is not None and seed not in seeds[:args.typical_seeds]:
+                    continue
                 saved = args.out / f"peer-{kind}-{strategy}-seed{seed}.json"
                 if saved.exists():
                     peer = json.loads(saved.read_text())
@@ -191,7 +196,7 @@ def main() -> None:
                     (peer["train_seconds"] + peer["test_seconds"]) / (ours["train_seconds"] + ours["test_seconds"]),
                 "peak_memory": ours["peak_memory_mb"] / peer["peak_memory_mb"],
             }
-        accuracy = {who: [r[who]["test_accuracy"] for r in per_seed]
+        accuracy = {who: [r[who]["test_accuracy"] for r in per_seed if who in r]
                     for who in ("lorafit", "peer_tuned", "peer_typical")}
         row = {"strategy": strategy, "lr": lr, "matmul_peak": peaks, "measured": time.strftime("%Y-%m-%d %H:%M"),
                "lorafit": ours, "peer": first["peer_typical"], "peer_tuned": first["peer_tuned"], "ratios": ratios,
@@ -204,6 +209,12 @@ def main() -> None:
     print(write_results(args, peaks, rows, merged))
     if merged:
         print(json.dumps(merged))
+
+
+def _seeds_note(row: dict) -> str:
+    """"3 seeds", or "3 seeds; typical peer 1" where the typical peer ran fewer."""
+    n, typical = len(row["seeds"]), len(row["test_accuracy_per_seed"]["peer_typical"])
+    return f"{n} seed{'s' * (n > 1)}" + (f"; typical peer {typical}" if typical != n else "")
 
 
 def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> str:
@@ -244,7 +255,7 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
                      + " / ".join(f"{x['train_seconds'] + x['test_seconds']:.0f}" for x in (o, t, p)) + " | "
                      + " / ".join(f"{x['peak_memory_mb']:,.0f}" for x in (o, t, p)) + " | "
                      + " / ".join(f"{acc[k]:.4f}" for k in ("lorafit", "peer_tuned", "peer_typical"))
-                     + f" ({len(r['seeds'])} seeds) | {mfu} |")
+                     + f" ({_seeds_note(r)}) | {mfu} |")
     table = "\n".join(lines) + "\n"
     if merged:
         table += (f"\nInference on the test slice ({merged.get('measured', '?')}): merged LoRA model "
