@@ -81,12 +81,23 @@ def test_readme_tuned_peer_table_matches_results():
 def test_readme_compare_tables_are_the_committed_reports():
     """The README's default and full-scale comparison tables are the committed compare reports, row for row."""
     readme = README.read_text()
-    for name in ("default_compare", "full_scale"):
+    for name, n in (("default_compare", 3), ("full_scale", 3), ("full_scale_mean", 2)):
         report = (README.parent / "results" / name / "report.md").read_text()
         rows = [line for line in report.splitlines() if re.match(r"\| (full|lora|last-two-layers) \|", line)]
-        assert len(rows) == 3, name
+        assert len(rows) == n, name
         for row in rows:
             assert row in readme, f"README lacks results/{name}/report.md row: {row}"
+
+
+def test_readme_probe_accuracies_are_the_committed_probes():
+    """The probe's test accuracies in the README are results/probe_mean.json and probe_cls.json."""
+    import json
+
+    readme = README.read_text()
+    for pooling in ("mean", "cls"):
+        probe = json.loads((README.parent / "results" / f"probe_{pooling}.json").read_text())
+        assert probe["sizes"] == {"train": 22500, "validation": 2500, "test": 25000}
+        assert f"probe, {pooling}: {probe['test_accuracy']:.4f}" in readme, pooling
 
 
 def test_readme_sweep_table_is_the_committed_sweep_report():
