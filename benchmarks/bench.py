@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--merged-only", action="store_true",
                     help="only measure merged-LoRA vs base inference on the lora run already in --out")
     args = ap.parse_args()
+    if args.typical_seeds is not None and args.typical_seeds < 1:
+        ap.error("--typical-seeds must be at least 1: the typical peer's first seed gives its speed")
     data_args = dict(source=args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size)
     if args.merged_only:
         merged = merged_vs_base(args.out / f"lora-seed{args.seeds.split(',')[0]}", data_args, args.max_length)

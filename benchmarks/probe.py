@@ -34,6 +34,7 @@ def embed(split, model, tokenizer, max_length: int, batch_size: int = 32,
     """{"mean": (N, H), "cls": (N, H)} fp32 pooled last hidden states of each text, one encoder pass."""
     from lorafit.data.batching import bucketed_batches
     from lorafit.data.encoding import encode_split
+    from lorafit.pooling import masked_mean
     from lorafit.training import autocast, pick_device, resolve_precision, to_device
 
     device = pick_device()
@@ -48,8 +49,7 @@ def embed(split, model, tokenizer, max_length: int, batch_size: int = 32,
             batch = to_device(enc.batch(b, pad_id), device)
             with autocast(device, precision):
                 h = encoder(**batch).last_hidden_state.float()  # (B, T, H)
-            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            out["mean"][b] = ((h * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+            out["mean"][b] = masked_mean(h, batch["attention_mask"]).cpu().numpy()
             out["cls"][b] = h[:, 0].cpu().numpy()
     return out
 

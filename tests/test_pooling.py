@@ -115,8 +115,8 @@ def test_probe_embeddings_are_what_each_pooled_head_reads(tiny_model_dir):
 
     texts = ["a fine film", "dull, long and far too loud for its own good " * 3, "ok", "bad acting and a thin plot"]
     split = Split(texts=texts, labels=np.array([1, 0, 1, 0]))
-    got = embed(split, load_model(str(tiny_model_dir), seed=0).model, load_model(str(tiny_model_dir)).tokenizer,
-                max_length=64, batch_size=3, precision="fp32")
+    base = load_model(str(tiny_model_dir), seed=0)
+    got = embed(split, base.model, base.tokenizer, max_length=64, batch_size=3, precision="fp32")
     for pooling in ("mean", "cls"):
         loaded = load_model(str(tiny_model_dir), seed=0, pooling=pooling)
         enc = encode_split(split, loaded.tokenizer, 64, pad_multiple=32)

@@ -58,8 +58,8 @@ def _position(run) -> tuple[int, int]:
     return meta["epoch"], meta["step"]
 
 
-def _signalled(*args: str, plan: str | None) -> subprocess.CompletedProcess:
-    return lorafit(*args, env={"LORAFIT_SIGNAL_AT": plan} if plan else {})
+def _signalled(*args: str, plan: str | None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return lorafit(*args, env={**(env or {}), **({"LORAFIT_SIGNAL_AT": plan} if plan else {})})
 
 
 def _weights(run) -> dict[str, dict]:
@@ -158,7 +158,7 @@ def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert lorafit(*args, "--out", str(reference), env=env).returncode == 0
     chosen = json.loads((reference / "final.json").read_text())["attention"]
     run = tmp_path / "run"
-    r = lorafit(*args, "--out", str(run), env={**env, "LORAFIT_SIGNAL_AT": "step@8:KILL"})
+    r = _signalled(*args, "--out", str(run), plan="step@8:KILL", env=env)
     assert r.returncode == -signal.SIGKILL and _position(run) == (2, 8)
     assert json.loads((run / "config.json").read_text())["attention_resolved"] == chosen
     timings = json.loads((cache / "attention.json").read_text())
