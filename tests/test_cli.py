@@ -76,7 +76,7 @@ def test_evaluate_and_predict_agree_with_final(compare_dir):
     cpu = torch.device("cpu")
     logits = predict_logits(loaded.model, Encoded(ids, offsets, np.zeros(2, dtype=np.int64)), batch_size=16,
                             pad_id=loaded.tokenizer.pad_token_id, device=cpu,
-                            precision=resolve_precision(cfg.precision, cpu))
+                            precision=loaded.precision or resolve_precision(cfg.precision, cpu))
     probs = torch.softmax(torch.from_numpy(logits), dim=-1)
     expected = [f"{['neg', 'pos'][int(p.argmax())]}\t{float(p.max()):.4f}" for p in probs]
     assert ["\t".join(line.split("\t")[:2]) for line in lines] == expected

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import lorafit
+from lorafit.precision import cpu_has_bf16
 
 # 48 examples / batch 8 = 6 optimizer steps per epoch, 12 in all; a checkpoint every 2 steps
 BASE = ["--precision", "fp32", "--train-size", "48", "--val-size", "16", "--test-size", "16", "--max-length", "64",
@@ -144,33 +145,54 @@ def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
     assert json.loads((c["ref"] / "final.json").read_text())["peak_memory_mb"] < 123_456.0
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="--precision auto measures only on a CPU with bf16 instructions")
 def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
     """bf16 autocast: the resumed run equals the uninterrupted one too (tolerance 0: CPU kernels are deterministic).
 
-    Under `--attention auto` the kernel is timed and cached per machine; a run killed in
-    epoch 2 resumes with the kernel it recorded, even when the cached choice has changed
-    since (another CPU, a re-timing): otherwise its remaining steps run other numerics."""
+    Under `--precision auto` and `--attention auto` the precision and the kernel are timed
+    and cached per machine; a run killed in epoch 2 resumes with the precision and kernel
+    it recorded, even when the cached choices have changed since (another CPU, a
+    re-timing): otherwise its remaining steps run other numerics. The precision cache is
+    seeded with bf16 for this run's shapes, so the test runs bf16 on any such CPU."""
+    from transformers import AutoConfig
+
+    from lorafit.measured import machine_key
+    from lorafit.precision import model_dims
+
     cache = tmp_path / "cache"
+    cache.mkdir()
     env = {"LORAFIT_CACHE": str(cache)}
-    args = ["train", "--strategy", "lora", *[a if a != "fp32" else "bf16" for a in BASE], "--model",
+    dims = model_dims(AutoConfig.from_pretrained(tiny_model_dir), 8, 64)  # BASE's batch size and max_length
+    key = machine_key("linears " + "x".join(map(str, dims)))
+    (cache / "precision.json").write_text(json.dumps({key: {"choice": "bf16"}}))
+    args = ["train", "--strategy", "lora", *[a if a != "fp32" else "auto" for a in BASE], "--model",
             str(tiny_model_dir), "--attention", "auto"]
     reference = tmp_path / "ref"
-    assert lorafit(*args, "--out", str(reference), env=env).returncode == 0
+    r = lorafit(*args, "--out", str(reference), env=env)
+    assert r.returncode == 0 and "cpu bf16" in r.stdout, r.stderr[-2000:]
     chosen = json.loads((reference / "final.json").read_text())["attention"]
     run = tmp_path / "run"
     r = _signalled(*args, "--out", str(run), plan="step@8:KILL", env=env)
     assert r.returncode == -signal.SIGKILL and _position(run) == (2, 8)
-    assert json.loads((run / "config.json").read_text())["attention_resolved"] == chosen
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["precision_resolved"], recorded["attention_resolved"]) == ("bf16", chosen)
     timings = json.loads((cache / "attention.json").read_text())
     assert [v["choice"] for v in timings.values()] == [chosen]
     other = {"sdpa": "sdpa-fp32", "sdpa-fp32": "sdpa"}[chosen]
     (cache / "attention.json").write_text(json.dumps({k: {**v, "choice": other} for k, v in timings.items()}))
+    (cache / "precision.json").write_text(json.dumps({key: {"choice": "fp32"}}))
     r = lorafit("train", "--resume", str(run), "--no-progress", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"attention {chosen}" in r.stdout
-    assert json.loads((run / "final.json").read_text())["attention"] == chosen
+    assert "cpu bf16" in r.stdout and f"attention {chosen}" in r.stdout
+    final = json.loads((run / "final.json").read_text())
+    assert (final["precision"], final["attention"]) == ("bf16", chosen)
     _assert_same(run, reference)
-    fresh = lorafit(*args, "--epochs", "1", "--out", str(tmp_path / "fresh"), env=env)  # the flipped cache is read
+    # controls: a fresh run reads the flipped caches (the precision one, then under bf16 the attention one)
+    fresh = lorafit(*args, "--epochs", "1", "--out", str(tmp_path / "fresh"), env=env)
+    assert fresh.returncode == 0 and "cpu fp32" in fresh.stdout, fresh.stderr[-2000:]
+    forced = list(args)
+    forced[args.index("--precision") + 1] = "bf16"
+    fresh = lorafit(*forced, "--epochs", "1", "--out", str(tmp_path / "fresh-bf16"), env=env)
     assert fresh.returncode == 0 and f"attention {other}" in fresh.stdout, fresh.stderr[-2000:]
 
 

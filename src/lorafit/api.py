@@ -216,6 +216,9 @@ class Run:
     tokenizer: object
     label_names: list[str]
     pooling: str
+    precision: str | None = None
+    """What the run computed in (`fp32`/`bf16`, recorded in its config.json); predict and
+    evaluate use it, so they give the numbers of the run's test pass."""
 
     def predict(self, texts: str | Sequence[str]) -> list[dict]:
         """Per text: `label` (its name), `label_id`, `probability` (of that label) and
@@ -236,7 +239,7 @@ class Run:
         device = pick_device()
         logits = predict_logits(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
                                 pad_id=self.tokenizer.pad_token_id or 0, device=device,
-                                precision=resolve_precision(cfg.precision, device))
+                                precision=self.precision or resolve_precision(cfg.precision, device))
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         out = []
         for text, p in zip(texts, probs):
@@ -258,7 +261,8 @@ class Run:
         enc = encode_split(splits.test, self.tokenizer, cfg.max_length, pad_multiple=cfg.pad_multiple)
         m = evaluate(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
                      pad_id=self.tokenizer.pad_token_id or 0, device=device,
-                     precision=resolve_precision(cfg.precision, device), progress=progress, desc="test")
+                     precision=self.precision or resolve_precision(cfg.precision, device), progress=progress,
+                     desc="test")
         return {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_loss": m["loss"], "examples": len(enc),
                 "data": splits.source}
 
@@ -273,7 +277,7 @@ def load_run(path: PathLike, adapter: str | None = None) -> Run:
     final = path / "final.json"
     names = json.loads(final.read_text()).get("label_names") if final.exists() else None
     return Run(path, cfg, loaded.model, loaded.tokenizer, names or [str(i) for i in range(cfg.num_labels)],
-               loaded.pooling)
+               loaded.pooling, loaded.precision)
 
 
 def cli_command() -> str:

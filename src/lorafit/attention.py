@@ -21,10 +21,7 @@ transformers' SDPA interface keep their own.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,18 +93,9 @@ def time_both(batch: int, heads: int, length: int, head_dim: int, trials: int = 
         out.backward(grad.float() if fp32 else grad)
         return time.perf_counter() - t
 
-    run(False), run(True)  # warm-up
-    best = {"sdpa": float("inf"), "sdpa-fp32": float("inf")}
-    for _ in range(trials):
-        best["sdpa"] = min(best["sdpa"], run(False))
-        best["sdpa-fp32"] = min(best["sdpa-fp32"], run(True))
-    return best
+    from lorafit.measured import best_of_alternated
 
-
-def _cache_path() -> Path:
-    from lorafit.data.encoding import cache_root
-
-    return cache_root() / "attention.json"
+    return best_of_alternated({"sdpa": lambda: run(False), "sdpa-fp32": lambda: run(True)}, trials)
 
 
 def resolve_attention(attention: str, device: torch.device, precision: str, shape: tuple[int, int, int, int]) -> str:
@@ -120,24 +108,11 @@ def resolve_attention(attention: str, device: torch.device, precision: str, shap
         return attention
     if device.type != "cpu" or precision != "bf16":
         return "sdpa"
-    from lorafit.training import cpu_model
+    from lorafit.measured import cached_choice, machine_key
 
-    key = (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-           + "x".join(map(str, shape)))
-    path = _cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key not in cache:
+    def measure() -> dict:
         times = time_both(*shape)
         choice = "sdpa-fp32" if times["sdpa-fp32"] < 0.97 * times["sdpa"] else "sdpa"  # a clear win, not noise
-        cache[key] = {"choice": choice, "seconds": times, "measured": time.strftime("%Y-%m-%d %H:%M")}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=2) + "\n")
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache: decide again next time
-    return cache[key]["choice"]
+        return {"choice": choice, "seconds": times}
+
+    return cached_choice("attention", machine_key("x".join(map(str, shape))), measure)

@@ -19,10 +19,10 @@ from lorafit.errors import ConfigError
 from lorafit.lora import INITS
 from lorafit.attention import ATTENTIONS
 from lorafit.pooling import POOLINGS
+from lorafit.precision import PRECISIONS
 from lorafit.tracking import TRACKERS
 from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
 
-PRECISIONS = ("auto", "fp32", "bf16")
 KEEPS = ("last", "best")
 
 
@@ -77,7 +77,9 @@ class RunConfig:
     label_column: str = _f("label", "label column of a table source")
     num_labels: int = _f(2, "number of classes")
     seed: int = _f(0, "seed of data cuts, initialisation, dropout and batch order")
-    precision: str = _f("auto", "fp32, bf16, or auto (bf16 where the CPU has AMX/AVX512-BF16, or on CUDA)",
+    precision: str = _f("auto", "fp32, bf16 (autocast), or auto (bf16 on CUDA where supported; on a CPU with "
+                        "AMX/AVX512-BF16, bf16 only where the run's linear layers, timed once per CPU and shape, "
+                        "are at least 1.1x as fast in it; else fp32)",
                         choices=PRECISIONS)
     attention: str = _f("auto", "attention kernel: sdpa (in the dtype autocast gives it), sdpa-fp32 (attention in "
                         "fp32 under bf16 autocast; faster on some CPUs, and more precise), or auto (on CPU under "

@@ -37,6 +37,9 @@ class LoadedModel:
     (a new classification head); a run saves them to be reproducible."""
     pooling: str = "cls"
     """What the head reads: `cls` or `mean` (see lorafit.pooling)."""
+    precision: str | None = None
+    """A trained run's recorded precision (`fp32`/`bf16`, lorafit.precision); None for a
+    model loaded afresh."""
 
 
 def resolve_model_path(name: str | None) -> str:

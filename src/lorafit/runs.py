@@ -35,7 +35,8 @@ from lorafit.models import LoadedModel, fresh_state, load_model
 from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.tracking import Tracker
 from lorafit.tracking import check_available as check_trackers
-from lorafit.training import Interrupted, TrainSettings, evaluate, pick_device, resolve_precision, train
+from lorafit.precision import model_dims, resolve_precision
+from lorafit.training import Interrupted, TrainSettings, evaluate, pick_device, train
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -163,7 +164,6 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     check_trackers(cfg.report_to)
     t_start = time.perf_counter()
     main = distributed.is_main()
-    precision = resolve_precision(cfg.precision, device)
     splits = load_data(cfg)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
                         pooling=cfg.pooling)
@@ -174,6 +174,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     strategy = STRATEGIES[cfg.strategy]
     strategy.setup(model, cfg)
     model.to(device)
+    precision = _pick_precision(cfg, model, device, out if resume else None)
     attention = _pick_attention(cfg, model, device, precision, out if resume else None)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
@@ -300,6 +301,18 @@ RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 
+def _pick_precision(cfg: RunConfig, model, device: torch.device, resumed: Path | None) -> str:
+    """The precision this run computes in (lorafit.precision): a resumed run's recorded one;
+    else `cfg.precision` resolved by rank 0 at this run's shapes and shared, so every rank agrees."""
+    if resumed:
+        recorded = _read_config_json(resumed).get("precision_resolved")
+        if recorded in ("fp32", "bf16"):
+            return recorded
+    dims = model_dims(model.config, -(-cfg.batch_size // distributed.world_size()), cfg.max_length)
+    choice = resolve_precision(cfg.precision, device, dims) if distributed.is_main() else "fp32"
+    return ("fp32", "bf16")[int(distributed.max_(float(choice == "bf16")))]
+
+
 def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str, resumed: Path | None) -> str:
     """The attention kernel this run uses (lorafit.attention), set on `model`: a resumed run's
     recorded one; else `cfg.attention` resolved by rank 0 and shared, so every rank agrees."""
@@ -331,6 +344,7 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     cfg = _config_of(raw, run_dir)
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(raw))
     set_attention(loaded.model, raw.get("attention_resolved", "sdpa"))  # as the run tested (older runs: sdpa)
+    loaded.precision = raw.get("precision_resolved")  # as the run tested
     STRATEGIES[cfg.strategy].load(loaded.model, cfg, run_dir, adapter)
     if merge:
         merge_lora(loaded.model)

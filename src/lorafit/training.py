@@ -1,7 +1,7 @@
 """Training and evaluation: plain functions that return histories and metrics.
 
 AdamW with linear warm-up and decay, gradient clipping and accumulation, bf16 autocast
-where the hardware has it, length-bucketed batches, evaluation on validation after
+where it is measured faster (lorafit.precision), length-bucketed batches, evaluation on validation after
 every epoch, and the last (or the best-validation) epoch's weights kept.
 """
 
@@ -26,6 +26,7 @@ from lorafit import distributed, fault_points
 from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import Interrupted, LorafitError
+from lorafit.precision import cpu_has_bf16, resolve_precision  # noqa: F401 (the training API names them)
 
 
 class TrainingDiverged(LorafitError):
@@ -47,17 +48,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls run fast)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def pick_device() -> torch.device:
     """CUDA where there is a GPU (in a torchrun job: this local rank's), else the CPU."""
     if distributed.launched():
@@ -70,15 +60,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 on CUDA with bf16 support or on a CPU with AMX/AVX512-BF16, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
