@@ -13,7 +13,12 @@ peer; this CPU's matmul peak measured first, in this process, with care
 it; and the inference throughput of a merged LoRA model against the base model.
 Speed is from the first seed's runs; accuracy is the mean over --seeds (the typical
 peer's over its first --typical-seeds, as its accuracy is context only). Resumable: a
-finished lorafit run or peer record in --out is read back (each records its CPU model).
+finished lorafit run or peer record in --out is read back (each records its CPU model),
+and so are the matmul peak and the merged-inference timing (matmul_peak.json,
+merged.json: measured once, by the invocation that began the records). The tuned peer
+computes in the precision lorafit's run used (`--precision auto` measures it per CPU).
+`--records-only` runs only the records (accuracy seeds, e.g. two processes side by side:
+`OMP_NUM_THREADS=1 ... --seeds 1 --records-only --typical-seeds 0`).
 lorafit runs with `--pooling cls`, the first token's head, as the peers' heads read it.
 
     .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3 --seeds 0,1,2]
@@ -117,11 +122,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--fresh", action="store_true", help="drop rows kept from earlier runs in results/bench.json")
+    ap.add_argument("--records-only", action="store_true",
+                    help="only run (or read back) the runs' records in --out, e.g. accuracy-only seeds in parallel "
+                         "processes; no peak, no results written")
     ap.add_argument("--merged-only", action="store_true",
                     help="only measure merged-LoRA vs base inference on the lora run already in --out")
     args = ap.parse_args()
-    if args.typical_seeds is not None and args.typical_seeds < 1:
-        ap.error("--typical-seeds must be at least 1: the typical peer's first seed gives its speed")
+    if args.typical_seeds is not None and args.typical_seeds < (0 if args.records_only else 1):
+        ap.error("--typical-seeds must be at least 1: the typical peer's first seed gives its speed "
+                 "(0 only with --records-only: records of the accuracy seeds)")
     data_args = dict(source=args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size)
     if args.merged_only:
         merged = merged_vs_base(args.out / f"lora-seed{args.seeds.split(',')[0]}", data_args, args.max_length)
@@ -134,7 +143,11 @@ def main() -> None:
     from lorafit.models import resolve_model_path
     from lorafit.strategies import learning_rate
 
-    measured_peak = measure()  # first, while this process is the only one working
+    if args.records_only:  # accuracy runs beside others: no peak, no results, only the records in --out
+        measured_peak = {"bfloat16": {"peak_tflops": float("nan")}, "float32": {"peak_tflops": float("nan")},
+                         "cpu": cpu_model(), "method": "not measured (--records-only)"}
+    else:
+        measured_peak = _matmul_peak(args.out)
     peaks = {"bf16_tflops": measured_peak["bfloat16"]["peak_tflops"],
              "fp32_tflops": measured_peak["float32"]["peak_tflops"], "cpu": measured_peak["cpu"],
              "detail": measured_peak}
@@ -169,7 +182,8 @@ def main() -> None:
             flops_per_token = train_flops_per_token(strategy, model_cfg, tokens / samples)
             ours["mfu"] = flops_per_token * ours["tokens_per_s"] / (peak * 1e12) if flops_per_token else None
             peers = {}
-            for kind, flags in (("tuned", ["--tuned"]), ("typical", [])):
+            # the tuned peer computes in the precision lorafit's run used (measured faster on this CPU)
+            for kind, flags in (("tuned", ["--tuned", "--precision", final["precision"]]), ("typical", [])):
                 if kind == "typical" and args.typical_seeds is not None and seed not in seeds[:args.typical_seeds]:
                     continue
                 saved = args.out / f"peer-{kind}-{strategy}-seed{seed}.json"
@@ -187,6 +201,8 @@ def main() -> None:
                 peers[kind] = peer
             per_seed.append({"seed": seed, "lorafit": ours, **{f"peer_{k}": v for k, v in peers.items()}})
             print(json.dumps(per_seed[-1]), flush=True)
+        if args.records_only:
+            continue
         first = per_seed[0]
         ours, ratios = first["lorafit"], {}
         for kind in ("tuned", "typical"):
@@ -200,17 +216,49 @@ def main() -> None:
             }
         accuracy = {who: [r[who]["test_accuracy"] for r in per_seed if who in r]
                     for who in ("lorafit", "peer_tuned", "peer_typical")}
-        row = {"strategy": strategy, "lr": lr, "matmul_peak": peaks, "measured": time.strftime("%Y-%m-%d %H:%M"),
+        # when the first seed's records (the speed) were made, not when this invocation read them back
+        made = max(p.stat().st_mtime for p in [args.out / f"{strategy}-seed{seeds[0]}" / "final.json",
+                                                *args.out.glob(f"peer-*-{strategy}-seed{seeds[0]}.json")])
+        row = {"strategy": strategy, "lr": lr, "matmul_peak": peaks, "measured": time.strftime("%Y-%m-%d %H:%M",
+                                                                                             time.localtime(made)),
                "lorafit": ours, "peer": first["peer_typical"], "peer_tuned": first["peer_tuned"], "ratios": ratios,
                "seeds": seeds, "test_accuracy_per_seed": accuracy, "per_seed": per_seed}
         rows.append(row)
         write_results(args, peaks, rows, None)  # after each strategy: a cut-off run keeps what it measured
+    if args.records_only:
+        return
     merged = None
     if "lora" in args.strategies:
-        merged = merged_vs_base(args.out / f"lora-seed{args.seeds.split(',')[0]}", data_args, args.max_length)
+        merged = _merged(args, data_args)
     print(write_results(args, peaks, rows, merged))
     if merged:
         print(json.dumps(merged))
+
+
+def _merged(args, data_args: dict) -> dict:
+    """merged_vs_base of the first seed's lora run, measured once and kept in --out
+    (merged.json), so completing the records later does not re-time it beside other work."""
+    path = args.out / "merged.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    merged = merged_vs_base(args.out / f"lora-seed{args.seeds.split(',')[0]}", data_args, args.max_length)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def _matmul_peak(out: Path) -> dict:
+    """This CPU's matmul peak (peak.measure), measured first while this process is the only
+    one working, and kept in `out`/matmul_peak.json: a later invocation that completes the
+    same records on the same CPU model reuses the peak of the one that began them."""
+    path = out / "matmul_peak.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("cpu") == cpu_model():
+            return saved
+    peak = measure()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**peak, "measured": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
+    return peak
 
 
 def _seeds_note(row: dict) -> str:

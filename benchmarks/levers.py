@@ -11,12 +11,15 @@
    whole training steps (full and lora) with every dropout of the model one or the other.
 4. Attention in fp32 under bf16 autocast (--attention sdpa-fp32) against SDPA on the bf16
    tensors autocast gives it: the kernel forward + backward, then whole training steps.
+5. Precision: bf16 autocast (what `--precision auto` chose by the CPU's flags alone, with
+   the attention kernel `--attention auto` picks under bf16) against fp32: the linear
+   layers' timing that `auto` now makes (lorafit.precision), then whole training steps.
 
 Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
-    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers adamw,attention,dropout,attention-fp32]
+    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers adamw,attention,dropout,attention-fp32,precision]
 
 writes results/levers.json (entries of levers not chosen are kept).
 """
@@ -163,6 +166,36 @@ def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
     return {**out, **steps_side_by_side(set_attention, "sdpa", "sdpa-fp32", trials, batch, length, data)}
 
 
+def precision(trials: int, batch: int, length: int, data: str) -> dict:
+    """bf16 autocast (A) against fp32 (B): lorafit.precision's timing of the linear layers
+    (forward + backward at the model's shapes), then whole training steps of full and lora,
+    bf16 with the attention kernel `--attention auto` picks under bf16, fp32 with SDPA."""
+    from profile_step import build, step
+
+    from lorafit.attention import resolve_attention, set_attention
+    from lorafit.precision import BF16_MARGIN, time_linears
+
+    cpu = torch.device("cpu")
+    linears = time_linears(min(batch * length, 4096), 384, 1536, trials=trials)
+    attn_bf16 = resolve_attention("auto", cpu, "bf16", (batch, 12, length, 32))
+    out = {"linears": {**linears, "speedup_fp32_over_bf16": linears["bf16"] / linears["fp32"],
+                       "auto_would_choose": "bf16" if linears["fp32"] >= BF16_MARGIN * linears["bf16"] else "fp32"},
+           "bf16_attention": attn_bf16, "a": f"bf16 autocast (attention {attn_bf16})", "b": "fp32 (attention sdpa)",
+           "batch": [batch, length]}
+    for strategy in ("full", "lora"):
+        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
+        model.train()
+
+        def run(p: str):
+            def f():
+                set_attention(model, attn_bf16 if p == "bf16" else "sdpa")
+                step(model, opt, sched, inputs, labels, p)
+            return f
+
+        out[f"{strategy}_step"] = alternate(run("bf16"), run("fp32"), max(3, trials // 2))
+    return out
+
+
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import build, step
 
@@ -194,7 +227,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/levers.json")
-    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32",
+    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32,precision",
                     help="comma list; the others' entries already in --out are kept")
     args = ap.parse_args()
     chosen = args.levers.split(",")
@@ -221,6 +254,9 @@ def main() -> None:
         result["attention_fp32"] = {**attention_fp32(args.trials, args.batch, args.length, args.data),
                                     "context": context}
         print(json.dumps(result["attention_fp32"]), flush=True)
+    if "precision" in chosen:
+        result["precision"] = {**precision(args.trials, args.batch, args.length, args.data), "context": context}
+        print(json.dumps(result["precision"]), flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

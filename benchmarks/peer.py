@@ -3,7 +3,8 @@
 typical (default), as its users write it: padding to max_length, fp32, the model's own
 attention dropout (0.1), AdamW's default (foreach) implementation.
 --tuned, as a careful user writes it: bf16 autocast where the CPU has AMX/AVX512-BF16
-(as lorafit's `auto`), batches grouped by length (the Trainer's LengthGroupedSampler,
+(`--precision flags`; `--precision fp32|bf16` sets it: bench.py gives the tuned peer the
+precision lorafit's run measured faster and used), batches grouped by length (the Trainer's LengthGroupedSampler,
 `group_by_length`) and padded to their longest review (DataCollatorWithPadding),
 attention dropout as lorafit's (--attn-dropout, default 0), fused AdamW.
 
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tuned", action="store_true")
     ap.add_argument("--attn-dropout", type=float, default=0.0, help="with --tuned")
+    ap.add_argument("--precision", choices=("flags", "fp32", "bf16"), default="flags",
+                    help="with --tuned: bf16 autocast where the CPU has the bf16 flags (flags), or as given")
     ap.add_argument("--warmup-ratio", type=float, default=0.1)
     ap.add_argument("--constant-lr", action="store_true")
     args = ap.parse_args()
@@ -71,7 +74,7 @@ def main() -> None:
     elif args.strategy == "last-two-layers":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("bert.pooler.dense.", "classifier."))
-    bf16 = args.tuned and cpu_has_bf16()
+    bf16 = args.tuned and (args.precision == "bf16" or (args.precision == "flags" and cpu_has_bf16()))
 
     if args.tuned:
         collate = DataCollatorWithPadding(tok)

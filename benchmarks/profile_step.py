@@ -1,7 +1,8 @@
 """Where a training step's time goes: the share per op class, for full and lora.
 
 One training step of all-MiniLM-L6-v2 as lorafit takes it (its model set-up, its
-optimizer, bf16 autocast where the CPU has it, attention dropout 0, gradient clipping),
+optimizer, its precision and attention kernel as `auto` resolves them on this machine,
+attention dropout 0, gradient clipping),
 on a batch of `--batch-size` real reviews of the archive truncated to `--length`
 tokens (every row full, so the shape is fixed), profiled with torch.profiler over
 `--steps` steps after `--warmup` steps. Each op's self time goes to one class:
@@ -32,7 +33,8 @@ from peak import cpu_flags, cpu_model, measure
 CLASSES = [
     ("attention", re.compile(r"scaled_dot_product|flash_attention|efficient_attention|_fused_sdp")),
     ("matmul", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_mkldnn|mkldnn_)")),
-    ("dropout", re.compile(r"bernoulli|dropout")),
+    # nn.Dropout's bernoulli_, and lorafit's FastDropout: its random words (randint -> random_) and mask product
+    ("dropout", re.compile(r"bernoulli|dropout|random_|randint|ScaleByMask")),
     ("elementwise", re.compile(
         r"^aten::(add|mul|div|sub|gelu|tanh|relu|threshold|layer_norm|native_layer_norm|softmax|_softmax|"
         r"log_softmax|_log_softmax|copy_|_to_copy|to|clone|fill_|zero_|zeros|ones|sum|mean|where|masked|exp|log|"
@@ -93,8 +95,12 @@ def step(model, opt, sched, inputs, labels, precision: str) -> None:
 def profile_strategy(strategy: str, args) -> dict:
     from lorafit.training import resolve_precision
 
-    precision = resolve_precision("auto", torch.device("cpu"))
+    from lorafit.attention import resolve_attention, set_attention
+
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu, (min(args.batch_size * args.length, 4096), 384, 1536))
     model, opt, sched, inputs, labels = build(strategy, args.batch_size, args.length, args.data)
+    attention = set_attention(model, resolve_attention("auto", cpu, precision, (args.batch_size, 12, args.length, 32)))
     model.train()
     for _ in range(args.warmup):
         step(model, opt, sched, inputs, labels, precision)
@@ -116,7 +122,7 @@ def profile_strategy(strategy: str, args) -> dict:
         per_class[classify(e.name, _under_optimizer(e))] += us
         per_op[e.name] += us
     total = sum(per_class.values())
-    return {"strategy": strategy, "precision": precision, "step_seconds": wall,
+    return {"strategy": strategy, "precision": precision, "attention": attention, "step_seconds": wall,
             "step_seconds_profiled": profiled_wall,
             "share": {k: per_class.get(k, 0.0) / total for k in
                       ("matmul", "attention", "dropout", "optimizer", "elementwise", "other")},
