@@ -62,6 +62,15 @@ def read_imdb_dir(path: Path) -> Rows:
     return rows
 
 
+def _is_tarfile(path: Path) -> bool:
+    """tarfile.is_tarfile, False where probing a corrupt file raises (on some random gzip
+    bytes Python 3.11's probe raises EOFError instead of answering)."""
+    try:
+        return tarfile.is_tarfile(path)
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        return False
+
+
 def read_imdb_tar(path: Path) -> Rows:
     """Reviews of a tar(.gz) in the official layout, streamed: nothing is extracted to disk."""
     rows: Rows = {"train": [], "test": []}
@@ -250,7 +259,7 @@ def load_dataset(source: str | Path | None = None, *, val_size: int | float = 0.
             train, test = _imdb_splits(read_imdb_dir(path))
         elif path.suffix.lower() in TABLE_SUFFIXES:
             train, test = read_table(path, text_column, label_column, seed=seed)
-        elif tarfile.is_tarfile(path) or path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        elif path.name.endswith((".tar.gz", ".tgz", ".tar")) or _is_tarfile(path):
             train, test = _imdb_splits(read_imdb_tar(path))
         else:
             raise DataError(f"{path} is neither a folder, a tar archive nor a .csv/.tsv/.jsonl/.parquet table; "
