@@ -27,6 +27,7 @@ run's numerics.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ DEFAULT_DIMS = (4096, 384, 1536)
 """(tokens, hidden, intermediate) when no model is given: all-MiniLM-L6-v2 at 16 x 256."""
 
 
+@lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 matmul instructions)."""
     try:
@@ -87,7 +89,7 @@ def resolve_precision(precision: str, device: torch.device, dims: tuple[int, int
 
     `dims` is (tokens, hidden, intermediate) of the run (`model_dims`); without it the
     default model's. On a CPU with bf16 instructions the first call per machine and dims
-    times both (about a second) and caches the decision.
+    times both (about 3 s at the default model's dims here) and caches the decision.
     """
     if precision != "auto":
         return precision
