@@ -74,9 +74,12 @@ def adamw(trials: int) -> dict:
 
 
 def attention(trials: int, batch: int, length: int, dtype: torch.dtype) -> dict:
+    from profile_step import model_shapes
+
+    shape = model_shapes(batch, length)["attention"]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, 12, length, 32, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad = torch.randn(batch, 12, length, 32, generator=g, dtype=dtype)
+    q, k, v = (torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(*shape, generator=g, dtype=dtype)
 
     def run(backend):
         def f():
@@ -93,7 +96,7 @@ def attention(trials: int, batch: int, length: int, dtype: torch.dtype) -> dict:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         math_ = F.scaled_dot_product_attention(q, k, v).float()
     out["max_abs_output_difference"] = float((flash - math_).abs().max())
-    out["shape"] = [batch, 12, length, 32]
+    out["shape"] = list(shape)
     out["dtype"] = str(dtype)
     out["a"], out["b"] = "SDPA flash (PyTorch's CPU choice)", "SDPA math"
     return out
@@ -123,16 +126,18 @@ def steps_side_by_side(configure, a, b, trials: int, batch: int, length: int, da
 
 
 def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str) -> dict:
-    """Dropout p=0.1: one call on a (batch, length, 384) activation, then whole training steps
-    (full and lora, every dropout of the model one kind or the other), nn.Dropout (A) against
-    lorafit's FastDropout (B)."""
+    """Dropout p=0.1: one call on a (batch, length, hidden) activation, then whole training
+    steps (full and lora, every dropout of the model one kind or the other), nn.Dropout (A)
+    against lorafit's FastDropout (B)."""
+    from profile_step import model_shapes
     from torch import nn
 
     from lorafit.dropout import FastDropout
 
-    x = torch.randn(batch, length, 384, dtype=dtype)
+    shape = model_shapes(batch, length)["activation"]
+    x = torch.randn(*shape, dtype=dtype)
     plain, fast = nn.Dropout(0.1).train(), FastDropout(0.1).train()
-    out = {"call": alternate(lambda: plain(x), lambda: fast(x), trials * 3), "shape": [batch, length, 384],
+    out = {"call": alternate(lambda: plain(x), lambda: fast(x), trials * 3), "shape": list(shape),
            "dtype": str(dtype), "a": "nn.Dropout (bernoulli_)", "b": "lorafit FastDropout (int64 words, 16-bit lanes)"}
 
     def swap(model, cls):
@@ -149,11 +154,14 @@ def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
     autocast gives it (bf16): SDPA forward + backward at the model's shape, then whole
     training steps (full and lora) with the model's attention one or the other."""
 
+    from profile_step import model_shapes
+
     from lorafit.attention import set_attention
 
+    shape = model_shapes(batch, length)["attention"]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, 12, length, 32, generator=g, dtype=torch.bfloat16) for _ in range(3))
-    grad = torch.randn(batch, 12, length, 32, generator=g, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    grad = torch.randn(*shape, generator=g, dtype=torch.bfloat16)
 
     def kernel(fp32: bool):
         def f():
@@ -161,7 +169,7 @@ def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
             F.scaled_dot_product_attention(a, b, c).backward(grad.float() if fp32 else grad)
         return f
 
-    out = {"kernel": alternate(kernel(False), kernel(True), trials), "shape": [batch, 12, length, 32],
+    out = {"kernel": alternate(kernel(False), kernel(True), trials), "shape": list(shape),
            "a": "SDPA on bf16 q, k, v (what autocast gives)", "b": "SDPA on fp32 q, k, v (--attention sdpa-fp32)"}
     return {**out, **steps_side_by_side(set_attention, "sdpa", "sdpa-fp32", trials, batch, length, data)}
 
@@ -170,14 +178,15 @@ def precision(trials: int, batch: int, length: int, data: str) -> dict:
     """bf16 autocast (A) against fp32 (B): lorafit.precision's timing of the linear layers
     (forward + backward at the model's shapes), then whole training steps of full and lora,
     bf16 with the attention kernel `--attention auto` picks under bf16, fp32 with SDPA."""
-    from profile_step import build, step
+    from profile_step import build, model_shapes, step
 
     from lorafit.attention import resolve_attention, set_attention
     from lorafit.precision import BF16_MARGIN, time_linears
 
     cpu = torch.device("cpu")
-    linears = time_linears(min(batch * length, 4096), 384, 1536, trials=trials)
-    attn_bf16 = resolve_attention("auto", cpu, "bf16", (batch, 12, length, 32))
+    shapes = model_shapes(batch, length)
+    linears = time_linears(*shapes["linears"], trials=trials)
+    attn_bf16 = resolve_attention("auto", cpu, "bf16", shapes["attention"])
     out = {"linears": {**linears, "speedup_fp32_over_bf16": linears["bf16"] / linears["fp32"],
                        "auto_would_choose": "bf16" if linears["fp32"] >= BF16_MARGIN * linears["bf16"] else "fp32"},
            "bf16_attention": attn_bf16, "a": f"bf16 autocast (attention {attn_bf16})", "b": "fp32 (attention sdpa)",

@@ -61,6 +61,28 @@ def _under_optimizer(event) -> bool:
     return False
 
 
+def default_config():
+    """The default model's transformers config (all-MiniLM-L6-v2 unless LORAFIT_MODEL says otherwise)."""
+    from transformers import AutoConfig
+
+    from lorafit.models import resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(None))
+
+
+def model_shapes(batch: int, length: int) -> dict:
+    """The default model's shapes at (batch, length): the linear layers' (tokens, hidden,
+    intermediate) as `--precision auto` times them, attention's (batch, heads, length, head
+    dim) as `--attention auto` times it, and one activation's (batch, length, hidden)."""
+    from lorafit.precision import model_dims
+
+    config = default_config()
+    linears = model_dims(config, batch, length)
+    heads = int(config.num_attention_heads)
+    return {"linears": linears, "attention": (batch, heads, length, linears[1] // heads),
+            "activation": (batch, length, linears[1])}
+
+
 def build(strategy: str, batch_size: int, length: int, data: str):
     from lorafit.config import RunConfig
     from lorafit.data import load_dataset
@@ -98,9 +120,10 @@ def profile_strategy(strategy: str, args) -> dict:
     from lorafit.attention import resolve_attention, set_attention
 
     cpu = torch.device("cpu")
-    precision = resolve_precision("auto", cpu, (min(args.batch_size * args.length, 4096), 384, 1536))
+    shapes = model_shapes(args.batch_size, args.length)
+    precision = resolve_precision("auto", cpu, shapes["linears"])
     model, opt, sched, inputs, labels = build(strategy, args.batch_size, args.length, args.data)
-    attention = set_attention(model, resolve_attention("auto", cpu, precision, (args.batch_size, 12, args.length, 32)))
+    attention = set_attention(model, resolve_attention("auto", cpu, precision, shapes["attention"]))
     model.train()
     for _ in range(args.warmup):
         step(model, opt, sched, inputs, labels, precision)
@@ -148,11 +171,7 @@ def main() -> None:
               "command": "python benchmarks/profile_step.py", "rows": []}
     for strategy in args.strategies.split(","):
         row = profile_strategy(strategy, args)
-        from transformers import AutoConfig
-
-        from lorafit.models import resolve_model_path
-
-        flops = train_flops_per_token(strategy, AutoConfig.from_pretrained(resolve_model_path(None)), args.length)
+        flops = train_flops_per_token(strategy, default_config(), args.length)
         tflops = flops * args.batch_size * args.length / row["step_seconds"] / 1e12
         dtype = "bfloat16" if row["precision"] == "bf16" else "float32"
         row["model_tflops"], row["mfu"] = tflops, tflops / peak[dtype]["peak_tflops"]
