@@ -44,11 +44,14 @@ ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labe
 STRATEGIES = ("full", "last-two-layers", "lora")
 
 
-def train_flops_per_token(strategy: str, cfg, avg_len: float) -> float:
-    """Approximate training FLOPs per token: dense layers (6P full, 4P lora) plus attention."""
+def train_flops_per_token(strategy: str, cfg, avg_len: float, first_token: bool = False) -> float:
+    """Approximate training FLOPs per token that a run computes: dense layers (6P full, 4P
+    lora) plus attention. `first_token`: the last layer computes only its keys and values
+    for every token (lorafit.first_token; the first token's own row is left out)."""
     h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    dense = layers * (4 * h * h + 2 * h * inter)
-    attention = 12 * layers * avg_len * h  # QK^T and AV, forward x3 for training
+    full_layers = layers - 1 if first_token else layers
+    dense = full_layers * (4 * h * h + 2 * h * inter) + (2 * h * h if first_token else 0)
+    attention = 12 * full_layers * avg_len * h  # QK^T and AV, forward x3 for training
     return {"full": 6 * dense + attention, "lora": 4 * dense + attention}.get(strategy, 0.0)
 
 
@@ -179,8 +182,12 @@ def main() -> None:
                     "wall_seconds": final["wall_seconds"], "peak_memory_mb": final["peak_memory_mb"],
                     "test_accuracy": final["test_accuracy"], "precision": final["precision"], "cpu": cpu_model()}
             peak = peaks["bf16_tflops"] if final["precision"] == "bf16" else peaks["fp32_tflops"]
+            # MFU counts the FLOPs each side computes: lorafit's last layer may compute one row (first_token)
+            pruned = final.get("last_layer") == "first-token"
+            ours["last_layer"] = final.get("last_layer", "full")
+            ours_flops = train_flops_per_token(strategy, model_cfg, tokens / samples, first_token=pruned)
             flops_per_token = train_flops_per_token(strategy, model_cfg, tokens / samples)
-            ours["mfu"] = flops_per_token * ours["tokens_per_s"] / (peak * 1e12) if flops_per_token else None
+            ours["mfu"] = ours_flops * ours["tokens_per_s"] / (peak * 1e12) if ours_flops else None
             peers = {}
             # the tuned peer computes in the precision lorafit's run used (measured faster on this CPU)
             for kind, flags in (("tuned", ["--tuned", "--precision", final["precision"]]), ("typical", [])):

@@ -14,12 +14,16 @@
 5. Precision: bf16 autocast (what `--precision auto` chose by the CPU's flags alone, with
    the attention kernel `--attention auto` picks under bf16) against fp32: the linear
    layers' timing that `auto` now makes (lorafit.precision), then whole training steps.
+6. First token: the last layer computed for the first token only, as a cls-pooled head
+   reads it (lorafit.first_token), against the full last layer transformers computes:
+   eval forwards (their logits compared), then whole training steps.
 
 Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
-    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers adamw,attention,dropout,attention-fp32,precision]
+    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers LIST]
+    (LIST: adamw,attention,dropout,attention-fp32,precision,first-token; default all)
 
 writes results/levers.json (entries of levers not chosen are kept).
 """
@@ -205,6 +209,31 @@ def precision(trials: int, batch: int, length: int, data: str) -> dict:
     return out
 
 
+def first_token(trials: int, batch: int, length: int, data: str) -> dict:
+    """The last layer on the first token only (lorafit.first_token, B) against the full
+    last layer (A): eval forwards of a cls-pooled model (their logits compared), then whole
+    training steps of full and lora."""
+    from profile_step import build
+
+    from lorafit.first_token import set_pruning
+
+    model, _, _, inputs, _ = build("full", batch, length, data)
+    model.eval()
+
+    def forward(on: bool):
+        def f():
+            set_pruning(model, on)
+            with torch.no_grad():
+                return model(**inputs).logits
+        return f
+
+    out = {"eval_forward": alternate(forward(False), forward(True), trials),
+           "max_abs_logit_difference": float((forward(False)() - forward(True)()).abs().max()),
+           "a": "the full last layer (transformers)", "b": "the last layer on the first token (lorafit)",
+           "batch": [batch, length]}
+    return {**out, **steps_side_by_side(set_pruning, False, True, trials, batch, length, data)}
+
+
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import build, step
 
@@ -236,7 +265,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/levers.json")
-    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32,precision",
+    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32,precision,first-token",
                     help="comma list; the others' entries already in --out are kept")
     args = ap.parse_args()
     chosen = args.levers.split(",")
@@ -266,6 +295,9 @@ def main() -> None:
     if "precision" in chosen:
         result["precision"] = {**precision(args.trials, args.batch, args.length, args.data), "context": context}
         print(json.dumps(result["precision"]), flush=True)
+    if "first-token" in chosen:
+        result["first_token"] = {**first_token(args.trials, args.batch, args.length, args.data), "context": context}
+        print(json.dumps(result["first_token"]), flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -145,7 +145,10 @@ def profile_strategy(strategy: str, args) -> dict:
         per_class[classify(e.name, _under_optimizer(e))] += us
         per_op[e.name] += us
     total = sum(per_class.values())
-    return {"strategy": strategy, "precision": precision, "attention": attention, "step_seconds": wall,
+    from lorafit.first_token import last_layer_of
+
+    return {"strategy": strategy, "precision": precision, "attention": attention, "last_layer": last_layer_of(model),
+            "step_seconds": wall,
             "step_seconds_profiled": profiled_wall,
             "share": {k: per_class.get(k, 0.0) / total for k in
                       ("matmul", "attention", "dropout", "optimizer", "elementwise", "other")},
@@ -171,7 +174,8 @@ def main() -> None:
               "command": "python benchmarks/profile_step.py", "rows": []}
     for strategy in args.strategies.split(","):
         row = profile_strategy(strategy, args)
-        flops = train_flops_per_token(strategy, default_config(), args.length)
+        flops = train_flops_per_token(strategy, default_config(), args.length,
+                                      first_token=row["last_layer"] == "first-token")  # the FLOPs it computes
         tflops = flops * args.batch_size * args.length / row["step_seconds"] / 1e12
         dtype = "bfloat16" if row["precision"] == "bf16" else "float32"
         row["model_tflops"], row["mfu"] = tflops, tflops / peak[dtype]["peak_tflops"]

@@ -141,6 +141,8 @@ def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
     assert "resumed at epoch 2" in c["last"]["stdout"]
     assert not list(c["run"].glob(f".{CKPT}.*.tmp"))  # the stale temporary file was cleaned up
     _assert_same(c["run"], c["ref"])
+    # the tiny BERT is read by its first token: every stage ran the first-token last layer (lorafit.first_token)
+    assert json.loads((c["run"] / "config.json").read_text())["last_layer_resolved"] == "first-token"
     assert json.loads((c["run"] / "final.json").read_text())["peak_memory_mb"] == 123_456.0
     assert json.loads((c["ref"] / "final.json").read_text())["peak_memory_mb"] < 123_456.0
 

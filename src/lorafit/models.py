@@ -16,6 +16,7 @@ from torch import nn
 
 from lorafit.errors import ModelLoadError
 from lorafit.dropout import use_fast_dropout
+from lorafit.first_token import prune_last_layer
 from lorafit.pooling import apply_pooling, resolve_pooling
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -114,6 +115,8 @@ def load_model(name: str | None, num_labels: int = 2, seed: int | None = None,
     fresh = sorted(info.get("missing_keys", []))
     resolved = resolve_pooling(pooling, source)
     apply_pooling(model, resolved)
+    if resolved == "cls":
+        prune_last_layer(model)  # the head reads one row: the last layer computes only it (lorafit.first_token)
     use_fast_dropout(model)  # cheaper dropout masks on CPU (lorafit.dropout)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, source=source, fresh_keys=fresh, pooling=resolved)
 

@@ -30,6 +30,7 @@ from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.encoding import encode_split
 from lorafit.errors import ConfigError, RunDirError
+from lorafit.first_token import last_layer_of, set_pruning
 from lorafit.lora import count_parameters, merge_lora
 from lorafit.models import LoadedModel, fresh_state, load_model
 from lorafit.strategies import STRATEGIES, learning_rate
@@ -176,6 +177,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     model.to(device)
     precision = _pick_precision(cfg, model, device, out if resume else None)
     attention = _pick_attention(cfg, model, device, precision, out if resume else None)
+    last_layer = _pick_last_layer(model, out if resume else None)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
     if not resume and main:
@@ -184,13 +186,14 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     lr = learning_rate(cfg)
     world = distributed.world_size()
     _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {loaded.pooling} pooling | "
-         f"{device.type} {precision} | attention {attention} | lr {lr:g}"
+         f"{device.type} {precision} | attention {attention} | last layer {last_layer} | lr {lr:g}"
          + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
     resolved = {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
-                "pooling_resolved": loaded.pooling, "attention_resolved": attention}
+                "pooling_resolved": loaded.pooling, "attention_resolved": attention,
+                "last_layer_resolved": last_layer}
     if not resume and main:
         write_json(out / "config.json", resolved)
 
@@ -261,7 +264,8 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
         "precision": precision, "device": device.type, "processes": world, "lr": lr, "pooling": loaded.pooling,
-        "attention": attention, "sizes": splits.sizes(), "label_names": splits.label_names, "resumed": resume,
+        "attention": attention, "last_layer": last_layer, "sizes": splits.sizes(), "label_names": splits.label_names,
+        "resumed": resume,
     }
     write_json(out / "final.json", final)
     tracker.finish(final, out / "curves.png")
@@ -297,7 +301,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return _config_of(_read_config_json(run_dir), run_dir)
 
 
-RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved")
+RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 
@@ -328,6 +332,15 @@ def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str,
     return set_attention(model, choice)
 
 
+def _pick_last_layer(model, resumed: Path | None) -> str:
+    """`first-token` where the model's last layer computes only what a cls head reads
+    (lorafit.first_token), else `full`; a resumed run keeps what it recorded (older runs,
+    from before the first-token layer: full), so it resumes to the same weights."""
+    if resumed:
+        set_pruning(model, _read_config_json(resumed).get("last_layer_resolved", "full") == "first-token")
+    return last_layer_of(model)
+
+
 def run_pooling(raw: dict) -> str:
     """The pooling a run trained with, from its config.json: `pooling_resolved` (older
     runs: their `pooling`, and cls before the field existed)."""
@@ -345,6 +358,7 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(raw))
     set_attention(loaded.model, raw.get("attention_resolved", "sdpa"))  # as the run tested (older runs: sdpa)
     loaded.precision = raw.get("precision_resolved")  # as the run tested
+    set_pruning(loaded.model, raw.get("last_layer_resolved", "full") == "first-token")  # likewise
     STRATEGIES[cfg.strategy].load(loaded.model, cfg, run_dir, adapter)
     if merge:
         merge_lora(loaded.model)
