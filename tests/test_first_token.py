@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig, MPNetConfig,
-                          RobertaConfig)
+from transformers import (AutoModelForSequenceClassification, BertConfig, DistilBertConfig, ElectraConfig,
+                          MPNetConfig, RobertaConfig, XLMRobertaConfig)
 
 from lorafit.attention import set_attention
 from lorafit.first_token import prune_last_layer, pruned, set_pruning
@@ -20,6 +20,10 @@ TINY = {
                                intermediate_size=64, max_position_embeddings=64),
     "roberta": lambda: RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=70, pad_token_id=1),
+    "xlm-roberta": lambda: XLMRobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=70, pad_token_id=1),
+    "electra": lambda: ElectraConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
     "distilbert": lambda: DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                            max_position_embeddings=64),
 }
