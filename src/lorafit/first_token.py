@@ -146,7 +146,7 @@ def prune_last_layer(model: nn.Module) -> bool:
     """Make `model` (a first-token `*ForSequenceClassification`) compute its last layer
     for the first token only, inside its own forward; idempotent. Returns whether it did
     (False: an architecture lorafit has no first-token layer for, left unchanged)."""
-    if isinstance(getattr(model, "_lorafit_arm", None), _Arm):
+    if pruned(model):
         return True
     found = _last_layer(model)
     if found is None:
