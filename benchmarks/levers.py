@@ -17,13 +17,17 @@
 6. First token: the last layer computed for the first token only, as a cls-pooled head
    reads it (lorafit.first_token), against the full last layer transformers computes:
    eval forwards (their logits compared), then whole training steps.
+7. Dropout's mask applied: FastDropout's mask and scale applied as lorafit does,
+   by `aten.native_dropout_backward`, against `where(keep, x, 0) *= scale`, forward +
+   backward of one call at the model's activation shape in the precision `auto` picks,
+   then whole training steps (a candidate, measured and not adopted: README).
 
 Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
     .venv/bin/python benchmarks/levers.py [--trials 7] [--levers LIST]
-    (LIST: adamw,attention,dropout,attention-fp32,precision,first-token; default all)
+    (LIST: adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply; default all)
 
 writes results/levers.json (entries of levers not chosen are kept).
 """
@@ -153,6 +157,71 @@ def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str)
     return {**out, **steps_side_by_side(swap, nn.Dropout, FastDropout, trials, batch, length, data)}
 
 
+class _WhereApply(torch.autograd.Function):
+    """The candidate: FastDropout's mask and scale applied as where(keep, x, 0) *= scale."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+
+
+def dropout_apply(trials: int, batch: int, length: int, data: str) -> dict:
+    """lorafit's FastDropout (A, its mask applied by native_dropout_backward) against the
+    same mask applied by where-and-scale (B): one forward + backward at the activation
+    shape, their outputs and gradients compared, then whole training steps."""
+    from profile_step import model_shapes
+    from torch import nn
+
+    from lorafit.dropout import FastDropout, keep_mask
+    from lorafit.training import resolve_precision
+
+    class WhereApplyDropout(FastDropout):
+        def forward(self, x):
+            if not self.training or not 0 < self.p < 1:
+                return super().forward(x)
+            keep, scale = keep_mask(x.shape, self.p)
+            return _WhereApply.apply(x, keep, scale)
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    shape = model_shapes(batch, length)["activation"]
+    x = torch.randn(*shape, dtype=dtype)
+    g = torch.randn_like(x)
+
+    def call(cls, seed=None):
+        drop = cls(0.1).train()
+
+        def f():
+            if seed is not None:
+                torch.manual_seed(seed)
+            leaf = x.clone().requires_grad_()
+            y = drop(leaf)
+            y.backward(g)
+            return y.detach(), leaf.grad
+        return f
+
+    (ya, ga), (yb, gb) = call(FastDropout, 0)(), call(WhereApplyDropout, 0)()
+
+    def swap(model, cls):
+        for module in model.modules():
+            for name, child in module.named_children():
+                if isinstance(child, nn.Dropout) and type(child) is not cls:
+                    setattr(module, name, cls(child.p).train())
+
+    out = {"call": alternate(call(FastDropout), call(WhereApplyDropout), trials * 3), "shape": list(shape),
+           "dtype": str(dtype), "bitwise_equal": bool(torch.equal(ya, yb) and torch.equal(ga, gb)),
+           "a": "FastDropout, mask applied by aten.native_dropout_backward (lorafit)",
+           "b": "FastDropout mask, where(keep, x, 0).mul_(scale) (candidate)"}
+    return {**out, **steps_side_by_side(swap, FastDropout, WhereApplyDropout, trials, batch, length, data)}
+
+
 def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:
     """Attention in fp32 under bf16 autocast (lorafit --attention sdpa-fp32) against SDPA as
     autocast gives it (bf16): SDPA forward + backward at the model's shape, then whole
@@ -265,7 +334,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/levers.json")
-    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32,precision,first-token",
+    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply",
                     help="comma list; the others' entries already in --out are kept")
     args = ap.parse_args()
     chosen = args.levers.split(",")
@@ -298,6 +367,10 @@ def main() -> None:
     if "first-token" in chosen:
         result["first_token"] = {**first_token(args.trials, args.batch, args.length, args.data), "context": context}
         print(json.dumps(result["first_token"]), flush=True)
+    if "dropout-apply" in chosen:
+        result["dropout_apply"] = {**dropout_apply(args.trials, args.batch, args.length, args.data),
+                                   "context": context}
+        print(json.dumps(result["dropout_apply"]), flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
