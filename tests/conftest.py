@@ -16,6 +16,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # user's $LORAFIT_CACHE: one folder for the session, shared by the CLI subprocesses.
 os.environ["LORAFIT_CACHE"] = tempfile.mkdtemp(prefix="lorafit-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["LORAFIT_CACHE"], True)
+# Under pytest-xdist (pyproject: -n auto) the workers share the cores: each worker, and the
+# CLI processes it starts, computes with its share of them instead of all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 from transformers import (  # noqa: E402
     BertConfig,
