@@ -197,3 +197,15 @@ def test_a_run_records_its_last_layer_and_loading_it_uses_the_record(tiny_model_
         model = load_run(run).model
         assert last_layer_of(model) == "full"
         assert rows_through_last_ffn(model, inputs) == inputs["input_ids"].shape[1]
+
+
+def test_last_layer_full_is_a_setting_and_bad_values_are_named():
+    """`--last-layer` takes auto or full; anything else is refused, naming the setting and the choices."""
+    import pytest
+
+    from lorafit.config import RunConfig
+    from lorafit.errors import ConfigError
+
+    assert RunConfig().last_layer == "auto" and RunConfig(last_layer="full").last_layer == "full"
+    with pytest.raises(ConfigError, match=r"last_layer \(--last-layer\) must be one of auto, full, got 'first'"):
+        RunConfig(last_layer="first")

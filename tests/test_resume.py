@@ -198,6 +198,39 @@ def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert fresh.returncode == 0 and f"attention {other}" in fresh.stdout, fresh.stderr[-2000:]
 
 
+def test_a_run_recorded_with_the_full_last_layer_resumes_with_it(tmp_path, tiny_model_dir):
+    """A run killed in epoch 2 whose config.json records the full last layer
+    (`--last-layer full`), or records nothing (runs from before the first-token layer),
+    resumes with the full layer, though the tiny BERT's cls head gets the first-token
+    layer by default, and equals the uninterrupted full-layer run bit for bit. The
+    first-token run's weights differ from that run's in their last bits, so a resume
+    with the wrong layer would show here."""
+    import torch
+
+    common = ["train", "--strategy", "full", *BASE, "--model", str(tiny_model_dir)]
+    reference, first = tmp_path / "ref", tmp_path / "first-token"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        r_ref, r_first = pool.map(lambda argv: lorafit(*argv), [
+            [*common, "--last-layer", "full", "--out", str(reference)], [*common, "--out", str(first)]])
+    assert r_ref.returncode == 0 and "last layer full" in r_ref.stdout, r_ref.stderr[-2000:]
+    assert r_first.returncode == 0 and "last layer first-token" in r_first.stdout, r_first.stderr[-2000:]
+    a, b = load_file(reference / "trained.safetensors"), load_file(first / "trained.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a), "the control cannot tell the two layers apart"
+    for record in ("full", None):
+        run = tmp_path / f"run-{record}"
+        r = _signalled(*common, "--last-layer", "full", "--out", str(run), plan="step@9:KILL")
+        assert r.returncode == -signal.SIGKILL and _position(run) == (2, 8), r.stderr[-2000:]
+        config = json.loads((run / "config.json").read_text())
+        assert (config["last_layer"], config["last_layer_resolved"]) == ("full", "full")
+        if record is None:  # as written before --last-layer and its record existed
+            del config["last_layer"], config["last_layer_resolved"]
+            (run / "config.json").write_text(json.dumps(config))
+        r = lorafit("train", "--resume", str(run), "--no-progress")
+        assert r.returncode == 0 and "last layer full" in r.stdout, r.stderr[-2000:]
+        assert json.loads((run / "final.json").read_text())["last_layer"] == "full"
+        _assert_same(run, reference)
+
+
 def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
     """A writer killed at random moments while rewriting a large checkpoint never leaves a broken one."""
     script = (

@@ -18,6 +18,7 @@ from pathlib import Path
 from lorafit.errors import ConfigError
 from lorafit.lora import INITS
 from lorafit.attention import ATTENTIONS
+from lorafit.first_token import LAST_LAYERS
 from lorafit.pooling import POOLINGS
 from lorafit.precision import PRECISIONS
 from lorafit.tracking import TRACKERS
@@ -85,6 +86,10 @@ class RunConfig:
                         "fp32 under bf16 autocast; faster on some CPUs, and more precise), or auto (on CPU under "
                         "bf16, both timed once per CPU and shape and the faster kept; else sdpa)",
                         choices=ATTENTIONS)
+    last_layer: str = _f("auto", "the last encoder layer: auto (where the head reads only the first token, "
+                         "--pooling cls, that layer computes only the first token's row, with the same logits "
+                         "to float rounding; lorafit.first_token) or full (every token, as transformers "
+                         "computes it)", choices=LAST_LAYERS)
     eval_batch_size: int = _f(16, "examples per evaluation and feature-extraction batch (16 used the least time "
                               "and half the peak memory of 64 on this CPU)")
     pad_multiple: int = _f(32, "pad each batch to a multiple of this many tokens (at most max_length): fewer "
@@ -114,6 +119,7 @@ class RunConfig:
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
             (self.pooling in POOLINGS, "pooling", f"one of {', '.join(POOLINGS)}"),
             (self.attention in ATTENTIONS, "attention", f"one of {', '.join(ATTENTIONS)}"),
+            (self.last_layer in LAST_LAYERS, "last_layer", f"one of {', '.join(LAST_LAYERS)}"),
             (self.keep in KEEPS, "keep", f"one of {', '.join(KEEPS)}"),
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
             (self.init in INITS, "init", f"one of {', '.join(INITS)}"),

@@ -37,6 +37,8 @@ from torch import nn
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 _ENCODER_DECODER = ("cache", "encoder_hidden_states", "encoder_attention_mask")  # None here, not for attention
 _INTERFACES = ("sdpa", "eager", "lorafit_sdpa_fp32")  # the last: lorafit.attention's sdpa-fp32
+LAST_LAYERS = ("auto", "full")
+"""`--last-layer`: auto (first-token where the model and head allow it) or full."""
 
 
 class _Arm:

@@ -175,9 +175,10 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     strategy = STRATEGIES[cfg.strategy]
     strategy.setup(model, cfg)
     model.to(device)
-    precision = _pick_precision(cfg, model, device, out if resume else None)
-    attention = _pick_attention(cfg, model, device, precision, out if resume else None)
-    last_layer = _pick_last_layer(model, out if resume else None)
+    recorded = _read_config_json(out) if resume else None  # a resumed run keeps what it resolved
+    precision = _pick_precision(cfg, model, device, recorded)
+    attention = _pick_attention(cfg, model, device, precision, recorded)
+    last_layer = _pick_last_layer(cfg, model, recorded)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
     if not resume and main:
@@ -305,23 +306,22 @@ RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 
-def _pick_precision(cfg: RunConfig, model, device: torch.device, resumed: Path | None) -> str:
-    """The precision this run computes in (lorafit.precision): a resumed run's recorded one;
-    else `cfg.precision` resolved by rank 0 at this run's shapes and shared, so every rank agrees."""
-    if resumed:
-        recorded = _read_config_json(resumed).get("precision_resolved")
-        if recorded in ("fp32", "bf16"):
-            return recorded
+def _pick_precision(cfg: RunConfig, model, device: torch.device, recorded: dict | None) -> str:
+    """The precision this run computes in (lorafit.precision): a resumed run's, from its
+    config.json (`recorded`); else `cfg.precision` resolved by rank 0 at this run's shapes
+    and shared, so every rank agrees."""
+    if recorded is not None and recorded.get("precision_resolved") in ("fp32", "bf16"):
+        return recorded["precision_resolved"]
     dims = model_dims(model.config, -(-cfg.batch_size // distributed.world_size()), cfg.max_length)
     choice = resolve_precision(cfg.precision, device, dims) if distributed.is_main() else "fp32"
     return ("fp32", "bf16")[int(distributed.max_(float(choice == "bf16")))]
 
 
-def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str, resumed: Path | None) -> str:
+def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str, recorded: dict | None) -> str:
     """The attention kernel this run uses (lorafit.attention), set on `model`: a resumed run's
     recorded one; else `cfg.attention` resolved by rank 0 and shared, so every rank agrees."""
-    if resumed:  # what it recorded (older runs: sdpa); set_attention keeps a model's own kernel
-        return set_attention(model, _read_config_json(resumed).get("attention_resolved", "sdpa"))
+    if recorded is not None:  # what it recorded (older runs: sdpa); set_attention keeps a model's own kernel
+        return set_attention(model, recorded.get("attention_resolved", "sdpa"))
     c = model.config
     heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
     if c._attn_implementation != "sdpa" or not heads or not hidden:  # its own kernel: nothing to choose
@@ -332,12 +332,15 @@ def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str,
     return set_attention(model, choice)
 
 
-def _pick_last_layer(model, resumed: Path | None) -> str:
+def _pick_last_layer(cfg: RunConfig, model, recorded: dict | None) -> str:
     """`first-token` where the model's last layer computes only what a cls head reads
-    (lorafit.first_token), else `full`; a resumed run keeps what it recorded (older runs,
-    from before the first-token layer: full), so it resumes to the same weights."""
-    if resumed:
-        set_pruning(model, _read_config_json(resumed).get("last_layer_resolved", "full") == "first-token")
+    (lorafit.first_token) and `cfg.last_layer` is auto, else `full`; a resumed run keeps
+    what it recorded (older runs, from before the first-token layer: full), so it resumes
+    to the same weights."""
+    if recorded is not None:
+        set_pruning(model, recorded.get("last_layer_resolved", "full") == "first-token")
+    elif cfg.last_layer == "full":
+        set_pruning(model, False)
     return last_layer_of(model)
 
 
