@@ -123,8 +123,10 @@ def test_two_processes_train_what_one_does(reference_runs, strategy):
     assert abs(last["train_loss"] - first["train_loss"]) > 1e-3
     # one copy of each artifact, the same files as the one-process run's
     assert sorted(p.relative_to(two) for p in two.rglob("*")) == sorted(p.relative_to(one) for p in one.rglob("*"))
-    final = json.loads((two / "final.json").read_text())
-    assert final["processes"] == 2 and json.loads((one / "final.json").read_text())["processes"] == 1
+    final, final_one = (json.loads((run / "final.json").read_text()) for run in (two, one))
+    assert final["processes"] == 2 and final_one["processes"] == 1
+    # the tiny BERT's head reads the first token: every rank ran the first-token last layer (lorafit.first_token)
+    assert final["last_layer"] == final_one["last_layer"] == "first-token"
 
 
 def test_killed_distributed_run_resumes_to_the_uninterrupted_one(setup, reference_runs, tmp_path):
