@@ -6,7 +6,10 @@ training steps (forward, backward, AdamW) on real IMDb batches of 16 padded to 1
 (inductor) with all threads, whose compile time is reported apart. Writes
 results/compile_threads.json.
 
-    .venv/bin/python benchmarks/compile_threads.py [--steps 8]
+    .venv/bin/python benchmarks/compile_threads.py [--steps 8] [--strategies lora,full] [--lengths 128,256]
+        [--name compile_threads.json]
+
+The matmul peak is measured first and written beside the rows, with the CPU model.
 """
 
 from __future__ import annotations
@@ -74,7 +77,13 @@ def main() -> None:
     ap.add_argument("--strategies", default="lora,full")
     ap.add_argument("--lengths", default="128,256", help="padded lengths of the timed batches")
     ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--name", default="compile_threads.json", help="file name under --results")
     args = ap.parse_args()
+    import sys
+
+    from peak import cpu_flags, cpu_model, measure
+
+    peak = measure()  # first, while this process is the only one working
     from lorafit.training import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
@@ -96,7 +105,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             torch._dynamo.reset()
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "compile_threads.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    context = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": threads, "matmul_peak": peak,
+               "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+               "measured": time.strftime("%Y-%m-%d %H:%M")}
+    (args.results / args.name).write_text(json.dumps({"rows": rows, "context": context}, indent=2) + "\n")
     for r in rows:
         base = next(x for x in rows if x["strategy"] == r["strategy"] and x["variant"].startswith("eager-") and
                     not x["variant"].endswith("1-thread"))
