@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--name", default="compile_threads.json", help="file name under --results")
     args = ap.parse_args()
-    import sys
-
     from peak import cpu_flags, cpu_model, measure
 
     peak = measure()  # first, while this process is the only one working

@@ -133,6 +133,17 @@ def steps_side_by_side(configure, a, b, trials: int, batch: int, length: int, da
     return out
 
 
+def _swap_dropouts(model, cls) -> None:
+    """Make every dropout module of `model` a `cls` of the same p, in training mode
+    (those already `cls` are kept)."""
+    from torch import nn
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.Dropout) and type(child) is not cls:
+                setattr(module, name, cls(child.p).train())
+
+
 def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str) -> dict:
     """Dropout p=0.1: one call on a (batch, length, hidden) activation, then whole training
     steps (full and lora, every dropout of the model one kind or the other), nn.Dropout (A)
@@ -148,13 +159,7 @@ def dropout(trials: int, batch: int, length: int, dtype: torch.dtype, data: str)
     out = {"call": alternate(lambda: plain(x), lambda: fast(x), trials * 3), "shape": list(shape),
            "dtype": str(dtype), "a": "nn.Dropout (bernoulli_)", "b": "lorafit FastDropout (int64 words, 16-bit lanes)"}
 
-    def swap(model, cls):
-        for module in model.modules():
-            for name, child in module.named_children():
-                if isinstance(child, nn.Dropout) and type(child) is not cls:
-                    setattr(module, name, cls(child.p).train())
-
-    return {**out, **steps_side_by_side(swap, nn.Dropout, FastDropout, trials, batch, length, data)}
+    return {**out, **steps_side_by_side(_swap_dropouts, nn.Dropout, FastDropout, trials, batch, length, data)}
 
 
 class _WhereApply(torch.autograd.Function):
@@ -177,7 +182,6 @@ def dropout_apply(trials: int, batch: int, length: int, data: str) -> dict:
     same mask applied by where-and-scale (B): one forward + backward at the activation
     shape, their outputs and gradients compared, then whole training steps."""
     from profile_step import model_shapes
-    from torch import nn
 
     from lorafit.dropout import FastDropout, keep_mask
     from lorafit.training import resolve_precision
@@ -209,17 +213,11 @@ def dropout_apply(trials: int, batch: int, length: int, data: str) -> dict:
 
     (ya, ga), (yb, gb) = call(FastDropout, 0)(), call(WhereApplyDropout, 0)()
 
-    def swap(model, cls):
-        for module in model.modules():
-            for name, child in module.named_children():
-                if isinstance(child, nn.Dropout) and type(child) is not cls:
-                    setattr(module, name, cls(child.p).train())
-
     out = {"call": alternate(call(FastDropout), call(WhereApplyDropout), trials * 3), "shape": list(shape),
            "dtype": str(dtype), "bitwise_equal": bool(torch.equal(ya, yb) and torch.equal(ga, gb)),
            "a": "FastDropout, mask applied by aten.native_dropout_backward (lorafit)",
            "b": "FastDropout mask, where(keep, x, 0).mul_(scale) (candidate)"}
-    return {**out, **steps_side_by_side(swap, FastDropout, WhereApplyDropout, trials, batch, length, data)}
+    return {**out, **steps_side_by_side(_swap_dropouts, FastDropout, WhereApplyDropout, trials, batch, length, data)}
 
 
 def attention_fp32(trials: int, batch: int, length: int, data: str) -> dict:

@@ -201,8 +201,6 @@ def test_a_run_records_its_last_layer_and_loading_it_uses_the_record(tiny_model_
 
 def test_last_layer_full_is_a_setting_and_bad_values_are_named():
     """`--last-layer` takes auto or full; anything else is refused, naming the setting and the choices."""
-    import pytest
-
     from lorafit.config import RunConfig
     from lorafit.errors import ConfigError
 
