@@ -1,25 +1,26 @@
 """lorafit against two peers (transformers + PEFT), side by side, on one data slice.
 
-For each strategy and seed: lorafit (`lorafit train`, bf16 autocast where the CPU has it,
-length buckets, frozen-prefix cache), the **typical** peer as its users write it
-(benchmarks/peer.py: padding to max_length, fp32, the model's attention dropout 0.1) and
-the **tuned** peer (peer.py --tuned: bf16 autocast, length-grouped batches padded to
-their longest, lorafit's attention dropout 0, fused AdamW), each in its own process, on
-the same data, model, max_length, epochs, batch size, learning rate, schedule and
-clipping. Prints and writes (results/bench.json, results/bench.md) training samples/s
-and tokens/s, wall time, peak memory and test accuracy with the ratios against each
-peer; this CPU's matmul peak measured first, in this process, with care
-(benchmarks/peak.py); the model FLOP utilisation of lorafit and the tuned peer against
-it; and the inference throughput of a merged LoRA model against the base model.
-Speed is from the first seed's runs; accuracy is the mean over --seeds (the typical
-peer's over its first --typical-seeds, as its accuracy is context only). Resumable: a
-finished lorafit run or peer record in --out is read back (each records its CPU model),
-and so are the matmul peak and the merged-inference timing (matmul_peak.json,
-merged.json: measured once, by the invocation that began the records). The tuned peer
-computes in the precision lorafit's run used (`--precision auto` measures it per CPU).
-`--records-only` runs only the records (accuracy seeds, e.g. two processes side by side:
-`OMP_NUM_THREADS=1 ... --seeds 1 --records-only --typical-seeds 0`).
-lorafit runs with `--pooling cls`, the first token's head, as the peers' heads read it.
+For each strategy and seed: lorafit (`lorafit train`, in the precision `--precision
+auto` measures faster on this CPU, length buckets, frozen-prefix cache), the **typical**
+peer as its users write it (benchmarks/peer.py: padding to max_length, fp32, the model's
+attention dropout 0.1) and the **tuned** peer (peer.py --tuned: the precision lorafit's
+run used, length-grouped batches padded to their longest, lorafit's attention dropout 0,
+fused AdamW), each in its own process, on the same data, model, max_length, epochs,
+batch size, learning rate, schedule and clipping. Prints and writes (results/bench.json,
+results/bench.md) training samples/s and tokens/s, wall time, peak memory and test
+accuracy with the ratios against each peer; this CPU's matmul peak measured first, in
+this process, with care (benchmarks/peak.py); the model FLOP utilisation of lorafit and
+the tuned peer against it; and the inference throughput of a merged LoRA model against
+the base model. Speed is from the first seed's runs; accuracy is the mean over --seeds
+(the typical peer's over its first --typical-seeds, as its accuracy is context only).
+Resumable: a finished lorafit run or peer record in --out is read back (each records its
+CPU model), and so are the matmul peak and the merged-inference timing
+(matmul_peak.json, merged.json: measured once, by the invocation that began the
+records). The tuned peer computes in the precision lorafit's run used (`--precision
+auto` measures it per CPU). `--records-only` runs only the records (accuracy seeds, e.g.
+two processes side by side: `OMP_NUM_THREADS=1 ... --seeds 1 --records-only
+--typical-seeds 0`). lorafit runs with `--pooling cls`, the first token's head, as the
+peers' heads read it.
 
     .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3 --seeds 0,1,2]
 """
