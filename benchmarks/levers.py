@@ -3,9 +3,9 @@
 1. AdamW: the default (foreach) step against `fused=True`, over all-MiniLM-L6-v2's
    parameters (full fine-tuning's optimizer), fp32, gradients drawn once.
 2. Attention: scaled-dot-product attention forward + backward at the model's shape
-   (batch x 12 heads x length x 32, bf16 where the CPU has it) with the backend PyTorch
-   picks on CPU (the fused flash kernel) against the plain math backend; then a whole
-   training step (full and lora) under each.
+   (batch x 12 heads x length x 32, in the precision `--precision auto` picks here) with
+   the backend PyTorch picks on CPU (the fused flash kernel) against the plain math
+   backend; then a whole training step (full and lora) under each.
 3. Dropout (p=0.1): nn.Dropout's per-element Bernoulli draw against lorafit's FastDropout
    (16-bit lanes of int64 random words), one call at the model's activation shape, then
    whole training steps (full and lora) with every dropout of the model one or the other.
@@ -21,13 +21,18 @@
    by `aten.native_dropout_backward`, against `where(keep, x, 0) *= scale`, forward +
    backward of one call at the model's activation shape in the precision `auto` picks,
    then whole training steps (a candidate, measured and not adopted: README).
+8. fp16: fp16 autocast with a gradient scaler (torch.amp.GradScaler, as fp16 training
+   needs) against fp32, on a CPU with AVX512-FP16: the matmul peak per shape in fp16
+   beside the fp32 one, then whole training steps of full and lora (a candidate,
+   measured and not adopted: README).
 
 Each pair alternates A B A B over --trials trials (this machine's speed drifts), and
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
     .venv/bin/python benchmarks/levers.py [--trials 7] [--levers LIST]
-    (LIST: adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply; default all)
+    (LIST: adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply,fp16;
+     default all)
 
 writes results/levers.json (entries of levers not chosen are kept).
 """
@@ -301,6 +306,39 @@ def first_token(trials: int, batch: int, length: int, data: str) -> dict:
     return {**out, **steps_side_by_side(set_pruning, False, True, trials, batch, length, data)}
 
 
+def fp16(trials: int, batch: int, length: int, data: str) -> dict:
+    """fp32 (A) against fp16 autocast with a gradient scaler (B): fp16's matmul peak at
+    the model's shapes (fp32's is the run's `matmul_peak`), then whole training steps of
+    full and lora, SDPA attention in both, the scaler's unscale and finite check included."""
+    from profile_step import build, step
+
+    from lorafit.attention import set_attention
+
+    out = {"fp16_matmul": measure(dtypes=(torch.float16,))["float16"], "batch": [batch, length],
+           "a": "fp32 (attention sdpa)", "b": "fp16 autocast + GradScaler (attention sdpa)"}
+    for strategy in ("full", "lora"):
+        model, opt, sched, inputs, labels = build(strategy, batch, length, data)
+        set_attention(model, "sdpa")
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        scaler = torch.amp.GradScaler("cpu")
+
+        def half():
+            with torch.autocast("cpu", dtype=torch.float16):
+                logits = model(**inputs).logits
+            scaler.scale(F.cross_entropy(logits.float(), labels)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+        out[f"{strategy}_step"] = alternate(lambda: step(model, opt, sched, inputs, labels, "fp32"), half,
+                                            max(3, trials // 2))
+    return out
+
+
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import build, step
 
@@ -324,7 +362,7 @@ def training_step(strategy: str, trials: int, batch: int, length: int, data: str
 
 def main() -> None:
     from bench import ARCHIVE
-    from lorafit.training import cpu_has_bf16
+    from lorafit.training import resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=7)
@@ -332,12 +370,14 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="results/levers.json")
-    ap.add_argument("--levers", default="adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply",
+    ap.add_argument("--levers",
+                    default="adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply,fp16",
                     help="comma list; the others' entries already in --out are kept")
     args = ap.parse_args()
     chosen = args.levers.split(",")
-    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
     peak = measure()  # first, while this process is the only one working
+    # the kernels are timed in the precision lorafit's runs compute in here (`--precision auto`)
+    dtype = torch.bfloat16 if resolve_precision("auto", torch.device("cpu")) == "bf16" else torch.float32
     context = {"matmul_peak": peak, "cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "trials": args.trials,
                "measured": time.strftime("%Y-%m-%d %H:%M")}
@@ -369,6 +409,9 @@ def main() -> None:
         result["dropout_apply"] = {**dropout_apply(args.trials, args.batch, args.length, args.data),
                                    "context": context}
         print(json.dumps(result["dropout_apply"]), flush=True)
+    if "fp16" in chosen:
+        result["fp16"] = {**fp16(args.trials, args.batch, args.length, args.data), "context": context}
+        print(json.dumps(result["fp16"]), flush=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
