@@ -109,9 +109,9 @@ def main() -> None:
     model.train()
     t0 = time.perf_counter()
     seen = tokens = 0
-    epoch_losses = []
+    epoch_losses, epoch_seconds, epoch_samples = [], [], []
     for _ in range(args.epochs):
-        loss_sum, n = 0.0, 0
+        loss_sum, n, t_epoch = 0.0, 0, time.perf_counter()
         for batch in loader:
             with autocast:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -125,6 +125,8 @@ def main() -> None:
             tokens += int(batch["attention_mask"].sum())
             loss_sum, n = loss_sum + loss.item() * len(batch["labels"]), n + len(batch["labels"])
         epoch_losses.append(loss_sum / n)
+        epoch_seconds.append(time.perf_counter() - t_epoch)
+        epoch_samples.append(n)
     train_s = time.perf_counter() - t0
     model.eval()
     t1 = time.perf_counter()
@@ -139,6 +141,7 @@ def main() -> None:
         "strategy": args.strategy, "train_seconds": train_s, "test_seconds": test_s,
         "wall_seconds": time.perf_counter() - t_start, "samples_per_s": seen / train_s,
         "tokens_per_s": tokens / train_s, "test_accuracy": correct / test_n, "train_loss": epoch_losses,
+        "epoch_seconds": epoch_seconds, "epoch_samples": epoch_samples,
         "tuned": args.tuned, "bf16": bf16, "seed": args.seed, "lr": args.lr, "constant_lr": args.constant_lr,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
