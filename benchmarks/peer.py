@@ -39,6 +39,48 @@ from lorafit.models import resolve_model_path
 from lorafit.training import cpu_has_bf16
 
 
+def make_model(strategy: str, tuned: bool, attn_dropout: float = 0.0):
+    """The peer's model for `strategy` (the default model; PEFT LoRA r 4, alpha 8 on key,
+    value and classifier for lora; pooler and classifier trainable for last-two-layers)
+    and its tokenizer. `tuned`: attention dropout `attn_dropout`, else the model's own."""
+    path = resolve_model_path(None)
+    tok = AutoTokenizer.from_pretrained(path)
+    extra = {"attention_probs_dropout_prob": attn_dropout} if tuned else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **extra)
+    if strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key", "value", "classifier"]))
+    elif strategy == "last-two-layers":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(("bert.pooler.dense.", "classifier."))
+    return model, tok
+
+
+def make_optimizer(params: list, lr: float, tuned: bool, total: int, warmup_ratio: float = 0.1,
+                   constant_lr: bool = False):
+    """AdamW (weight decay 0.01 on every parameter; fused when `tuned`, else the default
+    foreach) and its schedule over `total` steps: linear warm-up then decay, or constant."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, **({"fused": True} if tuned else {}))
+    sched = (get_constant_schedule(opt) if constant_lr
+             else get_linear_schedule_with_warmup(opt, int(warmup_ratio * total), total))
+    return opt, sched
+
+
+def train_step(model, params: list, opt, sched, batch: dict, autocast) -> torch.Tensor:
+    """One step on `batch` (input_ids and attention_mask (B, T), labels (B,)): forward under
+    `autocast`, cross-entropy, backward, clip to 1.0, AdamW and schedule; the loss."""
+    with autocast:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", required=True)
@@ -63,17 +105,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     d = load_dataset(args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
                      seed=args.seed)
-    path = resolve_model_path(None)
-    tok = AutoTokenizer.from_pretrained(path)
-    extra = {"attention_probs_dropout_prob": args.attn_dropout} if args.tuned else {}
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **extra)
-    if args.strategy == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key", "value", "classifier"]))
-    elif args.strategy == "last-two-layers":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith(("bert.pooler.dense.", "classifier."))
+    model, tok = make_model(args.strategy, args.tuned, args.attn_dropout)
     bf16 = args.tuned and (args.precision == "bf16" or (args.precision == "flags" and cpu_has_bf16()))
 
     if args.tuned:
@@ -101,10 +133,8 @@ def main() -> None:
 
     loader, test_loader = loader_of(d.train, True), loader_of(d.test, False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, **({"fused": True} if args.tuned else {}))
-    total = args.epochs * len(loader)
-    sched = (get_constant_schedule(opt) if args.constant_lr
-             else get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total), total))
+    opt, sched = make_optimizer(params, args.lr, args.tuned, args.epochs * len(loader), args.warmup_ratio,
+                                args.constant_lr)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     model.train()
     t0 = time.perf_counter()
@@ -113,14 +143,7 @@ def main() -> None:
     for _ in range(args.epochs):
         loss_sum, n, t_epoch = 0.0, 0, time.perf_counter()
         for batch in loader:
-            with autocast:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            loss = train_step(model, params, opt, sched, batch, autocast)
             seen += len(batch["labels"])
             tokens += int(batch["attention_mask"].sum())
             loss_sum, n = loss_sum + loss.item() * len(batch["labels"]), n + len(batch["labels"])

@@ -110,3 +110,19 @@ def test_readme_sweep_table_is_the_committed_sweep_report():
         assert row in readme, f"README lacks results/sweep/report.md row: {row}"
     assert (README.parent / "results" / "sweep" / "report.png").stat().st_size > 10_000
     assert "(results/sweep/report.png)" in readme
+
+
+def test_readme_interleaved_table_matches_results():
+    """Each row of the README's interleaved-steps table is the measurement in results/interleaved.json."""
+    import json
+
+    rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / "interleaved.json").read_text())["rows"]}
+    found = re.findall(r"^\| (full|lora) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \| "
+                       r"([\d.]+)x; ([\d.]+)x \|$", README.read_text(), re.M)
+    assert found and sorted(f[0] for f in found) == sorted(rows)
+    for strategy, *cells in found:
+        r = rows[strategy]
+        assert cells[0:3] == [f"{r[k]['samples_per_s']:.2f}" for k in ("lorafit", "tuned", "typical")]
+        for i, kind in ((3, "over_tuned"), (5, "over_typical")):
+            assert cells[i:i + 2] == [f"{r[kind]['samples_per_s']:.2f}", f"{r[kind]['median_of_round_ratios']:.2f}"]
+        assert len(r["lorafit"]["step_seconds"]) == r["rounds"]  # every timed round is in the record
