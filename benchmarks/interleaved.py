@@ -12,7 +12,8 @@ Each system pads the round's reviews its own way and computes in its own setup, 
 bench.py:
 - lorafit: its model as `lorafit train --pooling cls` sets it up (the first-token last
   layer, FastDropout, attention dropout 0, the attention kernel and the precision `auto`
-  resolves here), its AdamW groups, padding to a multiple of 32;
+  resolves here), its AdamW groups, padding to the multiple `--pad-multiple`'s default picks for that
+  precision (32 in bf16, 8 in fp32);
 - tuned peer (benchmarks/peer.py --tuned): transformers + PEFT, attention dropout 0,
   fused AdamW, lorafit's precision, padding to the longest review;
 - typical peer (peer.py): the model's attention dropout 0.1, AdamW's default, fp32,
@@ -53,6 +54,7 @@ def lorafit_system(strategy: str, splits, max_length: int, batch_size: int, tota
     """lorafit's model, step and batch maker for `strategy`, set up as `lorafit train --pooling cls`."""
     from lorafit.attention import resolve_attention, set_attention
     from lorafit.config import RunConfig
+    from lorafit.data.batching import resolve_pad_multiple
     from lorafit.data.encoding import encode_split
     from lorafit.first_token import last_layer_of
     from lorafit.models import load_model
@@ -75,7 +77,8 @@ def lorafit_system(strategy: str, splits, max_length: int, batch_size: int, tota
                       warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, precision=precision)
     opt, sched = make_optimizer(model, s, total, STRATEGIES[strategy].param_groups(model, cfg, lr))
     params = [p for p in model.parameters() if p.requires_grad]
-    enc = encode_split(splits.train, loaded.tokenizer, max_length, pad_multiple=cfg.pad_multiple)
+    pad_multiple = resolve_pad_multiple(cfg.pad_multiple, precision)
+    enc = encode_split(splits.train, loaded.tokenizer, max_length, pad_multiple=pad_multiple)
     pad_id = loaded.tokenizer.pad_token_id or 0
     model.train()
 
@@ -88,7 +91,7 @@ def lorafit_system(strategy: str, splits, max_length: int, batch_size: int, tota
         clip_and_step(params, opt, sched, cfg.max_grad_norm)
 
     setup = {"precision": precision, "attention": attention, "last_layer": last_layer_of(model), "lr": lr,
-             "pad_multiple": cfg.pad_multiple, "attn_dropout": cfg.attn_dropout}
+             "pad_multiple": pad_multiple, "attn_dropout": cfg.attn_dropout}
     return enc, make_batch, step, setup
 
 

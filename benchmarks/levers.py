@@ -193,8 +193,8 @@ def dropout_apply(trials: int, batch: int, length: int, data: str) -> dict:
 
     class WhereApplyDropout(FastDropout):
         def forward(self, x):
-            if not self.training or not 0 < self.p < 1:
-                return super().forward(x)
+            if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
+                return super().forward(x)  # FastDropout's own rule: nn.Dropout off CPU
             keep, scale = keep_mask(x.shape, self.p)
             return _WhereApply.apply(x, keep, scale)
 

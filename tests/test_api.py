@@ -76,3 +76,33 @@ def test_compare_returns_every_run_and_the_report(tiny_model_dir, tmp_path):
     for name, run in result.runs.items():
         assert rows[name]["test_accuracy"] == run.test_accuracy == result.test_accuracy[name]
     assert result.report["command"].startswith("lorafit.compare(")
+
+
+
+def test_a_run_pads_to_the_multiple_it_records(tiny_model_dir, tmp_path):
+    """A run records the pad multiple its precision chose by default (`pad_multiple_resolved`),
+    and its batches were padded to it: the padding efficiency it reports is that of its
+    last epoch's batches at that multiple, not at the other precision's."""
+    from lorafit.data.batching import bucketed_batches, resolve_pad_multiple
+    from lorafit.data.encoding import encode_split
+    from lorafit.runs import load_data
+
+    # max_length 128 (the tiny model's most) and batches of 2: batches whose longest review is
+    # shorter than that tell the multiples apart
+    run = lorafit.train(strategy="lora", model=str(tiny_model_dir), out=tmp_path / "run", progress=False,
+                        batch_size=2, **{**SMALL, "max_length": 128})
+    config = json.loads((run.path / "config.json").read_text())
+    assert config["pad_multiple"] is None
+    multiple = config["pad_multiple_resolved"]
+    assert multiple == resolve_pad_multiple(None, config["precision_resolved"])
+    cfg = run.config
+    enc = encode_split(load_data(cfg).train, run.load().tokenizer, cfg.max_length, use_cache=False)
+    batches = bucketed_batches(enc.lengths, cfg.batch_size, seed=cfg.seed, epoch=cfg.epochs - 1)
+
+    def efficiency(m: int) -> float:
+        enc.pad_multiple, enc.max_padded = m, cfg.max_length
+        return enc.padding_efficiency(batches)
+
+    other = 32 if multiple == 8 else 8
+    assert efficiency(other) != efficiency(multiple)  # the data tells the two multiples apart
+    assert run.final["padding_efficiency"] == pytest.approx(efficiency(multiple), abs=1e-12)

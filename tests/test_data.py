@@ -212,3 +212,25 @@ def test_non_utf8_table(tmp_path):
     _expect(r"bad.csv: row 1 of column .text. is not valid UTF-8; re-encode", tmp_path / "bad.csv")
     (tmp_path / "bad2.csv").write_bytes(b"\x80\n")
     _expect(r"bad2.csv (is not valid UTF-8|cannot be read)", tmp_path / "bad2.csv")
+
+
+def test_pad_multiple_default_follows_the_precision_and_a_given_one_is_kept():
+    """By default a bf16 run pads to multiples of 32 (oneDNN's per-shape kernels), an fp32
+    run to 8; a multiple the user gives is kept whatever the precision; a resumed run keeps
+    the multiple its config.json records, so it resumes on the same shapes."""
+    from lorafit.config import RunConfig
+    from lorafit.data.batching import resolve_pad_multiple
+    from lorafit.errors import ConfigError
+    from lorafit.runs import _pick_pad_multiple
+
+    assert (resolve_pad_multiple(None, "bf16"), resolve_pad_multiple(None, "fp32")) == (32, 8)
+    assert [resolve_pad_multiple(m, p) for m in (1, 32) for p in ("bf16", "fp32")] == [1, 1, 32, 32]
+    assert RunConfig().pad_multiple is None
+    with pytest.raises(ConfigError, match=r"pad_multiple \(--pad-multiple\) must be an integer >= 1, got 0"):
+        RunConfig(pad_multiple=0)
+    default, given = RunConfig(), RunConfig(pad_multiple=16)
+    assert _pick_pad_multiple(default, "fp32", None) == 8
+    assert _pick_pad_multiple(default, "fp32", {"pad_multiple_resolved": 32}) == 32  # the record wins
+    assert _pick_pad_multiple(given, "bf16", {"pad_multiple_resolved": 16}) == 16
+    # runs from before the record: config.json holds the multiple they used (32, then the default)
+    assert _pick_pad_multiple(RunConfig(pad_multiple=32), "fp32", {"precision_resolved": "fp32"}) == 32

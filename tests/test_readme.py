@@ -126,3 +126,27 @@ def test_readme_interleaved_table_matches_results():
         for i, kind in ((3, "over_tuned"), (5, "over_typical")):
             assert cells[i:i + 2] == [f"{r[kind]['samples_per_s']:.2f}", f"{r[kind]['median_of_round_ratios']:.2f}"]
         assert len(r["lorafit"]["step_seconds"]) == r["rounds"]  # every timed round is in the record
+
+
+def test_readme_fp32_padding_tables_match_results():
+    """The README's fp32 pad-multiple table is results/padding_fp32.json, and its interleaved
+    steps table is results/padding_interleaved.json."""
+    import json
+
+    runs = json.loads((README.parent / "results" / "padding_fp32.json").read_text())["rows"]
+    text = README.read_text()
+    found = re.findall(r"^\| (full|lora) \| (\d+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert [(f[0], int(f[1])) for f in found] == [(r["strategy"], r["pad_multiple"]) for r in runs]
+    for (_, _, speed, mem, eff, acc), r in zip(found, runs):
+        assert (speed, mem, eff, acc) == (f"{r['train_samples_per_s']:.1f}", f"{r['peak_memory_mb']:,.0f}",
+                                          f"{r['padding_efficiency']:.3f}", f"{r['test_accuracy']:.3f}")
+    inter = json.loads((README.parent / "results" / "padding_interleaved.json").read_text())["rows"]
+    found = re.findall(r"^\| (full|lora) \| (\d+) / (\d+) \| ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \|$",
+                       text, re.M)
+    assert [f[0] for f in found] == [r["strategy"] for r in inter]
+    for (_, a, b, la, lb, tot, med), r in zip(found, inter):
+        per, ratio = r["per_multiple"], r["speedup_over_first"][b]
+        assert list(per) == [a, b]  # the first multiple is the base of the ratio
+        assert (la, lb) == tuple(f"{per[m]['mean_padded_length']:.1f}" for m in (a, b))
+        assert (tot, med) == (f"{ratio['of_totals']:.3f}", f"{ratio['median_of_rounds']:.3f}")
+        assert all(len(per[m]["step_seconds"]) == r["rounds"] for m in (a, b))

@@ -251,6 +251,7 @@ class Run:
     def evaluate(self, data: str | None = None, progress: bool = False) -> dict:
         """test_accuracy, test_f1, test_loss, examples, data: on the run's test split, or
         on the test split of `data` (another source, cut as the run's config says)."""
+        from lorafit.data.batching import resolve_pad_multiple
         from lorafit.data.encoding import encode_split
         from lorafit.runs import load_data
         from lorafit.training import evaluate, pick_device, resolve_precision
@@ -258,10 +259,11 @@ class Run:
         cfg = self.config
         splits = load_data(cfg, data)
         device = pick_device()
-        enc = encode_split(splits.test, self.tokenizer, cfg.max_length, pad_multiple=cfg.pad_multiple)
+        precision = self.precision or resolve_precision(cfg.precision, device)
+        enc = encode_split(splits.test, self.tokenizer, cfg.max_length,
+                           pad_multiple=resolve_pad_multiple(cfg.pad_multiple, precision))
         m = evaluate(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
-                     pad_id=self.tokenizer.pad_token_id or 0, device=device,
-                     precision=self.precision or resolve_precision(cfg.precision, device), progress=progress,
+                     pad_id=self.tokenizer.pad_token_id or 0, device=device, precision=precision, progress=progress,
                      desc="test")
         return {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_loss": m["loss"], "examples": len(enc),
                 "data": splits.source}

@@ -28,6 +28,7 @@ from lorafit.adapter import atomic_write_bytes
 from lorafit.attention import resolve_attention, set_attention
 from lorafit.config import RunConfig, config_from_mapping
 from lorafit.data import load_dataset
+from lorafit.data.batching import resolve_pad_multiple
 from lorafit.data.encoding import encode_split
 from lorafit.errors import ConfigError, RunDirError
 from lorafit.first_token import last_layer_of, set_pruning
@@ -179,6 +180,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     precision = _pick_precision(cfg, model, device, recorded)
     attention = _pick_attention(cfg, model, device, precision, recorded)
     last_layer = _pick_last_layer(cfg, model, recorded)
+    pad_multiple = _pick_pad_multiple(cfg, precision, recorded)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
     if not resume and main:
@@ -194,12 +196,12 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
          f"test {len(splits.test):,}")
     resolved = {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
                 "pooling_resolved": loaded.pooling, "attention_resolved": attention,
-                "last_layer_resolved": last_layer}
+                "last_layer_resolved": last_layer, "pad_multiple_resolved": pad_multiple}
     if not resume and main:
         write_json(out / "config.json", resolved)
 
     t_tok = time.perf_counter()
-    encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length, cfg.pad_multiple)
+    encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length, pad_multiple)
     _log(f"tokenized in {time.perf_counter() - t_tok:.1f}s "
          f"({'cached' if all(e.cached for e in encs.values()) else 'fresh'})")
     pad_id = loaded.tokenizer.pad_token_id or 0
@@ -302,7 +304,8 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return _config_of(_read_config_json(run_dir), run_dir)
 
 
-RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved")
+RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
+            "pad_multiple_resolved")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 
@@ -330,6 +333,15 @@ def _pick_attention(cfg: RunConfig, model, device: torch.device, precision: str,
     choice = resolve_attention(cfg.attention, device, precision, shape) if distributed.is_main() else "sdpa"
     choice = ("sdpa", "sdpa-fp32")[int(distributed.max_(float(choice == "sdpa-fp32")))]
     return set_attention(model, choice)
+
+
+def _pick_pad_multiple(cfg: RunConfig, precision: str, recorded: dict | None) -> int:
+    """The multiple this run pads its batches to: a resumed run's recorded one, so it resumes
+    on the same shapes; else `cfg.pad_multiple`, by default chosen by `precision`
+    (lorafit.data.batching.resolve_pad_multiple)."""
+    if recorded is not None and isinstance(recorded.get("pad_multiple_resolved"), int):
+        return recorded["pad_multiple_resolved"]
+    return resolve_pad_multiple(cfg.pad_multiple, precision)
 
 
 def _pick_last_layer(cfg: RunConfig, model, recorded: dict | None) -> str:
