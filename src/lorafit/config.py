@@ -95,8 +95,8 @@ class RunConfig:
     pad_multiple: int | None = _f(None, "pad each batch to a multiple of this many tokens (at most max_length); "
                                   "1 pads to the longest example. Default: 32 where the run computes in bf16 "
                                   "(oneDNN keeps kernels and buffers per shape, so fewer shapes use less memory), "
-                                  "8 in fp32 (3% fewer padded tokens than 32, steps 3-5% faster on the Intel Xeon "
-                                  "of results/padding.json)")
+                                  "8 in fp32 (3% fewer padded tokens than 32, steps 2-4% faster on the Intel Xeon "
+                                  "of results/padding_interleaved.json)")
     cache: bool = _f(True, "when only the head trains (last-two-layers): run the frozen encoder once and train the "
                      "head on its cached features (--no-cache: the plain path, dropout active in the encoder)")
     keep: str = _f("last", "which weights the run keeps, tests and saves: last (the final epoch's) or best (the "

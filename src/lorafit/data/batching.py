@@ -39,9 +39,9 @@ def random_batches(n: int, batch_size: int, seed: int, epoch: int = 0) -> list[n
 def padded_length(longest: int, multiple: int = 1, cap: int | None = None) -> int:
     """`longest` rounded up to a multiple of `multiple`, but not beyond max(longest, cap).
 
-    Few distinct shapes let oneDNN reuse its kernels: on this CPU, batches padded to a
+    Few distinct shapes let oneDNN reuse its kernels: in bf16, batches padded to a
     multiple of 32 ran faster and with a third of the memory of exact padding
-    (benchmarks/padding.py).
+    (benchmarks/padding.py); see `resolve_pad_multiple` for the defaults.
     """
     t = -(-longest // multiple) * multiple
     return t if cap is None else min(t, max(longest, cap))
@@ -52,8 +52,8 @@ PAD_MULTIPLE_BF16 = 32
 at max_length 256, with 35-53% less peak memory than exact padding (results/padding.json)."""
 PAD_MULTIPLE_FP32 = 8
 """fp32 runs (MKL's sgemm keeps nothing per shape): 8 pads 3% fewer tokens than 32, and
-its steps ran 1.046x (full) and 1.034x (lora) as fast, interleaved on an Intel Xeon
-(results/padding.json)."""
+its steps ran 1.020x (full) and 1.041x (lora) as fast, interleaved on an Intel Xeon
+(results/padding_interleaved.json)."""
 
 
 def resolve_pad_multiple(pad_multiple: int | None, precision: str) -> int:
