@@ -53,29 +53,48 @@ def test_readme_benchmark_table_matches_results():
         assert abs(float(acc_o) - o["test_accuracy"]) < 5e-4 and abs(float(acc_p) - p["test_accuracy"]) < 5e-4
 
 
-def test_readme_tuned_peer_table_matches_results():
-    """Each row of the README's table against both peers is the measurement in results/bench.json."""
+TUNED_PEER_ROW = re.compile(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x \| "
+                            r"([\d.]+)x \| (\d+) / (\d+) / (\d+) \| ([\d,]+) / ([\d,]+) / ([\d,]+) \| "
+                            r"([\d.]+) / ([\d.]+) / ([\d.]+) \((\d) seeds?(?:; typical peer (\d))?\)", re.M)
+TUNED_PEER_TABLES = {"**Against both peers, all three strategies**": "bench.json",
+                     "**On an AMD EPYC": "bench_amd/bench.json"}
+"""Where each README table against both peers begins, and the results file it is."""
+
+
+def table_after(text: str, marker: str) -> str:
+    """The first markdown table after `marker` in `text` (its lines, joined)."""
+    assert text.count(marker) == 1, marker
+    lines = text[text.index(marker):].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[first:end])
+
+
+def test_readme_tuned_peer_tables_match_results():
+    """Each row of each README table against both peers is the measurement in its results file, and
+    every such row in the README is in one of those tables."""
     import json
 
-    rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / "bench.json").read_text())["rows"]}
-    found = re.findall(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x \| "
-                       r"([\d.]+)x \| (\d+) / (\d+) / (\d+) \| ([\d,]+) / ([\d,]+) / ([\d,]+) \| "
-                       r"([\d.]+) / ([\d.]+) / ([\d.]+) \((\d) seeds?(?:; typical peer (\d))?\)",
-                       README.read_text(), re.M)
-    assert found and sorted(f[0] for f in found) == sorted(rows)
-    for strategy, *cells in found:
-        r = rows[strategy]
-        who = (r["lorafit"], r["peer_tuned"], r["peer"])
-        assert cells[0:3] == [f"{x['samples_per_s']:.1f}" for x in who]
-        assert abs(float(cells[3]) - r["ratios"]["tuned"]["samples_per_s"]) < 0.0051
-        assert abs(float(cells[4]) - r["ratios"]["typical"]["samples_per_s"]) < 0.0051
-        assert [int(c) for c in cells[5:8]] == [round(x["train_seconds"] + x["test_seconds"]) for x in who]
-        assert cells[8:11] == [f"{x['peak_memory_mb']:,.0f}" for x in who]
-        acc = r["test_accuracy_per_seed"]
-        means = [sum(acc[k]) / len(acc[k]) for k in ("lorafit", "peer_tuned", "peer_typical")]
-        assert all(abs(float(c) - m) < 5e-5 for c, m in zip(cells[11:14], means))
-        assert int(cells[14]) == len(r["seeds"]) == len(acc["lorafit"]) == len(acc["peer_tuned"])
-        assert int(cells[15] or cells[14]) == len(acc["peer_typical"])
+    readme = README.read_text()
+    assert len(TUNED_PEER_ROW.findall(readme)) == sum(
+        len(TUNED_PEER_ROW.findall(table_after(readme, m))) for m in TUNED_PEER_TABLES)
+    for marker, name in TUNED_PEER_TABLES.items():
+        rows = {r["strategy"]: r for r in json.loads((README.parent / "results" / name).read_text())["rows"]}
+        found = TUNED_PEER_ROW.findall(table_after(readme, marker))
+        assert found and sorted(f[0] for f in found) == sorted(rows), name
+        for strategy, *cells in found:
+            r = rows[strategy]
+            who = (r["lorafit"], r["peer_tuned"], r["peer"])
+            assert cells[0:3] == [f"{x['samples_per_s']:.1f}" for x in who]
+            assert abs(float(cells[3]) - r["ratios"]["tuned"]["samples_per_s"]) < 0.0051
+            assert abs(float(cells[4]) - r["ratios"]["typical"]["samples_per_s"]) < 0.0051
+            assert [int(c) for c in cells[5:8]] == [round(x["train_seconds"] + x["test_seconds"]) for x in who]
+            assert cells[8:11] == [f"{x['peak_memory_mb']:,.0f}" for x in who]
+            acc = r["test_accuracy_per_seed"]
+            means = [sum(acc[k]) / len(acc[k]) for k in ("lorafit", "peer_tuned", "peer_typical")]
+            assert all(abs(float(c) - m) < 5e-5 for c, m in zip(cells[11:14], means))
+            assert int(cells[14]) == len(r["seeds"]) == len(acc["lorafit"]) == len(acc["peer_tuned"])
+            assert int(cells[15] or cells[14]) == len(acc["peer_typical"])
 
 
 def test_readme_compare_tables_are_the_committed_reports():
