@@ -110,15 +110,22 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3)
             "method": "interleaved per batch", "measured": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=ARCHIVE)
+def add_slice_args(ap: argparse.ArgumentParser) -> None:
+    """The bench slice's flags, shared by the benchmarks that measure on it: the archive,
+    2,000 / 200 / 1,000 reviews for train / validation / test, max_length 256, batch 16."""
+    ap.add_argument("--data", default=ARCHIVE,
+                    help="the full IMDb archive (default: $LORAFIT_IMDB_ARCHIVE or %(default)s)")
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--val-size", type=int, default=200)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_slice_args(ap)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", default="0", help="comma list; speed from the first, accuracy averaged over all")
     ap.add_argument("--typical-seeds", type=int, default=None,
                     help="run the typical peer on only the first N seeds (its speed needs one; default: all)")

@@ -42,12 +42,37 @@ from pathlib import Path
 
 import torch
 
-from bench import ARCHIVE
+from bench import add_slice_args
 from peak import cpu_flags, cpu_model, measure
 
 SYSTEMS = ("lorafit", "tuned", "typical")
-# all six orders in turn: what a step leaves behind (freed memory, caches) falls on each system alike
-ORDERS = list(itertools.permutations(SYSTEMS))
+
+
+def step_in_rounds(steps: dict, batches: dict, warmup: int, on_round=None) -> dict[str, list[float]]:
+    """Seconds of each system's step, round by round: round r steps every system once on
+    its own `batches[name][r]`, in the r-th of all orders of the systems, cycled (each
+    system follows each other one equally often, so what a step leaves behind, freed
+    memory or caches, falls on all alike). The first `warmup` rounds are not kept.
+
+    steps: name -> step(batch); batches: name -> one batch per round (all the same count).
+    Returns name -> [seconds of rounds warmup.., in order]; `on_round(r, times)` is called
+    after each kept round."""
+    names = list(steps)
+    orders = list(itertools.permutations(names))
+    n = {len(b) for b in batches.values()}
+    if len(n) != 1 or set(batches) != set(names):
+        raise ValueError(f"every system needs one batch per round: {({k: len(b) for k, b in batches.items()})}")
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(n.pop()):
+        for name in orders[r % len(orders)]:
+            t = time.perf_counter()
+            steps[name](batches[name][r])
+            dt = time.perf_counter() - t
+            if r >= warmup:
+                times[name].append(dt)
+        if r >= warmup and on_round is not None:
+            on_round(r - warmup, times)
+    return times
 
 
 def lorafit_system(strategy: str, splits, max_length: int, batch_size: int, total: int):
@@ -142,19 +167,13 @@ def run_strategy(strategy: str, args) -> dict:
                                                               args.max_length, ours_setup["lr"], total)
     # every system's batches padded and tensored before any step: only the steps are timed
     batches = {k: [makers[k](rows) for rows in rounds] for k in SYSTEMS}
-    times = {k: [] for k in SYSTEMS}
     lengths = {k: [int(b["input_ids"].shape[1]) for b in batches[k][args.warmup:]] for k in SYSTEMS}
-    for r in range(len(rounds)):
-        order = ORDERS[r % len(ORDERS)]  # each system follows each other one equally often
-        for kind in order:
-            t = time.perf_counter()
-            steps[kind](batches[kind][r])
-            dt = time.perf_counter() - t
-            if r >= args.warmup:
-                times[kind].append(dt)
-        if r >= args.warmup:
-            print(f"{strategy} round {r - args.warmup + 1}/{args.rounds}: "
-                  + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in SYSTEMS), flush=True)
+
+    def report(r, times):
+        print(f"{strategy} round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in SYSTEMS),
+              flush=True)
+
+    times = step_in_rounds(steps, batches, args.warmup, report)
     samples = sum(len(rows) for rows in rounds[args.warmup:])
     row = {"strategy": strategy, "rounds": args.rounds, "warmup_rounds": args.warmup, "samples": samples,
            "real_tokens_per_sample": float(sum(int(enc.lengths[rows].sum()) for rows in rounds[args.warmup:])
@@ -173,12 +192,7 @@ def run_strategy(strategy: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=ARCHIVE)
-    ap.add_argument("--train-size", type=int, default=2000)
-    ap.add_argument("--val-size", type=int, default=200)
-    ap.add_argument("--test-size", type=int, default=1000)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
+    add_slice_args(ap)
     ap.add_argument("--strategies", default="full,lora")
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=2)

@@ -9,8 +9,8 @@ and test accuracy. Writes `--results`/`--name` (default results/padding.json).
 
 With `--interleaved ROUNDS` it instead builds one lorafit model per multiple in one
 process (as `lorafit train --pooling cls` sets it up: benchmarks/interleaved.py) and steps
-them in rounds on the same 16 reviews (the bench slice's length-bucketed batches), the
-order alternated, timing only the steps: the speed ratio without the drift between
+them in rounds on the same 16 reviews (the slice's length-bucketed batches), in every
+order in turn, timing only the steps: the speed ratio without the drift between
 processes. The matmul peak is measured first, with the CPU model.
 
     .venv/bin/python benchmarks/padding.py --interleaved 40 --multiples 32,8 --strategies full,lora
@@ -21,55 +21,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
+from bench import add_slice_args
 
 
-def interleaved(strategy: str, multiples: list[int], rounds: int, data: str, warmup: int = 2) -> dict:
-    """Steps of lorafit at each multiple, alternated round by round on the same reviews."""
-    from interleaved import lorafit_system
+def interleaved(strategy: str, multiples: list[int], rounds: int, args, warmup: int = 2) -> dict:
+    """Steps of lorafit at each multiple on the slice `args` names, in rounds on the same
+    reviews, every order of the multiples in turn (interleaved.step_in_rounds)."""
+    from interleaved import lorafit_system, step_in_rounds
 
     from lorafit.data import load_dataset
     from lorafit.data.batching import bucketed_batches
 
-    splits = load_dataset(data, train_size=2000, val_size=200, test_size=1000, seed=0)
-    systems = []
+    splits = load_dataset(args.data, train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+                          seed=0)
+    makers, steps = {}, {}
     for m in multiples:
-        enc, make_batch, step, setup = lorafit_system(strategy, splits, 256, 16, rounds + warmup)
+        enc, makers[str(m)], steps[str(m)], setup = lorafit_system(strategy, splits, args.max_length,
+                                                                   args.batch_size, rounds + warmup)
         enc.pad_multiple = m  # the encoding is the same; only the padding of its batches changes
-        systems.append((m, make_batch, step))
-    chosen = bucketed_batches(enc.lengths, 16, seed=0, epoch=0)[:rounds + warmup]
-    batches = {m: [make(rows) for rows in chosen] for m, make, _ in systems}
-    times: dict[int, list[float]] = {m: [] for m in multiples}
-    for r in range(len(chosen)):
-        for m, _, step in systems[r % len(systems):] + systems[:r % len(systems)]:
-            t = time.perf_counter()
-            step(batches[m][r])
-            if r >= warmup:
-                times[m].append(time.perf_counter() - t)
-    base = multiples[0]
+    chosen = bucketed_batches(enc.lengths, args.batch_size, seed=0, epoch=0)[:rounds + warmup]
+    batches = {k: [make(rows) for rows in chosen] for k, make in makers.items()}
+    times = step_in_rounds(steps, batches, warmup)
+    base = str(multiples[0])
     return {"strategy": strategy, "rounds": rounds, "warmup_rounds": warmup, "precision": setup["precision"],
-            "per_multiple": {str(m): {"step_seconds": times[m], "total_seconds": sum(times[m]),
-                                      "mean_padded_length": statistics.mean(
-                                          int(b["input_ids"].shape[1]) for b in batches[m][warmup:])}
-                             for m in multiples},
-            "speedup_over_first": {str(m): {"of_totals": sum(times[base]) / sum(times[m]),
-                                            "median_of_rounds": statistics.median(
-                                                a / b for a, b in zip(times[base], times[m]))}
-                                   for m in multiples[1:]}}
+            "per_multiple": {k: {"step_seconds": times[k], "total_seconds": sum(times[k]),
+                                 "mean_padded_length": statistics.mean(
+                                     int(b["input_ids"].shape[1]) for b in batches[k][warmup:])}
+                             for k in times},
+            "speedup_over_first": {k: {"of_totals": sum(times[base]) / sum(times[k]),
+                                       "median_of_rounds": statistics.median(
+                                           a / b for a, b in zip(times[base], times[k]))}
+                                   for k in times if k != base}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=ARCHIVE)
-    ap.add_argument("--train-size", type=int, default=2000)
-    ap.add_argument("--test-size", type=int, default=1000)
+    add_slice_args(ap)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--multiples", default="1,8,32")
     ap.add_argument("--strategies", default="lora,last-two-layers,full")
@@ -85,8 +78,10 @@ def main() -> None:
         from peak import cpu_flags, cpu_model, measure
 
         peak = measure(trials=5, seconds=1.0)  # first, in an otherwise idle process
-        rows = [interleaved(s, [int(m) for m in args.multiples.split(",")], args.interleaved, args.data)
-                for s in args.strategies.split(",")]
+        multiples = [int(m) for m in args.multiples.split(",")]
+        if len(set(multiples)) != len(multiples):
+            ap.error(f"--multiples {args.multiples}: each multiple once")
+        rows = [interleaved(s, multiples, args.interleaved, args) for s in args.strategies.split(",")]
         for r in rows:
             print(r["strategy"], r["precision"], json.dumps(r["speedup_over_first"]), flush=True)
         out = {"command": command, "cpu": cpu_model(), "flags": cpu_flags(), "matmul_peak": peak,
@@ -101,8 +96,9 @@ def main() -> None:
         for m in args.multiples.split(","):
             run = args.out / f"{strategy}-{m}"
             subprocess.run([sys.executable, "-m", "lorafit", "train", "--strategy", strategy, "--data", args.data,
-                            "--train-size", str(args.train_size), "--val-size", "200", "--test-size",
-                            str(args.test_size), "--epochs", str(args.epochs), "--pad-multiple", m,
+                            "--train-size", str(args.train_size), "--val-size", str(args.val_size), "--test-size",
+                            str(args.test_size), "--max-length", str(args.max_length), "--batch-size",
+                            str(args.batch_size), "--epochs", str(args.epochs), "--pad-multiple", m,
                             "--pooling", args.pooling, "--out", str(run), "--overwrite", "--no-progress"],
                            check=True, stdout=subprocess.DEVNULL)
             f = json.loads((run / "final.json").read_text())

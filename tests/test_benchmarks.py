@@ -1,0 +1,38 @@
+"""The benchmarks' shared round-stepping: every system steps once per round, every order in turn."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_step_in_rounds_steps_each_system_once_per_round_in_every_order():
+    from interleaved import step_in_rounds
+
+    calls = []
+    names = ("a", "b", "c")
+    steps = {k: (lambda batch, k=k: calls.append((k, batch))) for k in names}
+    batches = {k: [f"{k}{r}" for r in range(8)] for k in names}
+    kept = []
+    times = step_in_rounds(steps, batches, warmup=2, on_round=lambda r, t: kept.append((r, len(t["a"]))))
+    # each system got its own batch of each round, once, and rounds ran in order
+    assert [b for _, b in calls] == [f"{k}{r}" for r in range(8) for k, _ in calls[3 * r:3 * r + 3]]
+    rounds = [tuple(k for k, _ in calls[3 * r:3 * r + 3]) for r in range(8)]
+    assert all(sorted(o) == list(names) for o in rounds)
+    assert set(rounds[:6]) == set(itertools.permutations(names))  # the first six rounds: all six orders
+    assert rounds[6:] == rounds[:2]  # then the cycle starts again
+    assert {k: len(v) for k, v in times.items()} == {k: 6 for k in names}  # the 2 warm-up rounds not kept
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert kept == [(r, r + 1) for r in range(6)]
+
+
+def test_step_in_rounds_refuses_unequal_batches():
+    from interleaved import step_in_rounds
+
+    with pytest.raises(ValueError, match="one batch per round"):
+        step_in_rounds({"a": print, "b": print}, {"a": [1, 2], "b": [1]}, warmup=0)
