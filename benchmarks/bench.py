@@ -188,7 +188,8 @@ def main() -> None:
             ours = {"samples_per_s": samples / final["train_seconds"], "tokens_per_s": tokens / final["train_seconds"],
                     "train_seconds": final["train_seconds"], "test_seconds": final["test_seconds"],
                     "wall_seconds": final["wall_seconds"], "peak_memory_mb": final["peak_memory_mb"],
-                    "test_accuracy": final["test_accuracy"], "precision": final["precision"], "cpu": cpu_model()}
+                    "test_accuracy": final["test_accuracy"], "precision": final["precision"],
+                    "cpu": same_cpu(final.get("cpu"), run)}
             # the fastest epoch's rate, where the epochs are the training (a cached head's leave out its features)
             if sum(h["seconds"] for h in hist) >= 0.9 * final["train_seconds"]:
                 ours["best_epoch_samples_per_s"] = max(h["samples_per_s"] for h in hist)
@@ -207,6 +208,7 @@ def main() -> None:
                 saved = args.out / f"peer-{kind}-{strategy}-seed{seed}.json"
                 if saved.exists():
                     peer = json.loads(saved.read_text())
+                    same_cpu(peer.get("cpu"), saved)
                 else:
                     out = subprocess.run([sys.executable, str(Path(__file__).with_name("peer.py")), "--strategy",
                                           strategy, *common, "--lr", str(lr), "--seed", str(seed), *flags],
@@ -258,6 +260,18 @@ def main() -> None:
     print(write_results(args, peaks, rows, merged))
     if merged:
         print(json.dumps(merged))
+
+
+def same_cpu(made_on: str | None, record: Path) -> str:
+    """`made_on`, the CPU a record read back was made on, where it is this machine's
+    (cpu_model); else a clear exit: one benchmark's records all come from one CPU (two
+    virtual machines both named "AMD EPYC" differ 2x in bf16 peak, and cpu_model tells
+    them apart by family and model)."""
+    here = cpu_model()
+    if made_on != here:
+        raise SystemExit(f"{record} was made on {made_on or 'an unrecorded CPU'}, but this machine is {here}: "
+                         "a benchmark compares records of one CPU; pass a new --out (or run it on that CPU)")
+    return made_on
 
 
 def _merged(args, data_args: dict) -> dict:

@@ -36,3 +36,17 @@ def test_step_in_rounds_refuses_unequal_batches():
 
     with pytest.raises(ValueError, match="one batch per round"):
         step_in_rounds({"a": print, "b": print}, {"a": [1, 2], "b": [1]}, warmup=0)
+
+
+def test_bench_reads_back_only_records_made_on_this_cpu(tmp_path):
+    """A record from another CPU (or one that names none) stops the benchmark with the fix named,
+    rather than joining this machine's ratios and accuracy means."""
+    from bench import same_cpu
+
+    from lorafit.training import cpu_model
+
+    record = tmp_path / "lora-seed1"
+    assert same_cpu(cpu_model(), record) == cpu_model()
+    for other in ("AMD EPYC", None):  # a Zen 4 record, named before family/model were recorded; none at all
+        with pytest.raises(SystemExit, match=r"lora-seed1 was made on .*pass a new --out"):
+            same_cpu(other, record)

@@ -9,6 +9,8 @@ import torch
 
 from cli_helpers import TINY, lorafit
 
+from lorafit.training import cpu_model
+
 
 @pytest.fixture(scope="module")
 def compare_dir(tmp_path_factory):
@@ -34,6 +36,7 @@ def test_compare_leaves_every_artifact(compare_dir):
         assert final["sizes"] == {"train": 24, "validation": 8, "test": 16}
         assert final["trainable_params"] <= final["total_params"] and final["peak_memory_mb"] > 0
         assert final["saved_bytes"] > 0
+        assert final["cpu"] == cpu_model()  # where it ran: a benchmark never mixes records of two CPUs
         assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lora = json.loads((compare_dir / "lora" / "final.json").read_text())
     full = json.loads((compare_dir / "full" / "final.json").read_text())

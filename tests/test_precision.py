@@ -108,3 +108,19 @@ def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_
     assert fp32.evaluate()["test_loss"] != final["test_loss"]
     fresh = lorafit("train", "--model", str(tiny_model_dir), *TINY, "--out", str(tmp_path / "fresh"), env=env)
     assert fresh.returncode == 0 and "cpu fp32" in fresh.stdout, fresh.stderr[-2000:]
+
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+ZEN5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+
+
+def test_cpu_description_tells_apart_cpus_with_the_same_generic_name():
+    """Two virtual machines both named 'AMD EPYC' (Zen 4, Zen 5: bf16 peaks 0.41 and 0.90 TFLOP/s)
+    must not share a measured decision or a benchmark's saved peak."""
+    from lorafit.training import describe_cpu
+
+    assert describe_cpu(ZEN4) == "AMD EPYC (family 25, model 17)"
+    assert describe_cpu(ZEN5) == "AMD EPYC (family 26, model 2)"
+    assert describe_cpu(ZEN4 + ZEN5.replace("processor\t: 0", "processor\t: 1")) == describe_cpu(ZEN4)
+    assert describe_cpu("model name\t: Some CPU\n") == "Some CPU"  # no family/model lines: the name alone
+    assert describe_cpu("processor\t: 0\nflags\t: fpu\n") is None

@@ -38,7 +38,7 @@ from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.tracking import Tracker
 from lorafit.tracking import check_available as check_trackers
 from lorafit.precision import model_dims, resolve_precision
-from lorafit.training import Interrupted, TrainSettings, evaluate, pick_device, train
+from lorafit.training import Interrupted, TrainSettings, cpu_model, evaluate, pick_device, train
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -266,7 +266,7 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         "peak_memory_mb": peak,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
-        "precision": precision, "device": device.type, "processes": world, "lr": lr, "pooling": loaded.pooling,
+        "precision": precision, "device": device.type, "cpu": cpu_model(), "processes": world, "lr": lr, "pooling": loaded.pooling,
         "attention": attention, "last_layer": last_layer, "sizes": splits.sizes(), "label_names": splits.label_names,
         "resumed": resume,
     }
