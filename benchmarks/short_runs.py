@@ -3,7 +3,8 @@
 Each (setting, seed) is one process: lorafit (`lorafit train`) or the tuned peer
 (benchmarks/peer.py --tuned), on the same 600 training / 400 test reviews of the full
 archive (lorafit also carves 100 validation reviews, which the peer does not use), max_length 256,
-batch 16. Resumable: a finished (setting, seed) is read back from --out.
+batch 16. Resumable: a finished (setting, seed) is read back from --out, where it
+was made on this CPU.
 
     .venv/bin/python benchmarks/short_runs.py [--settings lorafit,peer-tuned] [--seeds 0,1,2,3,4]
 
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import ARCHIVE
+from bench import ARCHIVE, same_cpu
 from peak import cpu_model
 
 DATA = ["--train-size", "600", "--val-size", "100", "--test-size", "400", "--max-length", "256", "--epochs", "2",
@@ -37,8 +38,10 @@ SETTINGS = {
 
 def run(name: str, seed: int, out: Path, data: str) -> dict:
     path = out / f"{name}-seed{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if path.exists():  # read back only where it was made on this CPU
+        rec = json.loads(path.read_text())
+        same_cpu(rec.get("cpu"), path)
+        return rec
     runner, extra, _ = SETTINGS[name]
     common = ["--data", data, *DATA, "--seed", str(seed), *extra]
     if runner == "lorafit":
