@@ -57,7 +57,8 @@ TUNED_PEER_ROW = re.compile(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d
                             r"([\d.]+)x \| (\d+) / (\d+) / (\d+) \| ([\d,]+) / ([\d,]+) / ([\d,]+) \| "
                             r"([\d.]+) / ([\d.]+) / ([\d.]+) \((\d) seeds?(?:; typical peer (\d))?\)", re.M)
 TUNED_PEER_TABLES = {"**Against both peers, all three strategies**": "bench.json",
-                     "**On an AMD EPYC": "bench_amd/bench.json"}
+                     "**On an AMD EPYC": "bench_amd/bench.json",
+                     "**Issue 17's acceptance, in one run on one machine**": "bench_zen5/bench.json"}
 """Where each README table against both peers begins, and the results file it is."""
 
 
