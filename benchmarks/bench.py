@@ -14,7 +14,7 @@ the tuned peer against it; and the inference throughput of a merged LoRA model a
 the base model. Speed is from the first seed's runs; accuracy is the mean over --seeds
 (the typical peer's over its first --typical-seeds, as its accuracy is context only).
 Resumable: a finished lorafit run or peer record in --out is read back (each records its
-CPU model), and so are the matmul peak and the merged-inference timing
+CPU model, by family and model; one made on another CPU stops the run), and so are the matmul peak and the merged-inference timing
 (matmul_peak.json, merged.json: measured once, by the invocation that began the
 records). The tuned peer computes in the precision lorafit's run used (`--precision
 auto` measures it per CPU). `--records-only` runs only the records (accuracy seeds, e.g.
