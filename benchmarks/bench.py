@@ -14,13 +14,13 @@ the tuned peer against it; and the inference throughput of a merged LoRA model a
 the base model. Speed is from the first seed's runs; accuracy is the mean over --seeds
 (the typical peer's over its first --typical-seeds, as its accuracy is context only).
 Resumable: a finished lorafit run or peer record in --out is read back (each records its
-CPU model, by family and model; one made on another CPU stops the run), and so are the matmul peak and the merged-inference timing
-(matmul_peak.json, merged.json: measured once, by the invocation that began the
-records). The tuned peer computes in the precision lorafit's run used (`--precision
-auto` measures it per CPU). `--records-only` runs only the records (accuracy seeds, e.g.
-two processes side by side: `OMP_NUM_THREADS=1 ... --seeds 1 --records-only
---typical-seeds 0`). lorafit runs with `--pooling cls`, the first token's head, as the
-peers' heads read it.
+CPU model, by family and model; one made on another CPU stops the run), and so are the
+matmul peak and the merged-inference timing (matmul_peak.json, merged.json: measured
+once, by the invocation that began the records). The tuned peer computes in the
+precision lorafit's run used (`--precision auto` measures it per CPU). `--records-only`
+runs only the records (accuracy seeds, e.g. two processes side by side:
+`OMP_NUM_THREADS=1 ... --seeds 1 --records-only --typical-seeds 0`). lorafit runs with
+`--pooling cls`, the first token's head, as the peers' heads read it.
 
     .venv/bin/python benchmarks/bench.py [--train-size 2000 --test-size 1000 --epochs 3 --seeds 0,1,2]
 """

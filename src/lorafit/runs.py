@@ -266,7 +266,8 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         "peak_memory_mb": peak,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
-        "precision": precision, "device": device.type, "cpu": cpu_model(), "processes": world, "lr": lr, "pooling": loaded.pooling,
+        "precision": precision, "device": device.type, "cpu": cpu_model(), "processes": world, "lr": lr,
+        "pooling": loaded.pooling,
         "attention": attention, "last_layer": last_layer, "sizes": splits.sizes(), "label_names": splits.label_names,
         "resumed": resume,
     }
