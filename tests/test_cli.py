@@ -201,3 +201,58 @@ def test_model_without_classification_head(tmp_path):
     r = lorafit("train", "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no sequence-classification head" in r.stderr
+
+
+def _skewed_messages(path, n_train=120, n_test=60, seed=0):
+    """Short messages, 15% spam: a small skewed set such as users bring."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    ham = ["are we still on for {x} at {t}?", "can you send me the {y} before {d}", "running late, see you at {t}",
+           "thanks for the {y}, I'll read it on {d}", "mum says {x} is at {t} on {d}", "did you call the {z} yet?"]
+    spam = ["WINNER! claim your free {p} now, text {c} to {n}", "URGENT: you have won a {p}, call {n} to claim",
+            "free {p} offer, reply {c} now to {n} to win", "congratulations, your {p} prize awaits, call {n}"]
+    fill = dict(x=["lunch", "dinner", "football", "the film"], t=["5", "six", "noon", "8pm"],
+                y=["report", "notes", "slides", "photos"], d=["monday", "friday", "tomorrow"],
+                z=["plumber", "dentist", "bank"], p=["iPhone", "holiday", "voucher", "ringtone"],
+                c=["WIN", "CLAIM", "YES"], n=["08712", "09061", "80062"])
+
+    def one(templates):
+        return rng.choice(templates).format(**{k: rng.choice(v) for k, v in fill.items()})
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "split"])
+        for split, n in (("train", n_train), ("test", n_test)):
+            n_spam = round(0.15 * n)
+            for i in range(n):
+                w.writerow([one(spam), "spam", split] if i < n_spam else [one(ham), "ham", split])
+    return path
+
+
+def test_the_default_learns_the_minority_class_and_the_report_tells_the_truth(tmp_path):
+    data = _skewed_messages(tmp_path / "sms.csv")
+    run = tmp_path / "run"
+    r = lorafit("train", "--data", str(data), "--max-length", "32", "--no-progress", "--out", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    final = json.loads((run / "final.json").read_text())
+    # the classes came from the data; the skew chose balanced class weights, macro-F1 for --keep best,
+    # and more than 3 epochs so the small set gets --min-steps 150 optimizer steps
+    assert cfg["num_labels"] is None and cfg["num_labels_resolved"] == 2 and cfg["label_names"] == ["ham", "spam"]
+    assert cfg["class_weights_resolved"] == pytest.approx([108 / (2 * 92), 108 / (2 * 16)])
+    assert cfg["select_on"] == "macro_f1" and final["selected_on"] == "macro_f1"
+    assert final["epochs"] == cfg["epochs_resolved"] == 22  # ceil(150 / 7 steps per epoch)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 22
+    spam = next(c for c in final["test_per_class"] if c["label"] == "spam")
+    assert spam["support"] == 9 and spam["recall"] >= 0.8  # the minority class is learned
+    assert final["test_majority_share"] == pytest.approx(51 / 60)
+    assert final["test_macro_f1"] > 0.8 and final["collapse_warning"] is None
+    assert final["test_confusion"][1][1] == round(spam["recall"] * 9) and sum(map(sum, final["test_confusion"])) == 60
+    assert "macro-F1" in r.stdout and "collapsed" not in r.stdout
+    p = lorafit("predict", str(run), "WINNER! claim your free voucher now, text WIN to 80062", "see you at noon")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [line.split("\t")[0] for line in p.stdout.strip().splitlines()] == ["spam", "ham"]
+    wrong = lorafit("train", "--data", str(data), "--num-labels", "3", "--no-progress", "--out", str(tmp_path / "x"))
+    assert wrong.returncode == 2 and "has 2 label classes (ham, spam) but --num-labels is 3" in wrong.stderr

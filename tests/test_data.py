@@ -83,6 +83,56 @@ def test_tables_with_string_and_int_labels(tmp_path, suffix):
     assert d2.label_names == ["0", "1"] and d2.test.class_counts() == [2, 2]
 
 
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("kind", ["str", "int"])
+def test_labels_are_inferred_from_tables(tmp_path, suffix, kind):
+    names = {"str": ["billing", "bug", "praise"], "int": [3, 7, 11]}[kind]
+    rows = [{"text": f"ticket {i} about {names[i % 3]}", "label": names[i % 3],
+             "split": "test" if i >= 30 else "train"} for i in range(39)]
+    path = _write_table(tmp_path / f"t.{suffix}", rows)
+    d = load_dataset(path, val_size=3)
+    assert d.label_names == [str(n) for n in names]  # sorted, as strings
+    assert d.train.class_counts() == [9, 9, 9] and d.test.class_counts() == [3, 3, 3]
+    assert [d.label_names[y] for y in d.test.labels] == [str(r["label"]) for r in rows if r["split"] == "test"]
+
+
+def _write_table(path, rows):
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_label_problems_get_one_clear_line_each(tmp_path):
+    def rows(labels, splits=None, texts=None):
+        return [{"text": (texts or {}).get(i, f"text {i}"), "label": lab, "split": (splits or {}).get(i, "train")}
+                for i, lab in enumerate(labels)]
+
+    one = _write_table(tmp_path / "one.csv", rows(["a"] * 20, {i: "test" for i in range(15, 20)}))
+    _expect(r"the labels of .*one.csv hold one class \(a\); a classifier needs at least two: check --label-column",
+            one)
+    only_test = _write_table(tmp_path / "only_test.csv",
+                             rows(["a", "b"] * 10 + ["c"], {**{i: "test" for i in range(15, 20)}, 20: "test"}))
+    _expect(r"class\(es\) 'c' of .* appear only in the test split; add training examples of them, or drop", only_test)
+    no_train = _write_table(tmp_path / "no_train.csv", rows(["a", "b"] * 12 + ["c"], {i: "test" for i in range(20, 24)}))
+    _expect(r"training split of .* has no example of class\(es\) 'c'; lower --val-size",
+            no_train, val_size=15)  # c's one example goes to validation (the largest remainder)
+    empty = _write_table(tmp_path / "empty.csv", rows(["a", "b"] * 10, {i: "test" for i in range(15, 20)},
+                                                       {4: "   ", 7: "<br />"}))
+    _expect(r"row 5 of column 'text' is empty \(2 empty row\(s\) in all\); fill or drop them", empty)
+
+
 def _expect(match, source, **kw):
     with pytest.raises(DataError, match=match):
         load_dataset(source, **kw)
@@ -121,8 +171,9 @@ def test_bad_sources(tmp_path):
     _expect(r"has no text column 'text' \(its columns: body, label\); name it with --text-column", tmp_path / "x.csv")
     three = tmp_path / "three.jsonl"
     three.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3}) + "\n" for i in range(30)))
-    _expect("has 3 label classes .* pass --num-labels 3", three)
+    _expect("has 3 label classes .* but --num-labels is 2; leave --num-labels out", three, num_labels=2)
     assert len(load_dataset(three, num_labels=3).label_names) == 3
+    assert load_dataset(three).label_names == ["0", "1", "2"]  # the classes come from the data
     nested = tmp_path / "nested.jsonl"  # found by tests/test_fuzz.py: pyarrow raised SystemError reading it
     nested.write_text(json.dumps({"text": None, "label": [None, "0"]}) + "\n")
     _expect(r"the label column 'label' holds list<item: string> values; it must hold one integer or string label",

@@ -20,5 +20,7 @@ def test_row_shows_the_tested_epoch():
     assert (rows[1]["kept_epoch"], rows[1]["kept_val_accuracy"]) == (1, 0.9)
     md = markdown_table(rows)
     assert "val acc (epoch tested)" in md
-    assert "| lora | 0.8500 | 0.8400 | 0.8000 (3) |" in md and "| full | 0.8500 | 0.8400 | 0.9000 (1) |" in md
+    # a run from before macro-F1 was recorded shows none
+    assert "| lora | 0.8500 | - | 0.8400 | 0.8000 (3) |" in md and "| full | 0.8500 | - | 0.8400 | 0.9000 (1) |" in md
+    assert "| lora | 0.8500 | 0.6100 | 0.8400 |" in markdown_table(compare_rows({"lora": _result(test_macro_f1=0.61)}))
     assert rows[0]["samples_per_s"] == 10.0

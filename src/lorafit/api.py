@@ -249,23 +249,32 @@ class Run:
         return out
 
     def evaluate(self, data: str | None = None, progress: bool = False) -> dict:
-        """test_accuracy, test_f1, test_loss, examples, data: on the run's test split, or
-        on the test split of `data` (another source, cut as the run's config says)."""
+        """test_accuracy, test_f1, test_macro_f1, test_majority_share, test_per_class,
+        test_confusion, test_loss, examples, data: on the run's test split, or on the test
+        split of `data` (another source with the run's labels, cut as the run's config says)."""
+        from lorafit import metrics
         from lorafit.data.batching import resolve_pad_multiple
         from lorafit.data.encoding import encode_split
+        from lorafit.errors import DataError
         from lorafit.runs import load_data
-        from lorafit.training import evaluate, pick_device, resolve_precision
+        from lorafit.training import pick_device, predict_logits, resolve_precision
 
         cfg = self.config
         splits = load_data(cfg, data)
+        if splits.label_names != self.label_names:
+            raise DataError(f"{splits.source} has the labels {', '.join(splits.label_names)}, but the run was trained "
+                            f"on {', '.join(self.label_names)}; evaluate it on data with the same labels")
         device = pick_device()
         precision = self.precision or resolve_precision(cfg.precision, device)
         enc = encode_split(splits.test, self.tokenizer, cfg.max_length,
                            pad_multiple=resolve_pad_multiple(cfg.pad_multiple, precision))
-        m = evaluate(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
-                     pad_id=self.tokenizer.pad_token_id or 0, device=device, precision=precision, progress=progress,
-                     desc="test")
-        return {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_loss": m["loss"], "examples": len(enc),
+        logits = predict_logits(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
+                                pad_id=self.tokenizer.pad_token_id or 0, device=device, precision=precision,
+                                progress=progress, desc="test")
+        m = metrics.report(logits, enc.labels, self.label_names)
+        return {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_macro_f1": m["macro_f1"],
+                "test_majority_share": m["majority_share"], "test_per_class": m["per_class"],
+                "test_confusion": m["confusion"], "test_loss": m["loss"], "examples": len(enc),
                 "data": splits.source}
 
 
@@ -278,7 +287,8 @@ def load_run(path: PathLike, adapter: str | None = None) -> Run:
     cfg, loaded = load_trained(path, merge=True, adapter=adapter)
     final = path / "final.json"
     names = json.loads(final.read_text()).get("label_names") if final.exists() else None
-    return Run(path, cfg, loaded.model, loaded.tokenizer, names or [str(i) for i in range(cfg.num_labels)],
+    id2label = loaded.model.config.id2label
+    return Run(path, cfg, loaded.model, loaded.tokenizer, names or [id2label[i] for i in sorted(id2label)],
                loaded.pooling, loaded.precision)
 
 

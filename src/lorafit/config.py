@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorafit.errors import ConfigError
 from lorafit.lora import INITS
+from lorafit.metrics import CLASS_WEIGHTS
 from lorafit.attention import ATTENTIONS
 from lorafit.first_token import LAST_LAYERS
 from lorafit.pooling import POOLINGS
@@ -25,6 +26,7 @@ from lorafit.tracking import TRACKERS
 from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
 
 KEEPS = ("last", "best")
+DEFAULT_EPOCHS = 3
 
 
 def _f(default, help: str, **kw):
@@ -48,7 +50,8 @@ class RunConfig:
                       choices=POOLINGS)
     data: str | None = _f(None, "data source: an aclImdb/ folder, its .tar.gz, `imdb` (download), a "
                           ".csv/.jsonl/.parquet table (default: the embedded IMDb sample)")
-    epochs: int = _f(3, "training epochs")
+    epochs: int | None = _f(None, f"training epochs (default: {DEFAULT_EPOCHS}, or more where that many give fewer "
+                            "than --min-steps optimizer steps; given, exactly that many)")
     lr: float | None = _f(None, "peak learning rate (default: the strategy's: " + ", ".join(
         f"{s.name} {s.default_lr:g}" for s in STRATEGIES.values()) + ")")
     batch_size: int = _f(16, "examples per optimizer step (before accumulation)")
@@ -76,7 +79,13 @@ class RunConfig:
     test_size: int | None = _f(None, "cap on test examples (stratified, seeded subset)")
     text_column: str = _f("text", "text column of a table source")
     label_column: str = _f("label", "label column of a table source")
-    num_labels: int = _f(2, "number of classes")
+    num_labels: int | None = _f(None, "number of classes (default: as many as the data's labels; another number is "
+                                "an error)")
+    class_weights: str = _f("auto", "loss weight per class: balanced (n / (K n_k): every class pulls alike), none "
+                            "(the plain mean), or auto (balanced where the largest training class has over 1.5x "
+                            "the examples of the smallest, else none)", choices=CLASS_WEIGHTS)
+    min_steps: int = _f(150, "where --epochs is not given, train at least this many optimizer steps: a small "
+                        f"dataset trains more than {DEFAULT_EPOCHS} epochs to reach them (0: {DEFAULT_EPOCHS} epochs)")
     seed: int = _f(0, "seed of data cuts, initialisation, dropout and batch order")
     precision: str = _f("auto", "fp32, bf16 (autocast), or auto (bf16 on CUDA where supported; on a CPU with "
                         "AMX/AVX512-BF16, bf16 only where the run's linear layers, timed once per CPU and shape, "
@@ -100,7 +109,8 @@ class RunConfig:
     cache: bool = _f(True, "when only the head trains (last-two-layers): run the frozen encoder once and train the "
                      "head on its cached features (--no-cache: the plain path, dropout active in the encoder)")
     keep: str = _f("last", "which weights the run keeps, tests and saves: last (the final epoch's) or best (the "
-                   "epoch with the best validation accuracy; on a small validation split that choice is noisy)",
+                   "epoch with the best validation accuracy, or macro-F1 where the training classes are skewed as "
+                   "--class-weights auto defines it; on a small validation split that choice is noisy)",
                    choices=KEEPS)
     checkpoint_every: int = _f(0, "optimizer steps between checkpoints (0: only at the end of each epoch)")
     report_to: list[str] = _f([], "experiment trackers, comma-separated: tensorboard (event files in the run "
@@ -127,7 +137,7 @@ class RunConfig:
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
             (self.init in INITS, "init", f"one of {', '.join(INITS)}"),
             (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0, "lora_plus_ratio", "a number > 0"),
-            (self.epochs >= 1, "epochs", "an integer >= 1"),
+            (self.epochs is None or self.epochs >= 1, "epochs", "an integer >= 1"),
             (self.lr is None or (math.isfinite(self.lr) and 0 < self.lr <= 1), "lr", "a number in (0, 1]"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
@@ -145,7 +155,9 @@ class RunConfig:
             (self.test_size is None or self.test_size >= 1, "test_size", "an integer >= 1"),
             (self.val_size > 0 and (self.val_size < 1 or float(self.val_size).is_integer()), "val_size",
              "a count >= 1 or a fraction in (0, 1)"),
-            (self.num_labels >= 2, "num_labels", "an integer >= 2"),
+            (self.num_labels is None or self.num_labels >= 2, "num_labels", "an integer >= 2"),
+            (self.class_weights in CLASS_WEIGHTS, "class_weights", f"one of {', '.join(CLASS_WEIGHTS)}"),
+            (self.min_steps >= 0, "min_steps", "an integer >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0"),
             (self.attn_dropout is None or 0 <= self.attn_dropout < 1, "attn_dropout", "a number in [0, 1)"),
             (all(t in TRACKERS for t in self.report_to), "report_to",

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from lorafit.adapter import atomic_write_bytes
@@ -26,10 +27,31 @@ def _save(fig: Figure, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, train vs validation (the seed experiment's figures)."""
+def plot_confusion(ax, confusion: list[list[int]], label_names: list[str], title: str = "test confusion") -> None:
+    """A heat-map of a (K, K) confusion matrix (rows true, columns predicted) with its counts."""
+    m = np.asarray(confusion)
+    ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(label_names))
+    ax.set_xticks(ticks, [str(n)[:12] for n in label_names], rotation=30 if len(label_names) > 3 else 0)
+    ax.set_yticks(ticks, [str(n)[:12] for n in label_names])
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in ticks:
+        for j in ticks:
+            share = m[i, j] / max(m[i].sum(), 1)
+            ax.text(j, i, f"{m[i, j]:,}", ha="center", va="center", color="white" if share > 0.5 else "black",
+                    fontsize=8 if len(label_names) > 6 else 10)
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "", confusion: list[list[int]] | None = None,
+                label_names: list[str] | None = None) -> None:
+    """Loss and accuracy per epoch, train vs validation (the seed experiment's figures),
+    and the test confusion matrix beside them where given."""
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = subplots(1, 2, figsize=(9, 3.4))
+    if confusion is not None:
+        fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(13, 3.4))
+        plot_confusion(ax3, confusion, label_names or [str(i) for i in range(len(confusion))])
+    else:
+        fig, (ax1, ax2) = subplots(1, 2, figsize=(9, 3.4))
     ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax1.plot(epochs, [r["val_loss"] for r in history], "s--", label="validation")
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -53,6 +75,9 @@ def compare_rows(results: dict[str, dict]) -> list[dict]:
         kept = f.get("kept_epoch", f["best_epoch"])
         rows.append({
             "strategy": name, "test_accuracy": f["test_accuracy"], "test_f1": f["test_f1"],
+            # runs from before macro-F1 was recorded: None (their f1 is of class 1 where binary)
+            "test_macro_f1": f.get("test_macro_f1"), "majority_share": f.get("test_majority_share"),
+            "collapse_warning": f.get("collapse_warning"),
             "best_val_accuracy": f["best_val_accuracy"], "best_epoch": f["best_epoch"],
             # the epoch whose weights were tested (runs before `--keep` kept the best-validation epoch's)
             "kept_epoch": kept, "kept_val_accuracy": r["history"][kept - 1]["val_accuracy"],
@@ -70,11 +95,18 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| strategy | test acc | test F1 | val acc (epoch tested) | trainable params | % of total | lr | "
-            "train time | samples/s | peak RSS | saved |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    """The comparison table: accuracy beside macro-F1 (on skewed data accuracy alone hides a
+    model that predicts the majority class) and the test F1 (binary: of the second class)."""
+    head = ("| strategy | test acc | macro-F1 | test F1 | val acc (epoch tested) | trainable params | % of total | lr | "
+            "train time | samples/s | peak RSS | saved |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['strategy']} | {r['test_accuracy']:.4f} | {r['test_f1']:.4f} | {r['kept_val_accuracy']:.4f} "
+        f"| {r['strategy']} | {r['test_accuracy']:.4f} | {_num(r.get('test_macro_f1'))} | {r['test_f1']:.4f} | "
+        f"{r['kept_val_accuracy']:.4f} "
         f"({r['kept_epoch']}) | {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {r['lr']:g} | "
         f"{r['train_seconds']:.0f} s | {r['samples_per_s']:.1f} | {r['peak_memory_mb']:,.0f} MB | "
         f"{_size(r['saved_bytes'])} |\n" for r in rows)
@@ -119,12 +151,19 @@ def write_compare_report(results: dict[str, dict], out: Path, command: str, wall
     kept = "final epoch's" if cfg.get("keep", "best") == "last" else "best-validation epoch's"
     resumed = (f" over {invocations} invocations (resumed with `lorafit compare --resume`; work redone after an "
                "interruption is counted, time between invocations is not)") if invocations > 1 else ""
+    majority = rows[0].get("majority_share")
+    warnings = "".join(f"\n- {r['strategy']}: {r['collapse_warning']}" for r in rows if r.get("collapse_warning"))
+    labels = cfg.get("label_names")
     md = (f"# lorafit compare\n\n`{command}`\n\nModel `{cfg['model']}`, data "
-          f"{next(iter(results.values()))['final']['data']}, {cfg['epochs']} epochs, max_length "
+          f"{next(iter(results.values()))['final']['data']}, {cfg.get('epochs_resolved') or cfg['epochs']} epochs, max_length "
           f"{cfg['max_length']}, batch size {cfg['batch_size']}, seed {cfg['seed']}. Test accuracy is that of the "
           f"{kept} weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min"
-          f"{resumed}.\n\n"
-          f"{markdown_table(rows)}\n![report](report.png)\n")
+          f"{resumed}."
+          + (f" Classes: {', '.join(labels)}." if labels else "")
+          + (f" The majority class is {100 * majority:.1f}% of the test texts: the accuracy of always predicting "
+             "it." if majority is not None else "")
+          + f"\n\n{markdown_table(rows)}" + (f"\n**Collapsed models**:{warnings}\n" if warnings else "")
+          + "\n![report](report.png)\n")
     atomic_write_bytes(out / "report.md", md.encode())
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -23,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit import distributed
+from lorafit import distributed, metrics
 from lorafit.adapter import atomic_write_bytes
 from lorafit.attention import resolve_attention, set_attention
-from lorafit.config import RunConfig, config_from_mapping
+from lorafit.config import DEFAULT_EPOCHS, RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.batching import resolve_pad_multiple
 from lorafit.data.encoding import encode_split
@@ -38,7 +39,7 @@ from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.tracking import Tracker
 from lorafit.tracking import check_available as check_trackers
 from lorafit.precision import model_dims, resolve_precision
-from lorafit.training import Interrupted, TrainSettings, cpu_model, evaluate, pick_device, train
+from lorafit.training import Interrupted, TrainSettings, cpu_model, pick_device, predict_logits, train
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -124,8 +125,8 @@ def preflight(cfg: RunConfig) -> None:
     Raises:
         LorafitError: whatever `run_training` would raise on these at its start.
     """
-    load_data(cfg)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
+    splits = load_data(cfg)
+    loaded = load_model(cfg.model, num_labels=len(splits.label_names), seed=cfg.seed, attn_dropout=cfg.attn_dropout,
                         pooling=cfg.pooling)
     check_max_length(cfg, loaded.model)
     STRATEGIES["lora"].setup(loaded.model, cfg)
@@ -167,9 +168,11 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     t_start = time.perf_counter()
     main = distributed.is_main()
     splits = load_data(cfg)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
+    label_names = splits.label_names
+    loaded = load_model(cfg.model, num_labels=len(label_names), seed=cfg.seed, attn_dropout=cfg.attn_dropout,
                         pooling=cfg.pooling)
     model = loaded.model
+    name_labels(model, label_names)
     check_max_length(cfg, model)
     fresh = fresh_state(loaded)
     torch.manual_seed(cfg.seed)
@@ -194,9 +197,17 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
+    recipe = resolve_recipe(cfg, splits.train.class_counts(), recorded)
+    if recipe["epochs_resolved"] > (cfg.epochs or DEFAULT_EPOCHS):
+        _log(f"epochs: {recipe['epochs_resolved']} instead of {DEFAULT_EPOCHS}, to reach --min-steps {cfg.min_steps} "
+             f"optimizer steps ({recipe['steps_per_epoch']} per epoch; --epochs N sets exactly N)")
+    if recipe["class_weights_resolved"] is not None:
+        _log("class weights (skewed classes, --class-weights " + cfg.class_weights + "): " + ", ".join(
+            f"{n} {w:.2f}" for n, w in zip(label_names, recipe["class_weights_resolved"])))
     resolved = {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
                 "pooling_resolved": loaded.pooling, "attention_resolved": attention,
-                "last_layer_resolved": last_layer, "pad_multiple_resolved": pad_multiple}
+                "last_layer_resolved": last_layer, "pad_multiple_resolved": pad_multiple,
+                "label_names": label_names, **{k: v for k, v in recipe.items() if k != "steps_per_epoch"}}
     if not resume and main:
         write_json(out / "config.json", resolved)
 
@@ -205,10 +216,11 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     _log(f"tokenized in {time.perf_counter() - t_tok:.1f}s "
          f"({'cached' if all(e.cached for e in encs.values()) else 'fresh'})")
     pad_id = loaded.tokenizer.pad_token_id or 0
-    settings = TrainSettings(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                             weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+    settings = TrainSettings(epochs=recipe["epochs_resolved"], lr=lr, batch_size=cfg.batch_size,
+                             grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                              max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, precision=precision,
-                             eval_batch_size=cfg.eval_batch_size, keep=cfg.keep)
+                             eval_batch_size=cfg.eval_batch_size, keep=cfg.keep, select_on=recipe["select_on"],
+                             class_weights=recipe["class_weights_resolved"])
     metrics_path = out / "metrics.jsonl"
     # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
     history = state[1]["history"] if state else []
@@ -247,17 +259,24 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     # run, adapters merged (one matmul per layer), so the two give the same numbers.
     merge_lora(model)
     t_test = time.perf_counter()
-    test = evaluate(train_model, sets["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id, device=device,
-                    precision=precision, progress=progress, desc="test")
+    test_logits = predict_logits(train_model, sets["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id,
+                                 device=device, precision=precision, progress=progress, desc="test")
+    test = metrics.report(test_logits, sets["test"].labels, label_names)
     test_seconds = time.perf_counter() - t_test
     peak = distributed.max_(run_peak_mb())
     if not main:
         return {"test_accuracy": test["accuracy"], "rank": distributed.rank()}
-    plot_curves(result.history, out / "curves.png", title=f"{cfg.strategy} · {cfg.model}")
+    plot_curves(result.history, out / "curves.png", title=f"{cfg.strategy} · {cfg.model}",
+                confusion=test["confusion"], label_names=label_names)
+    collapse = metrics.collapse_warning(test["confusion"], label_names)
     final = {
         "strategy": cfg.strategy, "model": cfg.model, "data": splits.source,
-        "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_loss": test["loss"],
-        "kept_epoch": result.kept_epoch, "best_epoch": result.best_epoch,
+        "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_macro_f1": test["macro_f1"],
+        "test_loss": test["loss"], "test_majority_share": test["majority_share"],
+        "test_top_predicted_share": test["top_predicted_share"], "test_per_class": test["per_class"],
+        "test_confusion": test["confusion"], "collapse_warning": collapse,
+        "kept_epoch": result.kept_epoch, "best_epoch": result.best_epoch, "selected_on": recipe["select_on"],
+        "epochs": recipe["epochs_resolved"],
         "best_val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
         "train_seconds": result.train_seconds + cache_seconds, "cache_seconds": cache_seconds,
@@ -273,6 +292,10 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     }
     write_json(out / "final.json", final)
     tracker.finish(final, out / "curves.png")
+    _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_share']:.4f}) | macro-F1 "
+         f"{test['macro_f1']:.4f} | per class F1 " + ", ".join(f"{c['label']} {c['f1']:.3f}" for c in test["per_class"]))
+    if collapse:
+        _log(collapse)
     _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | "
          f"weights of epoch {result.kept_epoch} ({cfg.keep}) | "
          f"train {final['train_seconds']:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "
@@ -306,8 +329,31 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
-            "pad_multiple_resolved")
+            "pad_multiple_resolved", "label_names", "num_labels_resolved", "class_weights_resolved", "epochs_resolved",
+            "select_on")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
+
+
+def resolve_recipe(cfg: RunConfig, train_counts: list[int], recorded: dict | None) -> dict:
+    """What the run's recipe resolves to on this data: the number of classes, the class
+    weights (`metrics.class_weights`), the epochs (`cfg.epochs` where given, else
+    DEFAULT_EPOCHS raised to reach `cfg.min_steps` optimizer steps), the metric
+    `--keep best` compares; a resumed run keeps what it recorded."""
+    steps = math.ceil(math.ceil(sum(train_counts) / cfg.batch_size) / cfg.grad_accum)
+    out = {"num_labels_resolved": len(train_counts),
+           "class_weights_resolved": metrics.class_weights(train_counts, cfg.class_weights),
+           "epochs_resolved": cfg.epochs or max(DEFAULT_EPOCHS, math.ceil(cfg.min_steps / steps)),
+           "select_on": metrics.selection_metric(train_counts), "steps_per_epoch": steps}
+    if recorded is not None:
+        out.update({k: recorded[k] for k in out if k in recorded})
+    return out
+
+
+def name_labels(model: nn.Module, label_names: list[str]) -> None:
+    """The data's label names into the model's config (id2label, label2id), so a merged
+    or exported model carries them."""
+    model.config.id2label = dict(enumerate(label_names))
+    model.config.label2id = {n: i for i, n in enumerate(label_names)}
 
 
 def _pick_precision(cfg: RunConfig, model, device: torch.device, recorded: dict | None) -> str:
@@ -363,6 +409,11 @@ def run_pooling(raw: dict) -> str:
     return raw.get("pooling_resolved", raw.get("pooling", "cls"))
 
 
+def run_num_labels(raw: dict) -> int:
+    """The number of classes a run trained with, from its config.json (older runs: `num_labels`)."""
+    return raw.get("num_labels_resolved") or raw.get("num_labels") or 2
+
+
 def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str | None = None
              ) -> tuple[RunConfig, LoadedModel]:
     """Rebuild a trained run's model (eval mode) from its folder; LoRA unmerged, or
@@ -371,7 +422,9 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     run_dir = Path(run_dir)
     raw = _read_config_json(run_dir)
     cfg = _config_of(raw, run_dir)
-    loaded = load_model(cfg.model, num_labels=cfg.num_labels, pooling=run_pooling(raw))
+    loaded = load_model(cfg.model, num_labels=run_num_labels(raw), pooling=run_pooling(raw))
+    if raw.get("label_names"):
+        name_labels(loaded.model, raw["label_names"])
     set_attention(loaded.model, raw.get("attention_resolved", "sdpa"))  # as the run tested (older runs: sdpa)
     loaded.precision = raw.get("precision_resolved")  # as the run tested
     set_pruning(loaded.model, raw.get("last_layer_resolved", "full") == "first-token")  # likewise

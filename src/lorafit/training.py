@@ -18,7 +18,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,6 +25,7 @@ from lorafit import distributed, fault_points
 from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import Interrupted, LorafitError
+from lorafit.metrics import f1_score, metrics_from_logits, weighted_cross_entropy  # noqa: F401 (f1_score: API)
 from lorafit.precision import cpu_has_bf16, resolve_precision  # noqa: F401 (the training API names them)
 
 
@@ -90,18 +90,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def f1_score(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
-    """Binary: F1 of class 1; more classes: macro F1."""
-    classes = [1] if num_labels == 2 else range(num_labels)
-    scores = []
-    for c in classes:
-        tp = np.sum((preds == c) & (labels == c))
-        fp = np.sum((preds == c) & (labels != c))
-        fn = np.sum((preds != c) & (labels == c))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores))
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, enc: Encoded, *, batch_size: int, pad_id: int, device: torch.device,
                    precision: str, progress: bool = False, desc: str = "eval") -> np.ndarray:
@@ -128,17 +116,8 @@ def predict_logits(model: nn.Module, enc: Encoded, *, batch_size: int, pad_id: i
     return distributed.gather_rows(out)
 
 
-def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """loss (mean cross-entropy), accuracy, f1."""
-    t = torch.from_numpy(logits)
-    loss = F.cross_entropy(t, torch.from_numpy(labels)).item() if len(labels) else float("nan")
-    preds = logits.argmax(axis=1)
-    return {"loss": loss, "accuracy": float(np.mean(preds == labels)) if len(labels) else float("nan"),
-            "f1": f1_score(labels, preds, logits.shape[1])}
-
-
 def evaluate(model: nn.Module, enc: Encoded, **kw) -> dict[str, float]:
-    """loss, accuracy and f1 of `model` on `enc` (see predict_logits for the arguments)."""
+    """`metrics.metrics_from_logits` of `model` on `enc` (see predict_logits for the arguments)."""
     return metrics_from_logits(predict_logits(model, enc, **kw), enc.labels)
 
 
@@ -158,7 +137,11 @@ class TrainSettings:
     eval_batch_size: int = 16
     keep: str = "last"
     """"last": the model ends with the final epoch's weights; "best": with those of the
-    epoch of best validation accuracy (ties: the earlier epoch)."""
+    epoch of best validation `select_on` (ties: the earlier epoch)."""
+    select_on: str = "accuracy"
+    """The validation metric that picks the best epoch: accuracy or macro_f1."""
+    class_weights: list[float] | None = None
+    """Loss weight per class (`metrics.class_weights`); None: the plain mean loss."""
 
 
 @dataclass
@@ -167,7 +150,7 @@ class TrainResult:
     """Per epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, val_f1, seconds,
     tokens_per_s, samples_per_s, lr (the scheduled learning rate of the epoch's last step)."""
     best_epoch: int = 0
-    """The epoch of best validation accuracy (ties: the earlier), whichever weights are kept."""
+    """The epoch of best validation `select_on` (ties: the earlier), whichever weights are kept."""
     kept_epoch: int = 0
     """The epoch whose weights the model holds on return."""
     train_seconds: float = 0.0
@@ -228,12 +211,14 @@ def accumulation_weights(batch_sizes: list[int], grad_accum: int) -> list[float]
 
 
 def forward_backward(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, weight: float,
-                     device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch: logits (B, C), mean cross-entropy (a scalar); backward of
-    `weight * loss` adds this batch's share to the accumulated gradients."""
+                     device: torch.device, precision: str, class_weight: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: logits (B, C), mean cross-entropy (a scalar; with `class_weight` (C,)
+    each example's term weighted by its class's, `metrics.weighted_cross_entropy`);
+    backward of `weight * loss` adds this batch's share to the accumulated gradients."""
     with autocast(device, precision):
         logits = model(**inputs).logits
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = weighted_cross_entropy(logits.float(), labels, class_weight)
     (loss * weight).backward()  # a non-finite loss is caught at the optimizer step, before it steps
     return logits, loss
 
@@ -341,6 +326,8 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         save_state(*ckpt.capture(model, opt, sched, best_state, meta, rng_at_step))
 
     eval_kw = dict(batch_size=s.eval_batch_size, pad_id=pad_id, device=device, precision=s.precision)
+    class_weight = None if s.class_weights is None else torch.tensor(s.class_weights, dtype=torch.float32,
+                                                                       device=device)
     labels_all = torch.from_numpy(train_enc.labels)
     for epoch in range(pos["epoch"], s.epochs + 1):
         model.train()
@@ -372,7 +359,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                 labels = labels_all[part].to(device, non_blocking=True)
                 with contextlib.nullcontext() if last or world == 1 else fwd.no_sync():
                     logits, loss = forward_backward(fwd, to_device(train_enc.batch(part, pad_id), device), labels,
-                                                    weight, device, s.precision)
+                                                    weight, device, s.precision, class_weight)
                 if n:
                     totals[0] += loss.detach().double() * n
                     totals[1] += (logits.detach().argmax(-1) == labels).sum()
@@ -411,12 +398,13 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
             with sigint_deferred():  # the epoch's record, its best weights and its checkpoint move together
                 row = {"epoch": epoch, "train_loss": run["loss_sum"] / seen, "train_accuracy": run["correct"] / seen,
                        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+                       "val_macro_f1": val["macro_f1"],
                        "seconds": seconds, "tokens_per_s": run["tokens"] / seconds, "samples_per_s": seen / seconds,
                        "lr": run["lr"]}
                 result.history.append(row)
                 result.train_seconds += seconds
-                if val["accuracy"] > best_acc:
-                    best_acc, result.best_epoch = val["accuracy"], epoch
+                if val[s.select_on] > best_acc:
+                    best_acc, result.best_epoch = val[s.select_on], epoch
                     if s.keep == "best":
                         best_state = _snapshot(model)
                 log(f"epoch {epoch}/{s.epochs} | train loss {row['train_loss']:.4f} acc "

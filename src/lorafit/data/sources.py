@@ -192,6 +192,10 @@ def read_table(path: Path, text_column: str = "text", label_column: str = "label
         raise DataError(f"{path}: row {bad[0] + 1} of column {text_column!r} is not text; fix or drop it")
     labels, names = _label_ids(table["label"], path)
     everything = Split([clean_text(t) for t in texts], labels, names)
+    empty = [i for i, t in enumerate(everything.texts) if not t]
+    if empty:
+        raise DataError(f"{path}: row {empty[0] + 1} of column {text_column!r} is empty ({len(empty)} empty row(s) in "
+                        "all); fill or drop them")
     if table["split"] is not None:
         split = np.array([str(s).strip().lower() for s in table["split"]])
         unknown = sorted(set(split) - {"train", "test"})
@@ -204,25 +208,33 @@ def read_table(path: Path, text_column: str = "text", label_column: str = "label
     return rest, test
 
 
-def _check_classes(train: Split, test: Split, num_labels: int, source: str) -> None:
+def _check_classes(train: Split, test: Split, num_labels: int | None, source: str) -> None:
     if len(train) == 0:
         raise DataError(f"{source} holds no training examples; point --data at a dataset with a train split")
     if len(test) == 0:
         raise DataError(f"{source} holds no test examples; add a test split (a `split` column for tables)")
-    k = len(train.label_names)
-    if k != num_labels:
-        raise DataError(f"{source} has {k} label classes ({', '.join(train.label_names[:10])}) but the model is set "
-                        f"up for {num_labels}; pass --num-labels {k} or fix the labels")
-    counts = train.class_counts()
+    names = train.label_names
+    if len(names) < 2:
+        raise DataError(f"the labels of {source} hold one class ({', '.join(names)}); a classifier needs at least "
+                        "two: check --label-column")
+    counts, test_counts = train.class_counts(), test.class_counts()
+    only_test = [n for n, c, t in zip(names, counts, test_counts) if c == 0 and t > 0]
+    if only_test:
+        raise DataError(f"class(es) {', '.join(map(repr, only_test))} of {source} appear only in the test split; "
+                        "add training examples of them, or drop their test rows")
+    if num_labels is not None and len(names) != num_labels:
+        raise DataError(f"{source} has {len(names)} label classes ({', '.join(names[:10])}) but --num-labels is "
+                        f"{num_labels}; leave --num-labels out (it defaults to the data's classes) or fix the labels")
     if min(counts) == 0:
-        present = [n for n, c in zip(train.label_names, counts) if c]
-        raise DataError(f"the training split of {source} has only class(es) {', '.join(present)}; "
+        absent = [n for n, c in zip(names, counts) if c == 0]
+        raise DataError(f"the training split of {source} has no example of class(es) {', '.join(map(repr, absent))}; "
                         "a classifier needs examples of every class")
 
 
 def load_dataset(source: str | Path | None = None, *, val_size: int | float = 0.1,
                  train_size: int | None = None, test_size: int | None = None, seed: int = 0,
-                 text_column: str = "text", label_column: str = "label", num_labels: int = 2) -> DatasetSplits:
+                 text_column: str = "text", label_column: str = "label", num_labels: int | None = None
+                 ) -> DatasetSplits:
     """Load a labelled text dataset into train / validation / test.
 
     Args:
@@ -233,12 +245,13 @@ def load_dataset(source: str | Path | None = None, *, val_size: int | float = 0.
             count, or a fraction of the (capped) training size.
         train_size, test_size: optional caps, as stratified seeded subsets.
         seed: the seed of every cut.
-        num_labels: the number of classes the data must have.
+        num_labels: the number of classes the data must have (None: whatever it holds,
+            at least two).
 
     Raises:
         DataError: a missing path, a wrong layout, a corrupt archive, missing columns,
-            undecodable text, an empty or one-class dataset, or a label count other than
-            `num_labels`.
+            undecodable or empty text, an empty or one-class dataset, a class only in the
+            test split or without training examples, or a label count other than `num_labels`.
     """
     if source is None or str(source) == "embedded":
         train, test = read_embedded()
@@ -272,6 +285,8 @@ def load_dataset(source: str | Path | None = None, *, val_size: int | float = 0.
     train = stratified_subset(train, n_train_cap, seed + 2)
     test = stratified_subset(test, resolve_size(test_size, len(test), "test_size (--test-size)"), seed + 3)
     if min(train.class_counts()) == 0:
-        raise DataError(f"after carving validation, the training split of {name} lacks a class; "
-                        "lower --val-size or use more data")
+        absent = [n for n, c in zip(train.label_names, train.class_counts()) if c == 0]
+        raise DataError(f"after carving validation (and --train-size), the training split of {name} has no example "
+                        f"of class(es) {', '.join(map(repr, absent))}; lower --val-size, raise --train-size or add "
+                        "examples of that class")
     return DatasetSplits(train=train, validation=validation, test=test, source=name)

@@ -1,0 +1,196 @@
+"""The dataset panel: lorafit's defaults against three references on several public datasets.
+
+Per dataset (benchmarks/panel_data.py) and seed: `lorafit train --data FILE --strategy S
+--seed N` for each strategy, with nothing else set, and in the same run three references
+on the same train / validation / test cut (`lorafit.data.load_dataset`, same seed):
+
+- majority: the training split's most frequent class for every test text;
+- tfidf-lr: TF-IDF (word 1-2 grams, sublinear tf) + logistic regression, class weights
+  balanced, C chosen on the validation split's macro-F1 from 0.01-100;
+- probe: logistic regression (balanced, C chosen likewise) on the frozen encoder's
+  mean-pooled embeddings (what all-MiniLM-L6-v2 was trained to produce).
+
+Resumable: a finished run (its final.json, or a reference's JSON) made on this CPU is
+read back. `--extra` adds flags to every lorafit run (for a study; the panel itself
+runs with none) and `--tag` names such a study's runs apart.
+
+    .venv/bin/python benchmarks/panel.py [--datasets imdb,drugs,spam,rt] [--seeds 0,1,2]
+        [--strategies full,last-two-layers,lora] [--model PATH] [--out runs/panel] [--results results/panel]
+
+Writes `--results`/panel.json (every run and reference) and panel.md (per dataset and
+method: accuracy and macro-F1, mean and spread over the seeds, and each seed's macro-F1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from panel_data import PANEL, build  # noqa: E402
+
+from lorafit.training import cpu_model  # noqa: E402
+
+REFERENCES = ("majority", "tfidf-lr", "probe")
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def lorafit_run(data: Path, strategy: str, seed: int, out: Path, extra: list[str], model: str | None) -> dict:
+    """final.json of one `lorafit train` run (made now, or read back)."""
+    final = out / "final.json"
+    if not final.exists():
+        cmd = [sys.executable, "-m", "lorafit", "train", "--data", str(data), "--strategy", strategy, "--seed",
+               str(seed), "--no-progress", "--out", str(out), "--overwrite", *extra]
+        if model:
+            cmd += ["--model", model]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_suffix(".log"), "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    rec = json.loads(final.read_text())
+    if rec.get("cpu") != cpu_model():
+        raise SystemExit(f"{final} was made on {rec.get('cpu')}, but this machine is {cpu_model()}; "
+                         "pass a new --out")
+    return rec
+
+
+def _splits(data: Path, seed: int):
+    from lorafit.data import load_dataset
+
+    return load_dataset(str(data), seed=seed)
+
+
+def _fit_lr(x_train, y_train, x_val, y_val, x_test):
+    """Balanced logistic regression, C chosen on validation macro-F1; test predictions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    best = None
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(x_train, y_train)
+        score = f1_score(y_val, clf.predict(x_val), average="macro")
+        if best is None or score > best[0]:
+            best = (score, c, clf)
+    return best[2].predict(x_test), best[1]
+
+
+def _embed(split, model: str | None) -> np.ndarray:
+    """Mean-pooled embeddings (N, H) of the frozen encoder (lorafit's mean pooling)."""
+    import torch
+
+    from lorafit.data.encoding import encode_split
+    from lorafit.feature_cache import extract_features
+    from lorafit.models import load_model
+    from lorafit.strategies import head_layers
+
+    loaded = load_model(model or "all-MiniLM-L6-v2", num_labels=2, pooling="mean")
+    enc = encode_split(split, loaded.tokenizer, 256, pad_multiple=8)
+    feats = extract_features(loaded.model, head_layers(loaded.model)[0], enc, batch_size=16,
+                             pad_id=loaded.tokenizer.pad_token_id or 0, device=torch.device("cpu"), precision="fp32")
+    return feats.features.numpy()
+
+
+def reference(name: str, data: Path, seed: int, out: Path, model: str | None) -> dict:
+    """A reference's test metrics on the seed's cut (made now, or read back)."""
+    path = out / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from lorafit import metrics
+
+    s = _splits(data, seed)
+    y_train, y_val, y_test = s.train.labels, s.validation.labels, s.test.labels
+    k = len(s.label_names)
+    extra = {}
+    if name == "majority":
+        preds = np.full(len(y_test), np.bincount(y_train, minlength=k).argmax())
+    elif name == "tfidf-lr":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+        x_train = vec.fit_transform(s.train.texts)
+        preds, extra["C"] = _fit_lr(x_train, y_train, vec.transform(s.validation.texts), y_val,
+                                    vec.transform(s.test.texts))
+    else:
+        preds, extra["C"] = _fit_lr(_embed(s.train, model), y_train, _embed(s.validation, model), y_val,
+                                    _embed(s.test, model))
+    logits = np.eye(k, dtype=np.float32)[preds]
+    rec = {**metrics.report(logits, y_test, s.label_names), **extra, "cpu": cpu_model()}
+    rec.pop("loss")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: per dataset and method, accuracy and macro-F1 (mean ± sd over seeds), each seed's macro-F1."""
+    lines = ["| dataset | method | accuracy | macro-F1 | macro-F1 per seed | majority share | epochs |",
+             "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["dataset"], r["method"]) for r in records))
+    for dataset, method in keys:
+        rs = sorted((r for r in records if r["dataset"] == dataset and r["method"] == method), key=lambda r: r["seed"])
+        epochs = sorted({r["epochs"] for r in rs if r.get("epochs")})
+        per_seed = " / ".join(f"{r['macro_f1']:.3f}" for r in rs)
+        lines.append(f"| {dataset} | {method} | {_mean_sd([r['accuracy'] for r in rs])} | "
+                     f"{_mean_sd([r['macro_f1'] for r in rs])} | {per_seed} | {rs[0]['majority_share']:.3f} | "
+                     f"{','.join(map(str, epochs)) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default=",".join(PANEL))
+    ap.add_argument("--strategies", default="full,last-two-layers,lora")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--references", default=",".join(REFERENCES), help="comma list, or none")
+    ap.add_argument("--model", default=None, help="--model for lorafit and the probe (default: the embedded one)")
+    ap.add_argument("--extra", default="", help="flags added to every lorafit run (a study; the panel uses none)")
+    ap.add_argument("--tag", default="", help="a name for this study's runs (with --extra)")
+    ap.add_argument("--data-dir", default="runs/panel_data")
+    ap.add_argument("--out", default="runs/panel")
+    ap.add_argument("--results", default=None, help="folder for panel.json and panel.md (default: none written)")
+    args = ap.parse_args()
+    extra = shlex.split(args.extra)
+    refs = [] if args.references == "none" else args.references.split(",")
+    records, t0 = [], time.perf_counter()
+    for dataset in args.datasets.split(","):
+        data = build(dataset, Path(args.data_dir))
+        for seed in map(int, args.seeds.split(",")):
+            for name in refs:
+                r = reference(name, data, seed, Path(args.out) / dataset / f"seed{seed}", args.model)
+                records.append({"dataset": dataset, "method": name, "seed": seed, "accuracy": r["accuracy"],
+                                "macro_f1": r["macro_f1"], "majority_share": r["majority_share"]})
+            for strategy in [] if args.strategies == "none" else args.strategies.split(","):
+                run_name = strategy + (f"-{args.tag}" if args.tag else "")
+                f = lorafit_run(data, strategy, seed, Path(args.out) / dataset / f"seed{seed}" / run_name, extra,
+                                args.model)
+                records.append({"dataset": dataset, "method": run_name, "seed": seed, "accuracy": f["test_accuracy"],
+                                "macro_f1": f["test_macro_f1"], "majority_share": f["test_majority_share"],
+                                "epochs": f["epochs"], "train_seconds": f["train_seconds"],
+                                "collapse_warning": f["collapse_warning"], "lr": f["lr"]})
+                print(f"{dataset} seed {seed} {run_name}: acc {f['test_accuracy']:.4f} macro-F1 "
+                      f"{f['test_macro_f1']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    md = table(records)
+    print(md)
+    if args.results:
+        out = Path(args.results)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "benchmarks/panel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        (out / "panel.json").write_text(json.dumps({"command": command, "cpu": cpu_model(), "records": records},
+                                                   indent=2) + "\n")
+        (out / "panel.md").write_text(f"# The dataset panel\n\n`{command}`\n\nCPU: {cpu_model()}\n\n{md}")
+
+
+if __name__ == "__main__":
+    main()
