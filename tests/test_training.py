@@ -47,24 +47,31 @@ def test_overfit_drives_training_loss_down(minilm_data):
     assert res.history[-1]["train_accuracy"] >= 0.9
 
 
-@pytest.mark.parametrize("keep, kept", [("best", 2), ("last", 3)])
-def test_kept_weights_are_the_chosen_epochs(minilm_data, monkeypatch, keep, kept):
+@pytest.mark.parametrize("keep, select_on, best, kept", [("best", "accuracy", 2, 2), ("last", "accuracy", 2, 3),
+                                                         ("best", "macro_f1", 1, 1)])
+def test_kept_weights_are_the_chosen_epochs(minilm_data, monkeypatch, keep, select_on, best, kept):
     enc, pad = minilm_data
     model = _model("lora")
-    accs = iter([0.5, 0.9, 0.7])
-    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {"loss": 0.1, "accuracy": next(accs), "f1": 0.5})
+    # accuracy and macro-F1 disagree: on skewed classes the best epoch by accuracy may predict the majority
+    vals = iter([(0.5, 0.6), (0.9, 0.4), (0.7, 0.5)])
+
+    def fake_evaluate(*a, **k):
+        acc, macro = next(vals)
+        return {"loss": 0.1, "accuracy": acc, "f1": 0.5, "macro_f1": macro}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
     snaps = []
 
     def on_epoch(row):
         snaps.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
-    s = TrainSettings(epochs=3, lr=5e-3, batch_size=8, precision="fp32", keep=keep)
+    s = TrainSettings(epochs=3, lr=5e-3, batch_size=8, precision="fp32", keep=keep, select_on=select_on)
     res = train(model, enc["train"], enc["validation"], s, pad_id=pad, device=torch.device("cpu"),
                 log=lambda m: None, progress=False, on_epoch=on_epoch)
-    assert res.best_epoch == 2 and res.kept_epoch == kept
+    assert res.best_epoch == best and res.kept_epoch == kept
     now = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.equal(now[n], snaps[kept - 1][n]) for n in now)
-    other = 3 if kept == 2 else 2
+    other = 3 if kept != 3 else 2
     assert not all(torch.equal(now[n], snaps[other - 1][n]) for n in now)
 
 

@@ -160,6 +160,15 @@ def test_lora_plus_gives_b_its_rate_and_keeps_biases_at_the_base_rate():
     assert len(STRATEGIES["lora"].param_groups(model, RunConfig(), lr=1e-3)) == 2  # ratio 1: LoRA+ off
 
 
+def test_lora_plus_default_rate_is_loras_over_sqrt_ratio_and_an_explicit_lr_wins():
+    from lorafit.strategies import learning_rate
+
+    assert learning_rate(RunConfig()) == pytest.approx(2e-3)
+    assert learning_rate(RunConfig(lora_plus_ratio=16.0)) == pytest.approx(5e-4)  # B at 8e-3
+    assert learning_rate(RunConfig(lora_plus_ratio=16.0, lr=1e-3)) == 1e-3
+    assert learning_rate(RunConfig(strategy="full", lora_plus_ratio=16.0)) == pytest.approx(5e-5)
+
+
 def test_variant_config_errors_name_the_flag():
     with pytest.raises(ConfigError, match=r"init \(--init\) must be one of kaiming, gaussian, pissa"):
         LoRAConfig(init="svd")

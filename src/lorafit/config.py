@@ -73,7 +73,8 @@ class RunConfig:
     init: str = _f("kaiming", "lora: how A and B start: kaiming (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), "
                    "pissa (the top-r singular vectors of each weight; the base keeps the residual)", choices=INITS)
     lora_plus_ratio: float = _f(1.0, "lora: LoRA+ (Hayou et al. 2024), B's learning rate is this times A's (1: off; "
-                                "16 is the paper's suggestion); biases and LayerNorm weights keep the base rate")
+                                "16 is the paper's suggestion); biases and LayerNorm weights keep the base rate; "
+                                "without --lr, the base rate is lora's default / sqrt(ratio)")
     train_size: int | None = _f(None, "cap on training examples (stratified, seeded subset)")
     val_size: float = _f(0.1, "validation examples carved from train: a count, or a fraction of train")
     test_size: int | None = _f(None, "cap on test examples (stratified, seeded subset)")

@@ -114,9 +114,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_compare(results: dict[str, dict], path: Path) -> None:
-    """Test accuracy vs trainable parameters (log x), validation accuracy per epoch, training time."""
+    """Test accuracy vs trainable parameters (log x), validation accuracy per epoch, training
+    time; below them each strategy's test confusion matrix (runs that recorded one)."""
     rows = compare_rows(results)
-    fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(14, 3.8))
+    confusions = [(r["strategy"], results[r["strategy"]]["final"]) for r in rows
+                  if results[r["strategy"]]["final"].get("test_confusion")]
+    fig = Figure(figsize=(14, 7.6 if confusions else 3.8))
+    grid = fig.add_gridspec(2 if confusions else 1, max(3, len(confusions)))
+    ax1, ax2, ax3 = (fig.add_subplot(grid[0, i]) for i in range(3))
     for r in rows:
         c = COLORS.get(r["strategy"])
         ax1.scatter(r["trainable_params"], r["test_accuracy"], s=80, color=c, label=r["strategy"], zorder=3)
@@ -134,6 +139,12 @@ def plot_compare(results: dict[str, dict], path: Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
+    for i, (name, final) in enumerate(confusions):
+        k = len(final["test_confusion"])
+        plot_confusion(fig.add_subplot(grid[1, i]), final["test_confusion"],
+                       final.get("label_names") or [str(j) for j in range(k)],
+                       title=f"{name}: test confusion (macro-F1 {final.get('test_macro_f1', 0):.3f})")
+    fig.tight_layout()
     _save(fig, path)
 
 

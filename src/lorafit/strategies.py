@@ -211,5 +211,12 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 
 
 def learning_rate(cfg: RunConfig) -> float:
-    """--lr, or the strategy's default."""
-    return cfg.lr if cfg.lr is not None else STRATEGIES[cfg.strategy].default_lr
+    """--lr, or the strategy's default; for LoRA+ (`lora_plus_ratio` > 1) the default divided
+    by sqrt(ratio), so B's rate (ratio times A's) grows with sqrt(ratio) rather than ratio:
+    at ratio 16, A 5e-4 and B 8e-3 instead of 2e-3 and 3.2e-2, which diverged (docs/recipe.md)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    lr = STRATEGIES[cfg.strategy].default_lr
+    if cfg.strategy == "lora" and cfg.lora_plus_ratio > 1:
+        lr /= cfg.lora_plus_ratio ** 0.5
+    return lr
