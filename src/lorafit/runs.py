@@ -292,8 +292,9 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     }
     write_json(out / "final.json", final)
     tracker.finish(final, out / "curves.png")
+    per_class = ", ".join(f"{c['label']} {c['f1']:.3f}" for c in test["per_class"])
     _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_share']:.4f}) | macro-F1 "
-         f"{test['macro_f1']:.4f} | per class F1 " + ", ".join(f"{c['label']} {c['f1']:.3f}" for c in test["per_class"]))
+         f"{test['macro_f1']:.4f} | per class F1 {per_class}")
     if collapse:
         _log(collapse)
     _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | "
