@@ -148,6 +148,35 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check(records: list[dict]) -> list[tuple[bool, str]]:
+    """Issue 31's criteria on the panel's records: (holds, what) per criterion and dataset."""
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        rs = [r for r in records if r["dataset"] == dataset]
+
+        def mean(method: str) -> float | None:
+            vals = [r["macro_f1"] for r in rs if r["method"] == method]
+            return statistics.mean(vals) if vals else None
+
+        majority = {r["seed"]: r["macro_f1"] for r in rs if r["method"] == "majority"}
+        for r in rs:
+            if r["method"] in ("full", "last-two-layers", "lora") and r["seed"] in majority:
+                out.append((r["macro_f1"] > majority[r["seed"]],
+                            f"{dataset} seed {r['seed']} {r['method']}: macro-F1 {r['macro_f1']:.3f} above the "
+                            f"majority class's {majority[r['seed']]:.3f}"))
+        lora, full, tfidf = mean("lora"), mean("full"), mean("tfidf-lr")
+        last2, probe = mean("last-two-layers"), mean("probe")
+        if lora is not None and tfidf is not None:
+            out.append((lora >= tfidf, f"{dataset}: lora's mean macro-F1 {lora:.3f} at least TF-IDF's {tfidf:.3f}"))
+        if lora is not None and full is not None:
+            out.append((lora >= full - 0.02, f"{dataset}: lora's mean macro-F1 {lora:.3f} within 2 points of "
+                        f"full's {full:.3f}"))
+        if last2 is not None and probe is not None:
+            out.append((last2 >= probe, f"{dataset}: last-two-layers' mean macro-F1 {last2:.3f} at least the "
+                        f"probe's {probe:.3f}"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default=",".join(PANEL))
@@ -160,7 +189,12 @@ def main() -> None:
     ap.add_argument("--data-dir", default="runs/panel_data")
     ap.add_argument("--out", default="runs/panel")
     ap.add_argument("--results", default=None, help="folder for panel.json and panel.md (default: none written)")
+    ap.add_argument("--check", metavar="PANEL_JSON", help="only print issue 31's criteria on a written panel.json")
     args = ap.parse_args()
+    if args.check:
+        for ok, what in check(json.loads(Path(args.check).read_text())["records"]):
+            print(("holds   " if ok else "FAILS   ") + what)
+        return
     extra = shlex.split(args.extra)
     refs = [] if args.references == "none" else args.references.split(",")
     records, t0 = [], time.perf_counter()
