@@ -294,11 +294,10 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     tracker.finish(final, out / "curves.png")
     per_class = ", ".join(f"{c['label']} {c['f1']:.3f}" for c in test["per_class"])
     _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_share']:.4f}) | macro-F1 "
-         f"{test['macro_f1']:.4f} | per class F1 {per_class}")
+         f"{test['macro_f1']:.4f} | F1 per class: {per_class}")
     if collapse:
         _log(collapse)
-    _log(f"test accuracy {test['accuracy']:.4f} | f1 {test['f1']:.4f} | "
-         f"weights of epoch {result.kept_epoch} ({cfg.keep}) | "
+    _log(f"weights of epoch {result.kept_epoch} ({cfg.keep}) | "
          f"train {final['train_seconds']:.1f}s | peak memory {final['peak_memory_mb']:,.0f} MB | saved "
          f"{saved / 1e3:,.1f} KB | {out}")
     return final
