@@ -56,8 +56,8 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: t
 
 def f1_score(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
     """Binary: F1 of class 1; more classes: macro F1."""
-    classes = [1] if num_labels == 2 else range(num_labels)
-    return float(np.mean([per_class(labels, preds, num_labels)["f1"][c] for c in classes]))
+    f1 = per_class(labels, preds, num_labels)["f1"]
+    return float(f1[1]) if num_labels == 2 else float(f1.mean())
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
@@ -69,7 +69,11 @@ def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndar
 
 def per_class(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, np.ndarray]:
     """precision, recall, f1, support per class (each (K,)); 0 where undefined."""
-    m = confusion(labels, preds, num_labels)
+    return _per_class_of(confusion(labels, preds, num_labels))
+
+
+def _per_class_of(m: np.ndarray) -> dict[str, np.ndarray]:
+    """`per_class` from a (K, K) confusion matrix."""
     tp = np.diag(m).astype(float)
     predicted, support = m.sum(axis=0).astype(float), m.sum(axis=1).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -82,30 +86,35 @@ def per_class(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[st
 def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict:
     """Loss, accuracy, f1 (binary: of class 1; else macro), macro_f1, the majority class's
     share of `labels`, and the share of the most predicted class; logits (N, K), labels (N,)."""
+    return _summary(logits, labels)[0]
+
+
+def _summary(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
+    """`metrics_from_logits`, and the (K, K) confusion matrix it was computed from."""
     k = logits.shape[1]
+    preds = logits.argmax(axis=1)
+    m = confusion(labels, preds, k)
     if not len(labels):
         return {"loss": float("nan"), "accuracy": float("nan"), "f1": 0.0, "macro_f1": 0.0,
-                "majority_share": float("nan"), "top_predicted_share": float("nan")}
-    preds = logits.argmax(axis=1)
-    pc = per_class(labels, preds, k)
+                "majority_share": float("nan"), "top_predicted_share": float("nan")}, m
+    pc = _per_class_of(m)
     return {"loss": F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item(),
             "accuracy": float(np.mean(preds == labels)),
             "f1": float(pc["f1"][1]) if k == 2 else float(pc["f1"].mean()),
             "macro_f1": float(pc["f1"].mean()),
             "majority_share": float(np.bincount(labels, minlength=k).max() / len(labels)),
-            "top_predicted_share": float(np.bincount(preds, minlength=k).max() / len(preds))}
+            "top_predicted_share": float(np.bincount(preds, minlength=k).max() / len(preds))}, m
 
 
 def report(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
     """`metrics_from_logits` plus per class (name, precision, recall, f1, support) and the
     confusion matrix (rows true, columns predicted, in `label_names` order)."""
-    out = metrics_from_logits(logits, labels)
-    preds = logits.argmax(axis=1)
-    pc = per_class(labels, preds, len(label_names))
+    out, m = _summary(logits, labels)
+    pc = _per_class_of(m)
     out["per_class"] = [{"label": name, "precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
                          "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
                         for i, name in enumerate(label_names)]
-    out["confusion"] = confusion(labels, preds, len(label_names)).tolist()
+    out["confusion"] = m.tolist()
     return out
 
 
