@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+PERF = ROOT / "docs" / "performance.md"
 
 
 def test_recipe_panel_table_is_the_committed_panel():
@@ -15,3 +19,149 @@ def test_recipe_panel_table_is_the_committed_panel():
     assert len(rows) >= 12  # at least two datasets with six methods each
     for row in rows:
         assert row in doc, f"docs/recipe.md lacks results/panel/panel.md row: {row}"
+
+
+def test_performance_padding_table_matches_results():
+    """Each row of the docs/performance.md's pad-multiple table is the measurement in results/padding.json."""
+    runs = json.loads((ROOT / "results" / "padding.json").read_text())["runs"]
+    measured = {(r["strategy"], r["pad_multiple"]): r for run in runs for r in run["rows"]}
+    rows = re.findall(r"^\| (full|lora|last-two-layers) \| \**(\d+)\** \| \**([\d.]+)\** \| \**([\d,]+) MB\** \|"
+                      r" ([\d.-]+) \| ([\d.]+) \|$", PERF.read_text(), re.M)
+    assert len(rows) == 8
+    for strategy, mult, speed, mem, eff, acc in rows:
+        r = measured[(strategy, int(mult))]
+        assert speed == f"{r['train_samples_per_s']:.1f}" and mem == f"{r['peak_memory_mb']:,.0f}"
+        assert acc == f"{r['test_accuracy']:.3f}" and eff in ("-", f"{r['padding_efficiency']:.3f}")
+
+
+TUNED_PEER_ROW = re.compile(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x \| "
+                            r"([\d.]+)x \| (\d+) / (\d+) / (\d+) \| ([\d,]+) / ([\d,]+) / ([\d,]+) \| "
+                            r"([\d.]+) / ([\d.]+) / ([\d.]+) \((\d) seeds?(?:; typical peer (\d))?\)", re.M)
+TUNED_PEER_TABLES = {"**Issue 17's acceptance, in one run on one machine**": "bench_zen5/bench.json"}
+"""Where each table against both peers in docs/performance.md begins, and the results file it is."""
+
+
+def table_after(text: str, marker: str) -> str:
+    """The first markdown table after `marker` in `text` (its lines, joined)."""
+    assert text.count(marker) == 1, marker
+    lines = text[text.index(marker):].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[first:end])
+
+
+def test_performance_tuned_peer_tables_match_results():
+    """Each row of each docs/performance.md table against both peers is the measurement in its results file, and
+    every such row in the docs/performance.md is in one of those tables."""
+    readme = PERF.read_text()
+    assert len(TUNED_PEER_ROW.findall(readme)) == sum(
+        len(TUNED_PEER_ROW.findall(table_after(readme, m))) for m in TUNED_PEER_TABLES)
+    for marker, name in TUNED_PEER_TABLES.items():
+        rows = {r["strategy"]: r for r in json.loads((ROOT / "results" / name).read_text())["rows"]}
+        found = TUNED_PEER_ROW.findall(table_after(readme, marker))
+        assert found and sorted(f[0] for f in found) == sorted(rows), name
+        for strategy, *cells in found:
+            r = rows[strategy]
+            who = (r["lorafit"], r["peer_tuned"], r["peer"])
+            assert cells[0:3] == [f"{x['samples_per_s']:.1f}" for x in who]
+            assert abs(float(cells[3]) - r["ratios"]["tuned"]["samples_per_s"]) < 0.0051
+            assert abs(float(cells[4]) - r["ratios"]["typical"]["samples_per_s"]) < 0.0051
+            assert [int(c) for c in cells[5:8]] == [round(x["train_seconds"] + x["test_seconds"]) for x in who]
+            assert cells[8:11] == [f"{x['peak_memory_mb']:,.0f}" for x in who]
+            acc = r["test_accuracy_per_seed"]
+            means = [sum(acc[k]) / len(acc[k]) for k in ("lorafit", "peer_tuned", "peer_typical")]
+            assert all(abs(float(c) - m) < 5e-5 for c, m in zip(cells[11:14], means))
+            assert int(cells[14]) == len(r["seeds"]) == len(acc["lorafit"]) == len(acc["peer_tuned"])
+            assert int(cells[15] or cells[14]) == len(acc["peer_typical"])
+
+
+@pytest.mark.parametrize("doc, name, n", [("README.md", "default_compare", 3),
+                                          ("docs/full-scale.md", "full_scale", 3),
+                                          ("docs/full-scale.md", "full_scale_mean", 2),
+                                          ("docs/performance.md", "default_compare_cls", 3)])
+def test_compare_tables_are_the_committed_reports(doc, name, n):
+    """A comparison table in the docs is the committed compare report, row for row."""
+    text = (ROOT / doc).read_text()
+    report = (ROOT / "results" / name / "report.md").read_text()
+    rows = [line for line in report.splitlines() if re.match(r"\| (full|lora|last-two-layers) \|", line)]
+    assert len(rows) == n, name
+    for row in rows:
+        assert row in text, f"{doc} lacks results/{name}/report.md row: {row}"
+
+
+def test_full_scale_probe_accuracies_are_the_committed_probes():
+    """The probe's test accuracies in docs/full-scale.md are results/probe_mean.json and probe_cls.json."""
+    readme = (ROOT / "docs" / "full-scale.md").read_text()
+    for pooling in ("mean", "cls"):
+        probe = json.loads((ROOT / "results" / f"probe_{pooling}.json").read_text())
+        assert probe["sizes"] == {"train": 22500, "validation": 2500, "test": 25000}
+        assert f"probe, {pooling}: {probe['test_accuracy']:.4f}" in readme, pooling
+
+
+def test_cli_sweep_table_is_the_committed_sweep_report():
+    """docs/cli.md's sweep table is results/sweep/report.md, row for row, and its figure is there."""
+    readme = (ROOT / "docs" / "cli.md").read_text()
+    report = (ROOT / "results" / "sweep" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if re.match(r"\| `\d+` \|", line)]
+    assert len(rows) == 10
+    for row in rows:
+        assert row in readme, f"docs/cli.md lacks results/sweep/report.md row: {row}"
+    assert (ROOT / "results" / "sweep" / "report.png").stat().st_size > 10_000
+    assert "(../results/sweep/report.png)" in readme
+
+
+def test_performance_interleaved_table_matches_results():
+    """Each row of the docs/performance.md's interleaved-steps table is the measurement in results/interleaved.json."""
+    rows = {r["strategy"]: r for r in json.loads((ROOT / "results" / "interleaved.json").read_text())["rows"]}
+    found = re.findall(r"^\| (full|lora) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \| "
+                       r"([\d.]+)x; ([\d.]+)x \|$", PERF.read_text(), re.M)
+    assert found and sorted(f[0] for f in found) == sorted(rows)
+    for strategy, *cells in found:
+        r = rows[strategy]
+        assert cells[0:3] == [f"{r[k]['samples_per_s']:.2f}" for k in ("lorafit", "tuned", "typical")]
+        for i, kind in ((3, "over_tuned"), (5, "over_typical")):
+            assert cells[i:i + 2] == [f"{r[kind]['samples_per_s']:.2f}", f"{r[kind]['median_of_round_ratios']:.2f}"]
+        assert len(r["lorafit"]["step_seconds"]) == r["rounds"]  # every timed round is in the record
+
+
+def test_performance_fp32_padding_tables_match_results():
+    """The docs/performance.md's fp32 pad-multiple table is results/padding_fp32.json, and its interleaved
+    steps table is results/padding_interleaved.json."""
+    runs = json.loads((ROOT / "results" / "padding_fp32.json").read_text())["rows"]
+    text = PERF.read_text()
+    found = re.findall(r"^\| (full|lora) \| (\d+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert [(f[0], int(f[1])) for f in found] == [(r["strategy"], r["pad_multiple"]) for r in runs]
+    for (_, _, speed, mem, eff, acc), r in zip(found, runs):
+        assert (speed, mem, eff, acc) == (f"{r['train_samples_per_s']:.1f}", f"{r['peak_memory_mb']:,.0f}",
+                                          f"{r['padding_efficiency']:.3f}", f"{r['test_accuracy']:.3f}")
+    inter = json.loads((ROOT / "results" / "padding_interleaved.json").read_text())["rows"]
+    found = re.findall(r"^\| (full|lora) \| (\d+) / (\d+) \| ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \|$",
+                       text, re.M)
+    assert [f[0] for f in found] == [r["strategy"] for r in inter]
+    for (_, a, b, la, lb, tot, med), r in zip(found, inter):
+        per, ratio = r["per_multiple"], r["speedup_over_first"][b]
+        assert list(per) == [a, b]  # the first multiple is the base of the ratio
+        assert (la, lb) == tuple(f"{per[m]['mean_padded_length']:.1f}" for m in (a, b))
+        assert (tot, med) == (f"{ratio['of_totals']:.3f}", f"{ratio['median_of_rounds']:.3f}")
+        assert all(len(per[m]["step_seconds"]) == r["rounds"] for m in (a, b))
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_link_and_cited_result_exists(doc):
+    """Relative links resolve, and every `results/...` path a page cites is in the repository (older
+    results are cited as `git show COMMIT:results/...`, which this skips)."""
+    text = doc.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)\)", text):
+        if "://" not in target:
+            assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+    for cited in re.findall(r"(?<![:\w/.])results/[\w./-]*\w", text):
+        found = (ROOT / cited).exists() or any((ROOT / cited).parent.glob((ROOT / cited).name + ".*"))
+        assert found, f"{doc.name} cites missing {cited}"  # a --results prefix names its .json/.md
+
+
+def test_readme_stays_short():
+    """The README is the newcomer's page; measurements and references live in docs/."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300

@@ -100,13 +100,12 @@ class RunConfig:
                          "--pooling cls, that layer computes only the first token's row, with the same logits "
                          "to float rounding; lorafit.first_token) or full (every token, as transformers "
                          "computes it)", choices=LAST_LAYERS)
-    eval_batch_size: int = _f(16, "examples per evaluation and feature-extraction batch (16 used the least time "
-                              "and half the peak memory of 64 on this CPU)")
+    eval_batch_size: int = _f(16, "examples per evaluation and feature-extraction batch (larger batches use more "
+                              "memory; docs/performance.md)")
     pad_multiple: int | None = _f(None, "pad each batch to a multiple of this many tokens (at most max_length); "
                                   "1 pads to the longest example. Default: 32 where the run computes in bf16 "
                                   "(oneDNN keeps kernels and buffers per shape, so fewer shapes use less memory), "
-                                  "8 in fp32 (3% fewer padded tokens than 32, steps 2-4% faster on the Intel Xeon "
-                                  "of results/padding_interleaved.json)")
+                                  "8 in fp32 (fewer padded tokens)")
     cache: bool = _f(True, "when only the head trains (last-two-layers): run the frozen encoder once and train the "
                      "head on its cached features (--no-cache: the plain path, dropout active in the encoder)")
     keep: str = _f("last", "which weights the run keeps, tests and saves: last (the final epoch's) or best (the "
@@ -118,8 +117,7 @@ class RunConfig:
                               "folder), mlflow (MLFLOW_TRACKING_URI, else ./mlruns); default none. Needs "
                               "pip install 'lorafit[tracking]'")
     attn_dropout: float | None = _f(0.0, "attention-probability dropout while training (None in a config file: "
-                                    "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel: "
-                                    "about 2x faster training on CPU")
+                                    "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
