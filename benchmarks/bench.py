@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -39,22 +38,8 @@ from pathlib import Path
 
 import torch
 
+from common import ARCHIVE, STRATEGIES, add_slice_args, same_cpu, train_flops_per_token  # noqa: F401
 from peak import cpu_model, measure
-
-ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
-STRATEGIES = ("full", "last-two-layers", "lora")
-
-
-def train_flops_per_token(strategy: str, cfg, avg_len: float, first_token: bool = False) -> float:
-    """Approximate training FLOPs per token that a run computes: dense layers (6P full, 4P
-    lora) plus attention. `first_token`: the last layer computes only its keys and values
-    for every token (lorafit.first_token; the first token's own row is left out)."""
-    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    full_layers = layers - 1 if first_token else layers
-    dense = full_layers * (4 * h * h + 2 * h * inter) + (2 * h * h if first_token else 0)
-    attention = 12 * full_layers * avg_len * h  # QK^T and AV, forward x3 for training
-    return {"full": 6 * dense + attention, "lora": 4 * dense + attention}.get(strategy, 0.0)
-
 
 def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3) -> dict:
     """Inference samples/s of the trained LoRA model in three forms, and of the base model.
@@ -108,18 +93,6 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3)
             "ratio": rate["merged"] / rate["base"], "unloaded_ratio": rate["unloaded"] / rate["base"],
             "unmerged_ratio": rate["unmerged"] / rate["base"], "passes": passes, "batches": len(batches),
             "method": "interleaved per batch", "measured": time.strftime("%Y-%m-%d %H:%M")}
-
-
-def add_slice_args(ap: argparse.ArgumentParser) -> None:
-    """The bench slice's flags, shared by the benchmarks that measure on it: the archive,
-    2,000 / 200 / 1,000 reviews for train / validation / test, max_length 256, batch 16."""
-    ap.add_argument("--data", default=ARCHIVE,
-                    help="the full IMDb archive (default: $LORAFIT_IMDB_ARCHIVE or %(default)s)")
-    ap.add_argument("--train-size", type=int, default=2000)
-    ap.add_argument("--val-size", type=int, default=200)
-    ap.add_argument("--test-size", type=int, default=1000)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
 
 
 def main() -> None:
@@ -260,18 +233,6 @@ def main() -> None:
     print(write_results(args, peaks, rows, merged))
     if merged:
         print(json.dumps(merged))
-
-
-def same_cpu(made_on: str | None, record: Path) -> str:
-    """`made_on`, the CPU a record read back was made on, where it is this machine's
-    (cpu_model); else a clear exit: one benchmark's records all come from one CPU (two
-    virtual machines both named "AMD EPYC" differ 2x in bf16 peak, and cpu_model tells
-    them apart by family and model)."""
-    here = cpu_model()
-    if made_on != here:
-        raise SystemExit(f"{record} was made on {made_on or 'an unrecorded CPU'}, but this machine is {here}: "
-                         "a benchmark compares records of one CPU; pass a new --out (or run it on that CPU)")
-    return made_on
 
 
 def _merged(args, data_args: dict) -> dict:

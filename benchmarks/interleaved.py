@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bench import add_slice_args
+from common import add_slice_args
 from peak import cpu_flags, cpu_model, measure
 
 SYSTEMS = ("lorafit", "tuned", "typical")

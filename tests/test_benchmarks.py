@@ -41,7 +41,7 @@ def test_step_in_rounds_refuses_unequal_batches():
 def test_bench_reads_back_only_records_made_on_this_cpu(tmp_path):
     """A record from another CPU (or one that names none) stops the benchmark with the fix named,
     rather than joining this machine's ratios and accuracy means."""
-    from bench import same_cpu
+    from common import same_cpu
 
     from lorafit.training import cpu_model
 

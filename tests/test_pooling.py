@@ -100,12 +100,13 @@ def test_runs_from_before_pooling_read_the_first_token(tmp_path):
 
 
 def test_probe_embeddings_are_what_each_pooled_head_reads(tiny_model_dir):
-    """benchmarks/probe.py's one encoder pass gives, per text, exactly the input of
+    """benchmarks/studies/probe.py's one encoder pass gives, per text, exactly the input of
     pooler.dense in the mean-pooled model and in the first-token model (the features
     last-two-layers trains on), so its probe is the reference for that strategy."""
     import sys
     from pathlib import Path
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from probe import embed
 

@@ -41,7 +41,7 @@ def padded_length(longest: int, multiple: int = 1, cap: int | None = None) -> in
 
     Few distinct shapes let oneDNN reuse its kernels: in bf16, batches padded to a
     multiple of 32 ran faster and with a third of the memory of exact padding
-    (benchmarks/padding.py); see `resolve_pad_multiple` for the defaults.
+    (benchmarks/studies/padding.py); see `resolve_pad_multiple` for the defaults.
     """
     t = -(-longest // multiple) * multiple
     return t if cap is None else min(t, max(longest, cap))

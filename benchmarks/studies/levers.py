@@ -30,7 +30,7 @@ Each pair alternates A B A B over --trials trials (this machine's speed drifts),
 reports the best and the median time of each and their ratio; the numbers the fused
 optimizer and the math backend give are compared with the default's too.
 
-    .venv/bin/python benchmarks/levers.py [--trials 7] [--levers LIST]
+    .venv/bin/python benchmarks/studies/levers.py [--trials 7] [--levers LIST]
     (LIST: adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply,fp16;
      default all)
 
@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from peak import cpu_flags, cpu_model, measure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from peak import cpu_flags, cpu_model, measure  # noqa: E402
 
 
 def alternate(a, b, trials: int) -> dict:
@@ -361,7 +362,7 @@ def training_step(strategy: str, trials: int, batch: int, length: int, data: str
 
 
 def main() -> None:
-    from bench import ARCHIVE
+    from common import ARCHIVE
     from lorafit.training import resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,8 +6,8 @@ max_length 256, 3 epochs, the lora defaults otherwise). The study is resumable: 
 finished run is read back, a cut-off one continues from its checkpoint, so it can be
 spread over several sessions:
 
-    .venv/bin/python benchmarks/variants.py                       # all variants, seeds 0,1,2
-    .venv/bin/python benchmarks/variants.py --variants dora --seeds 0
+    .venv/bin/python benchmarks/studies/variants.py                       # all variants, seeds 0,1,2
+    .venv/bin/python benchmarks/studies/variants.py --variants dora --seeds 0
 
 It writes results/variants.json (one record per run, with the CPU it ran on) and
 results/variants.md (mean and spread of test accuracy per variant, samples/s, peak RSS).
@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ARCHIVE
-from peak import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import ARCHIVE  # noqa: E402
+from peak import cpu_model  # noqa: E402
 
 VARIANTS = {
     "lora": [],

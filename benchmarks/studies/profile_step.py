@@ -12,7 +12,7 @@ other. The step's wall time without the profiler is measured too, and the model 
 utilisation of the unprofiled step against this CPU's matmul peak, measured first in the
 same process (benchmarks/peak.py: best of trials at 2048^2 and the model's GEMM shapes).
 
-    .venv/bin/python benchmarks/profile_step.py [--strategies full,lora] [--out results/profile.json]
+    .venv/bin/python benchmarks/studies/profile_step.py [--strategies full,lora] [--out results/profile.json]
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import json
 import re
 import time
 from collections import defaultdict
+import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import ARCHIVE, train_flops_per_token
-from peak import cpu_flags, cpu_model, measure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import ARCHIVE, train_flops_per_token  # noqa: E402
+from peak import cpu_flags, cpu_model, measure  # noqa: E402
 
 CLASSES = [
     ("attention", re.compile(r"scaled_dot_product|flash_attention|efficient_attention|_fused_sdp")),
@@ -171,7 +173,7 @@ def main() -> None:
           "TFLOP/s", flush=True)
     result = {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads(), "matmul_peak": peak,
               "torch": torch.__version__, "batch": [args.batch_size, args.length], "steps": args.steps,
-              "command": "python benchmarks/profile_step.py", "rows": []}
+              "command": "python benchmarks/studies/profile_step.py", "rows": []}
     for strategy in args.strategies.split(","):
         row = profile_strategy(strategy, args)
         flops = train_flops_per_token(strategy, default_config(), args.length,

@@ -5,7 +5,7 @@ batch 16, seed 0) in both layouts, alternated --repeats times so that drift in t
 machine's speed falls on both alike. Writes results/distributed.json and .md: training
 samples/s (from metrics.jsonl), wall time, test accuracy, the CPU model.
 
-    .venv/bin/python benchmarks/distributed.py [--train-size 1000 --epochs 1 --repeats 2]
+    .venv/bin/python benchmarks/studies/distributed.py [--train-size 1000 --epochs 1 --repeats 2]
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ARCHIVE
-from peak import cpu_model, measure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import ARCHIVE  # noqa: E402
+from peak import cpu_model, measure  # noqa: E402
 
 LAYOUTS = {"1 process x 2 threads": ([], {"OMP_NUM_THREADS": "2"}),
            "2 processes x 1 thread": (["--nproc", "2"], {})}  # torchrun sets OMP_NUM_THREADS=1 per rank

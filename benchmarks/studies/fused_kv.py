@@ -9,7 +9,7 @@ computes the same logits, and times training steps (forward, backward, AdamW) on
 IMDb batches of 16, alternating unfused and fused step by step so that both see the
 same machine. Writes results/fused_kv.json.
 
-    .venv/bin/python benchmarks/fused_kv.py [--steps 6 --repeats 4 --lengths 128,224]
+    .venv/bin/python benchmarks/studies/fused_kv.py [--steps 6 --repeats 4 --lengths 128,224]
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from compile_threads import batches, make
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from compile_threads import batches, make  # noqa: E402
 
 
 class FusedKV:

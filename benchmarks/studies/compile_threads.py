@@ -6,7 +6,7 @@ training steps (forward, backward, AdamW) on real IMDb batches of 16 padded to 1
 (inductor) with all threads, whose compile time is reported apart. Writes
 results/compile_threads.json.
 
-    .venv/bin/python benchmarks/compile_threads.py [--steps 8] [--strategies lora,full] [--lengths 128,256]
+    .venv/bin/python benchmarks/studies/compile_threads.py [--steps 8] [--strategies lora,full] [--lengths 128,256]
         [--name compile_threads.json]
 
 The matmul peak is measured first and written beside the rows, with the CPU model.
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--name", default="compile_threads.json", help="file name under --results")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
     from peak import cpu_flags, cpu_model, measure
 
     peak = measure()  # first, while this process is the only one working

@@ -4,7 +4,7 @@ Runs `lorafit train` once per (strategy, --pad-multiple), each in its own proces
 same slice of the full archive, and prints training samples/s, test seconds, peak RSS
 and test accuracy. Writes `--results`/`--name` (default results/padding.json).
 
-    .venv/bin/python benchmarks/padding.py [--multiples 1,8,32 --strategies lora,last-two-layers]
+    .venv/bin/python benchmarks/studies/padding.py [--multiples 1,8,32 --strategies lora,last-two-layers]
         [--pooling cls] [--results DIR] [--name FILE]
 
 With `--interleaved ROUNDS` it instead builds one lorafit model per multiple in one
@@ -13,7 +13,7 @@ them in rounds on the same 16 reviews (the slice's length-bucketed batches), in 
 order in turn, timing only the steps: the speed ratio without the drift between
 processes. The matmul peak is measured first, with the CPU model.
 
-    .venv/bin/python benchmarks/padding.py --interleaved 40 --multiples 32,8 --strategies full,lora
+    .venv/bin/python benchmarks/studies/padding.py --interleaved 40 --multiples 32,8 --strategies full,lora
         --name padding_interleaved.json
 """
 
@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import add_slice_args
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import add_slice_args  # noqa: E402
 
 
 def interleaved(strategy: str, multiples: list[int], rounds: int, args, warmup: int = 2) -> dict:
@@ -73,7 +74,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--name", default="padding.json")
     args = ap.parse_args()
-    command = "python benchmarks/padding.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/studies/padding.py " + " ".join(sys.argv[1:])
     if args.interleaved:
         from peak import cpu_flags, cpu_model, measure
 

@@ -9,8 +9,8 @@ states (how the model was trained, sentence-transformers), and `cls`, the first 
 a validation split carved from train) is fit on the training embeddings and tested once
 on the test split. The embeddings are kept in --out, so a second run skips the encoder.
 
-    .venv/bin/python benchmarks/probe.py                    # full archive: 25,000 / 25,000, both poolings
-    .venv/bin/python benchmarks/probe.py --pooling mean
+    .venv/bin/python benchmarks/studies/probe.py                    # full archive: 25,000 / 25,000, both poolings
+    .venv/bin/python benchmarks/studies/probe.py --pooling mean
 
 Writes results/probe_<pooling>.json.
 """
@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import ARCHIVE
-from peak import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import ARCHIVE  # noqa: E402
+from peak import cpu_model  # noqa: E402
 
 
 def embed(split, model, tokenizer, max_length: int, batch_size: int = 32,
@@ -106,7 +108,7 @@ def main() -> None:
                   "validation_accuracy_by_C": scores, "C": best,
                   "test_accuracy": float(clf.score(xp["test"], y["test"])),
                   "encode_seconds_both_poolings": encode_seconds, "cpu": cpu_model(),
-                  "command": f"python benchmarks/probe.py --pooling {args.pooling}"}
+                  "command": f"python benchmarks/studies/probe.py --pooling {args.pooling}"}
         (Path(args.results) / f"probe_{pooling}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
 

@@ -6,9 +6,9 @@ benchmarks/peer.py) on the same slice as benchmarks/bench.py for each seed, each
 own process, and adds one record per run to results/seeds.json (kept across
 invocations, so the study can be extended a run at a time):
 
-    .venv/bin/python benchmarks/seeds.py --strategy lora --seeds 1,2
-    .venv/bin/python benchmarks/seeds.py --strategy lora --seeds 0 --extra="--attn-dropout 0.1"
-    .venv/bin/python benchmarks/seeds.py --strategy lora --seeds 1 --peer
+    .venv/bin/python benchmarks/studies/seeds.py --strategy lora --seeds 1,2
+    .venv/bin/python benchmarks/studies/seeds.py --strategy lora --seeds 0 --extra="--attn-dropout 0.1"
+    .venv/bin/python benchmarks/studies/seeds.py --strategy lora --seeds 1 --peer
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ARCHIVE
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import ARCHIVE  # noqa: E402
 
 
 def main() -> None:

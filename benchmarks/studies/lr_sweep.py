@@ -7,7 +7,7 @@ split (the sample's own 110 are too few to tell learning rates apart). The test 
 is not looked at (--test-size 2 keeps its evaluation trivial). Writes
 results/lr_sweep.json.
 
-    .venv/bin/python benchmarks/lr_sweep.py [--epochs 3] [--out runs/lr-sweep]
+    .venv/bin/python benchmarks/studies/lr_sweep.py [--epochs 3] [--out runs/lr-sweep]
 """
 
 from __future__ import annotations

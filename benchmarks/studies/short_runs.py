@@ -6,7 +6,7 @@ archive (lorafit also carves 100 validation reviews, which the peer does not use
 batch 16. Resumable: a finished (setting, seed) is read back from --out, where it
 was made on this CPU.
 
-    .venv/bin/python benchmarks/short_runs.py [--settings lorafit,peer-tuned] [--seeds 0,1,2,3,4]
+    .venv/bin/python benchmarks/studies/short_runs.py [--settings lorafit,peer-tuned] [--seeds 0,1,2,3,4]
 
 Writes results/short_runs.json (every run) and results/short_runs.md (per setting: mean
 and every seed's test accuracy, the training loss after epoch 1).
@@ -21,8 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import ARCHIVE, same_cpu
-from peak import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, peak.py
+from common import ARCHIVE, same_cpu  # noqa: E402
+from peak import cpu_model  # noqa: E402
 
 DATA = ["--train-size", "600", "--val-size", "100", "--test-size", "400", "--max-length", "256", "--epochs", "2",
         "--batch-size", "16"]

@@ -1,7 +1,7 @@
 """Data-layer measurements on the full IMDb archive: tokenization throughput (first run and
 cached) and padding efficiency with length-bucketed batches against padding to max_length.
 
-    .venv/bin/python benchmarks/data_stats.py [ARCHIVE]
+    .venv/bin/python benchmarks/studies/data_stats.py [ARCHIVE]
 """
 
 from __future__ import annotations
