@@ -9,8 +9,14 @@ A crash during the write leaves the previous checkpoint in place.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import signal
+import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lorafit.adapter import PICKLE_SUFFIXES, save_safetensors_atomic
-from lorafit.errors import RunDirError
+from lorafit.errors import Interrupted, RunDirError
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -159,3 +165,113 @@ def restore(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_
                 sched.step()
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     return best or None
+
+
+@contextlib.contextmanager
+def sigint_deferred(reraise: bool = True):
+    """Hold Ctrl-C back while the block runs (an optimizer step with its bookkeeping, a
+    checkpoint write), so that an interrupt never separates weights from their recorded
+    position; at the block's end a held Ctrl-C raises KeyboardInterrupt (if `reraise`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and reraise and previous not in (signal.SIG_IGN, None):
+        raise KeyboardInterrupt
+
+
+@dataclass
+class Position:
+    """Where training stands as of the last optimizer step, with the epoch's running totals
+    (summed over ranks): what a checkpoint records and a resumed run starts from."""
+
+    epoch: int = 1
+    batch_index: int = 0
+    """The next batch of `epoch`'s order to run."""
+    step: int = 0
+    """Optimizer steps taken since the run began."""
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    tokens: int = 0
+    epoch_seconds: float = 0.0
+    lr: float = 0.0
+    """The scheduled learning rate of the last step."""
+
+    def next_epoch(self) -> Position:
+        """The position at the start of the following epoch, totals cleared."""
+        return Position(epoch=self.epoch + 1, step=self.step, lr=self.lr)
+
+
+class TrainState:
+    """What a checkpoint holds besides the model's frozen weights, and its writes: the
+    position as of the last optimizer step, the metrics so far, the best-validation
+    weights, and the RNG states drawn at that step. `train` commits to it after each
+    optimizer step and each epoch; a checkpoint writes what was last committed, so weights
+    and their recorded position never part, Ctrl-C included."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device, result,
+                 save: Callable[[dict[str, torch.Tensor], dict], None] | None, lr: float):
+        self.model, self.opt, self.sched, self.device = model, opt, sched, device
+        self.result = result  # training.TrainResult: history, best_epoch, train_seconds, padding_efficiency
+        self._save = save
+        self.pos = Position(lr=lr)
+        self.best_score, self.best_state = -1.0, None
+        self.rng = rng_state(device)
+
+    def resume(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Put a checkpoint's weights, optimizer, scheduler, metrics and RNG states back."""
+        self.best_state = restore(self.model, self.opt, self.sched, tensors, meta)
+        names = {f.name for f in dataclasses.fields(Position)}
+        self.pos = dataclasses.replace(self.pos, **{k: v for k, v in meta.items() if k in names})
+        r = self.result
+        r.history, r.best_epoch, self.best_score = meta["history"], meta["best_epoch"], meta["best_acc"]
+        r.train_seconds, r.padding_efficiency = meta["train_seconds"], meta["padding_efficiency"]
+        set_rng_state(tensors)
+        self.rng = rng_state(self.device)
+
+    def commit(self, pos: Position) -> None:
+        """Record `pos` as reached, with the RNG states as they are now."""
+        self.rng = rng_state(self.device)
+        self.pos = dataclasses.replace(pos)
+
+    def consider(self, score: float, epoch: int, keep_best: bool) -> None:
+        """Note an epoch's validation score; keep its weights where it is the best so far."""
+        if score > self.best_score:
+            self.best_score, self.result.best_epoch = score, epoch
+            if keep_best:
+                self.best_state = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                   if p.requires_grad}
+
+    def save(self) -> None:
+        """Checkpoint the committed state (nothing without a `save` callback)."""
+        if self._save is None:
+            return
+        r = self.result
+        meta = {**dataclasses.asdict(self.pos), "history": r.history, "best_epoch": r.best_epoch,
+                "best_acc": self.best_score, "train_seconds": r.train_seconds,
+                "padding_efficiency": r.padding_efficiency}
+        self._save(*capture(self.model, self.opt, self.sched, self.best_state, meta, self.rng))
+
+    def interrupted(self) -> Interrupted:
+        """Save the committed state (a second Ctrl-C does not cut it short); the error to raise."""
+        with sigint_deferred(reraise=False):
+            self.save()
+        return Interrupted(f"interrupted at epoch {self.pos.epoch}, step {self.pos.step}"
+                           + ("; a checkpoint was saved" if self._save else ""))
+
+    def restore_best(self, keep_best: bool) -> int | None:
+        """Copy the best-validation weights back into the model (with `keep_best`); their epoch."""
+        if not keep_best or self.best_state is None:
+            return None
+        with torch.no_grad():
+            named = dict(self.model.named_parameters())
+            for n, v in self.best_state.items():
+                named[n].copy_(v)
+        return self.result.best_epoch

@@ -39,7 +39,8 @@ from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.tracking import Tracker
 from lorafit.tracking import check_available as check_trackers
 from lorafit.precision import model_dims, resolve_precision
-from lorafit.training import Interrupted, TrainSettings, cpu_model, pick_device, predict_logits, train
+from lorafit.errors import Interrupted
+from lorafit.training import TrainSettings, cpu_model, pick_device, predict_logits, train
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -22,9 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit import distributed, fault_points
+from lorafit.checkpoint import Position, TrainState, sigint_deferred  # noqa: F401 (sigint_deferred: API)
 from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
-from lorafit.errors import Interrupted, LorafitError
+from lorafit.errors import LorafitError
 from lorafit.metrics import f1_score, metrics_from_logits, weighted_cross_entropy  # noqa: F401 (f1_score: API)
 from lorafit.precision import cpu_has_bf16, resolve_precision  # noqa: F401 (the training API names them)
 
@@ -236,28 +236,6 @@ def clip_and_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
     return lr
 
 
-@contextlib.contextmanager
-def sigint_deferred(reraise: bool = True):
-    """Hold Ctrl-C back while the block runs (an optimizer step with its bookkeeping, a
-    checkpoint write), so that an interrupt never separates weights from their recorded
-    position; at the block's end a held Ctrl-C raises KeyboardInterrupt (if `reraise`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if held and reraise and previous not in (signal.SIG_IGN, None):
-        raise KeyboardInterrupt
-
-
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettings, *, pad_id: int,
           device: torch.device, log: Callable[[str], None] = print, progress: bool = True,
           param_groups: list[dict] | None = None, on_epoch: Callable[[dict], None] | None = None,
@@ -288,145 +266,147 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
         TrainingDiverged: the loss became NaN or inf (the message names the step).
         Interrupted: Ctrl-C; the state at the last optimizer step was checkpointed.
     """
-    from lorafit import checkpoint as ckpt
-
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafitError("no parameter is trainable; check the strategy and its targets")
     n_batches = math.ceil(len(train_enc) / s.batch_size)
     opt, sched = make_optimizer(model, s, math.ceil(n_batches / s.grad_accum), param_groups)
     result = TrainResult()
-    best_acc, best_state = -1.0, None
-    # position and running totals of the epoch, as of the last optimizer step
-    pos = {"epoch": 1, "batch_index": 0, "step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "tokens": 0,
-           "epoch_seconds": 0.0, "lr": s.lr}
+    state = TrainState(model, opt, sched, device, result, save_state, lr=s.lr)
     if resume is not None:
-        tensors, meta = resume
-        best_state = ckpt.restore(model, opt, sched, tensors, meta)
-        pos = {k: meta.get(k, pos[k]) for k in pos}
-        result.history = meta["history"]
-        result.best_epoch, best_acc = meta["best_epoch"], meta["best_acc"]
-        result.train_seconds, result.padding_efficiency = meta["train_seconds"], meta["padding_efficiency"]
-        ckpt.set_rng_state(tensors)
-        log(f"resumed at epoch {pos['epoch']}, batch {pos['batch_index']}, step {pos['step']}")
-    step = pos["step"]
-    rng_at_step = ckpt.rng_state(device)
-    world = distributed.world_size()
+        state.resume(*resume)
+        log(f"resumed at epoch {state.pos.epoch}, batch {state.pos.batch_index}, step {state.pos.step}")
     fwd = model
-    if world > 1:  # gradients all-reduced (fp32) in backward; buffers are not trained, so not broadcast
+    if distributed.world_size() > 1:  # gradients all-reduced (fp32) in backward; buffers are not trained
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       forward_sync_buffers=False)
-
-    def checkpoint(p: dict) -> None:
-        if save_state is None:
-            return
-        meta = {**p, "history": result.history, "best_epoch": result.best_epoch, "best_acc": best_acc,
-                "train_seconds": result.train_seconds, "padding_efficiency": result.padding_efficiency}
-        save_state(*ckpt.capture(model, opt, sched, best_state, meta, rng_at_step))
-
+    loop = _Loop(fwd, params, opt, sched, train_enc, s, pad_id, device, state, progress, on_step, checkpoint_every)
     eval_kw = dict(batch_size=s.eval_batch_size, pad_id=pad_id, device=device, precision=s.precision)
-    class_weight = None if s.class_weights is None else torch.tensor(s.class_weights, dtype=torch.float32,
-                                                                       device=device)
-    labels_all = torch.from_numpy(train_enc.labels)
-    for epoch in range(pos["epoch"], s.epochs + 1):
-        model.train()
-        batches = bucketed_batches(train_enc.lengths, s.batch_size, seed=s.seed, epoch=epoch)
-        weights = accumulation_weights([len(b) for b in batches], s.grad_accum)
-        if epoch == 1:
-            result.padding_efficiency = train_enc.padding_efficiency(batches)
-        start = pos["batch_index"] if epoch == pos["epoch"] else 0
-        if start == 0:
-            pos.update(loss_sum=0.0, correct=0, seen=0, tokens=0, epoch_seconds=0.0)
-        run = dict(pos)  # the running totals, updated at each optimizer step
-        t0 = time.perf_counter() - pos["epoch_seconds"]
-        bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=not progress, unit="batch",
-                   initial=start)
-        # this step's loss sum, correct, examples, tokens: on the device, read once per optimizer step
-        totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for epoch in range(state.pos.epoch, s.epochs + 1):
         try:
-            for i in range(start, len(batches)):
-                if world > 1 and i % s.grad_accum == 0:
-                    torch.manual_seed(distributed.dropout_seed(s.seed, step))
-                b = batches[i]
-                part = distributed.share(b)  # this rank's examples of the global batch
-                n = len(part)
-                # the share of the group's gradient; DDP averages over ranks, hence `world`
-                weight = weights[i] * world * n / len(b)
-                if n == 0:  # fewer examples than ranks: run one with weight 0, to join the all-reduce
-                    part, weight = b[:1], 0.0
-                last = (i + 1) % s.grad_accum == 0 or i + 1 == len(batches)
-                labels = labels_all[part].to(device, non_blocking=True)
-                with contextlib.nullcontext() if last or world == 1 else fwd.no_sync():
-                    logits, loss = forward_backward(fwd, to_device(train_enc.batch(part, pad_id), device), labels,
-                                                    weight, device, s.precision, class_weight)
-                if n:
-                    totals[0] += loss.detach().double() * n
-                    totals[1] += (logits.detach().argmax(-1) == labels).sum()
-                    totals[2] += n
-                    totals[3] += int(train_enc.lengths[part].sum())
-                if last:
-                    loss_sum, correct, seen, tokens = distributed.sum_(totals).tolist()
-                    totals.zero_()
-                    if not math.isfinite(loss_sum):  # every rank sees it, so every rank stops here
-                        raise TrainingDiverged(
-                            f"the training loss became {loss_sum / max(seen, 1)} at epoch {epoch}, step {step + 1}; "
-                            f"the run diverged. Lower the learning rate (now {s.lr:g}, try --lr {s.lr / 10:g})")
-                    with sigint_deferred():  # weights, position and checkpoint move together
-                        run["loss_sum"] += loss_sum
-                        run["correct"] += int(correct)
-                        run["seen"] += int(seen)
-                        run["tokens"] += int(tokens)
-                        run["lr"] = clip_and_step(params, opt, sched, s.max_grad_norm)
-                        step += 1
-                        rng_at_step = ckpt.rng_state(device)
-                        run.update(batch_index=i + 1, step=step, epoch_seconds=time.perf_counter() - t0)
-                        pos = dict(run)
-                        if checkpoint_every and step % checkpoint_every == 0 and i + 1 < len(batches):
-                            checkpoint(pos)
-                    if on_step is not None:
-                        on_step(step, loss_sum / max(seen, 1), run["lr"])
-                    fault_points.reached("step")
-                bar.update(1)
-                if last and run["seen"]:
-                    bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.4f}",
-                                    acc=f"{run['correct'] / run['seen']:.3f}")
-            bar.close()
-            seconds = time.perf_counter() - t0
-            seen = run["seen"]
+            run, seconds = loop.epoch(epoch)
             val = evaluate(model, val_enc, **eval_kw, progress=progress, desc="validation")
             with sigint_deferred():  # the epoch's record, its best weights and its checkpoint move together
-                row = {"epoch": epoch, "train_loss": run["loss_sum"] / seen, "train_accuracy": run["correct"] / seen,
-                       "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-                       "val_macro_f1": val["macro_f1"],
-                       "seconds": seconds, "tokens_per_s": run["tokens"] / seconds, "samples_per_s": seen / seconds,
-                       "lr": run["lr"]}
+                row = _epoch_row(epoch, run, seconds, val)
                 result.history.append(row)
                 result.train_seconds += seconds
-                if val[s.select_on] > best_acc:
-                    best_acc, result.best_epoch = val[s.select_on], epoch
-                    if s.keep == "best":
-                        best_state = _snapshot(model)
+                state.consider(val[s.select_on], epoch, s.keep == "best")
                 log(f"epoch {epoch}/{s.epochs} | train loss {row['train_loss']:.4f} acc "
                     f"{row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} | "
                     f"{seconds:.1f}s {row['samples_per_s']:.1f} samples/s {row['tokens_per_s']:,.0f} tok/s")
                 if on_epoch:
                     on_epoch(row)
-                rng_at_step = ckpt.rng_state(device)
-                pos = {"epoch": epoch + 1, "batch_index": 0, "step": step, "loss_sum": 0.0, "correct": 0, "seen": 0,
-                       "tokens": 0, "epoch_seconds": 0.0, "lr": run["lr"]}
-                checkpoint(pos)
+                state.commit(run.next_epoch())
+                state.save()
         except KeyboardInterrupt:
-            bar.close()
-            with sigint_deferred(reraise=False):  # a second Ctrl-C does not cut this save short
-                checkpoint(pos)
-            raise Interrupted(f"interrupted at epoch {pos['epoch']}, step {pos['step']}"
-                              + ("; a checkpoint was saved" if save_state else "")) from None
-    result.kept_epoch = s.epochs
-    if s.keep == "best" and best_state is not None:
-        result.kept_epoch = result.best_epoch
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for n, v in best_state.items():
-                named[n].copy_(v)
+            raise state.interrupted() from None
+    result.kept_epoch = state.restore_best(s.keep == "best") or s.epochs
     return result
+
+
+def _epoch_row(epoch: int, run: Position, seconds: float, val: dict) -> dict:
+    """metrics.jsonl's record of an epoch: its training totals and its validation metrics."""
+    return {"epoch": epoch, "train_loss": run.loss_sum / run.seen, "train_accuracy": run.correct / run.seen,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+            "val_macro_f1": val["macro_f1"], "seconds": seconds, "tokens_per_s": run.tokens / seconds,
+            "samples_per_s": run.seen / seconds, "lr": run.lr}
+
+
+@dataclass
+class _Loop:
+    """One epoch's optimizer steps over the length-bucketed batches: each global batch shared
+    out across ranks, micro-batches accumulated, totals summed over ranks once per step, and
+    the position committed to `state` with every step (a checkpoint every `checkpoint_every`)."""
+
+    fwd: nn.Module
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    enc: Encoded
+    s: TrainSettings
+    pad_id: int
+    device: torch.device
+    state: TrainState
+    progress: bool
+    on_step: Callable[[int, float, float], None] | None
+    checkpoint_every: int
+
+    def __post_init__(self) -> None:
+        self.labels = torch.from_numpy(self.enc.labels)
+        self.class_weight = (None if self.s.class_weights is None
+                             else torch.tensor(self.s.class_weights, dtype=torch.float32, device=self.device))
+        self.world = distributed.world_size()
+
+    def epoch(self, epoch: int) -> tuple[Position, float]:
+        """Run `epoch` from the committed position; its final totals and its seconds of training."""
+        s, state = self.s, self.state
+        self.fwd.train()
+        batches = bucketed_batches(self.enc.lengths, s.batch_size, seed=s.seed, epoch=epoch)
+        weights = accumulation_weights([len(b) for b in batches], s.grad_accum)
+        if epoch == 1:
+            state.result.padding_efficiency = self.enc.padding_efficiency(batches)
+        start = state.pos.batch_index if epoch == state.pos.epoch else 0
+        if start == 0:
+            state.pos = dataclasses.replace(state.pos, loss_sum=0.0, correct=0, seen=0, tokens=0, epoch_seconds=0.0)
+        run = dataclasses.replace(state.pos)  # the running totals, updated at each optimizer step
+        t0 = time.perf_counter() - run.epoch_seconds
+        bar = tqdm(batches, desc=f"epoch {epoch}/{s.epochs}", leave=False, disable=not self.progress,
+                   unit="batch", initial=start)
+        # this step's loss sum, correct, examples, tokens: on the device, read once per optimizer step
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        try:
+            for i in range(start, len(batches)):
+                if self.world > 1 and i % s.grad_accum == 0:  # dropout per (seed, step, rank)
+                    torch.manual_seed(distributed.dropout_seed(s.seed, run.step))
+                last = (i + 1) % s.grad_accum == 0 or i + 1 == len(batches)
+                self._micro_batch(batches[i], weights[i], last, totals)
+                if last:
+                    self._step(epoch, i, len(batches), run, totals, t0)
+                bar.update(1)
+                if last and run.seen:
+                    bar.set_postfix(loss=f"{run.loss_sum / run.seen:.4f}", acc=f"{run.correct / run.seen:.3f}")
+        finally:
+            bar.close()
+        return run, time.perf_counter() - t0
+
+    def _micro_batch(self, b: np.ndarray, weight: float, last: bool, totals: torch.Tensor) -> None:
+        """Forward and backward of this rank's share of one batch; its totals added to `totals`."""
+        part = distributed.share(b)  # this rank's examples of the global batch
+        n = len(part)
+        # the share of the group's gradient; DDP averages over ranks, hence `world`
+        weight = weight * self.world * n / len(b)
+        if n == 0:  # fewer examples than ranks: run one with weight 0, to join the all-reduce
+            part, weight = b[:1], 0.0
+        labels = self.labels[part].to(self.device, non_blocking=True)
+        with contextlib.nullcontext() if last or self.world == 1 else self.fwd.no_sync():
+            logits, loss = forward_backward(self.fwd, to_device(self.enc.batch(part, self.pad_id), self.device),
+                                            labels, weight, self.device, self.s.precision, self.class_weight)
+        if n:
+            totals[0] += loss.detach().double() * n
+            totals[1] += (logits.detach().argmax(-1) == labels).sum()
+            totals[2] += n
+            totals[3] += int(self.enc.lengths[part].sum())
+
+    def _step(self, epoch: int, i: int, n_batches: int, run: Position, totals: torch.Tensor, t0: float) -> None:
+        """The optimizer step closing an accumulation group, with its bookkeeping and commit."""
+        loss_sum, correct, seen, tokens = distributed.sum_(totals).tolist()
+        totals.zero_()
+        if not math.isfinite(loss_sum):  # every rank sees it, so every rank stops here
+            raise TrainingDiverged(
+                f"the training loss became {loss_sum / max(seen, 1)} at epoch {epoch}, step {run.step + 1}; "
+                f"the run diverged. Lower the learning rate (now {self.s.lr:g}, try --lr {self.s.lr / 10:g})")
+        with sigint_deferred():  # weights, position and checkpoint move together
+            run.loss_sum += loss_sum
+            run.correct += int(correct)
+            run.seen += int(seen)
+            run.tokens += int(tokens)
+            run.lr = clip_and_step(self.params, self.opt, self.sched, self.s.max_grad_norm)
+            run.step += 1
+            run.batch_index, run.epoch_seconds = i + 1, time.perf_counter() - t0
+            self.state.commit(run)
+            if self.checkpoint_every and run.step % self.checkpoint_every == 0 and i + 1 < n_batches:
+                self.state.save()
+        if self.on_step is not None:
+            self.on_step(run.step, loss_sum / max(seen, 1), run.lr)
+        fault_points.reached("step")
