@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -267,22 +268,22 @@ def _config_from_peft(raw: dict, folder: Path, lora_names: list[str], train_modu
         raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> LoRAConfig:
-    """Load a PEFT-format LoRA or DoRA adapter (from lorafit or PEFT) into `model` as
-    adapter `adapter_name`; returns its config.
+@dataclass
+class _AdapterFiles:
+    """An adapter folder's contents, read and checked on their own."""
 
-    If `model` has no adapter of that name, it is added (LoRA is applied to the
-    adapter's modules; on a model that has other adapters it joins them, inactive
-    until `set_active_adapter`); if it has, the file must fit it (same modules and
-    rank, not merged), and the layers take the file's alpha, scaling, dropout and DoRA.
+    config: LoRAConfig
+    parts: dict[str, dict[str, torch.Tensor]]
+    """Per adapted module: lora_A, lora_B (and DoRA's magnitude)."""
+    train_params: dict[str, torch.Tensor]
+    """Whole trained parameters (PEFT's modules_to_save), by this model's parameter name."""
+    lora_names: list[str]
+    train_modules: list[str]
 
-    Raises:
-        AdapterError: a missing, corrupt, truncated or pickled adapter; one saved for
-            another architecture (a module it names is not in `model`), another rank,
-            or other shapes; keys that are missing; merged layers; or an adapter with
-            whole trained modules added next to another adapter.
-    """
-    folder = Path(directory)
+
+def _read_adapter_files(folder: Path, model: nn.Module) -> _AdapterFiles:
+    """Read `folder`'s config and weights; refuse what is truncated, corrupt or names modules
+    and parameters `model` does not have."""
     raw = _read_config(folder)
     tensors = _read_tensors(folder / WEIGHTS_NAME)
     parts: dict[str, dict[str, torch.Tensor]] = {}  # module -> {lora_A, lora_B, magnitude}
@@ -296,8 +297,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     lora_names = sorted(parts)
     if not lora_names:
         raise AdapterError(f"{folder / WEIGHTS_NAME} holds no LoRA weights (no lora_A/lora_B keys)")
-    use_dora = bool(raw.get("use_dora"))
-    needed = ("lora_A", "lora_B", "magnitude") if use_dora else ("lora_A", "lora_B")
+    needed = ("lora_A", "lora_B", "magnitude") if raw.get("use_dora") else ("lora_A", "lora_B")
     for n in lora_names:
         for part in needed:
             if part not in parts[n]:
@@ -325,57 +325,88 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"the adapter in {folder} holds NaN or inf in {bad[0]!r}; it is corrupt: retrain it")
-    config = _config_from_peft(raw, folder, lora_names, train_modules)
+    return _AdapterFiles(config=_config_from_peft(raw, folder, lora_names, train_modules), parts=parts,
+                         train_params=train_params, lora_names=lora_names, train_modules=train_modules)
 
+
+def _check_fits(model: nn.Module, folder: Path, f: _AdapterFiles, adapter_name: str) -> dict:
+    """Refuse an adapter that does not fit `model` as adapter `adapter_name` (merged layers, other
+    modules or rank than an adapter of that name, shapes, whole modules next to other adapters);
+    returns the layers that already hold `adapter_name` (empty for a new adapter)."""
+    config, use_dora = f.config, f.config.use_dora
     layers = dict(lora_modules(model))
     if any(layer.merged for layer in layers.values()):
         raise AdapterError("this model's LoRA layers are merged into their weights; call unmerge_lora(model) "
                            f"before loading the adapter in {folder}, or load it into a model without LoRA")
     others = [n for n in adapter_names(model) if n != adapter_name]
-    if others and train_modules:
-        raise AdapterError(f"the adapter in {folder} trains whole modules ({', '.join(train_modules)}), which "
+    if others and f.train_modules:
+        raise AdapterError(f"the adapter in {folder} trains whole modules ({', '.join(f.train_modules)}), which "
                            f"would overwrite those the model's adapter {others[0]!r} uses; load it into a model "
                            "without adapters")
     existing = {n: layer for n, layer in layers.items() if adapter_name in layer.adapters}
     if existing:
-        if sorted(existing) != lora_names:
+        if sorted(existing) != f.lora_names:
             raise AdapterError(f"the adapter in {folder} adapts other modules than adapter {adapter_name!r} on this "
                                "model; load it into a model without LoRA, or under another adapter_name")
         ranks = {layer.adapters[adapter_name].config.r for layer in existing.values()}
         if ranks != {config.r}:
             raise AdapterError(f"the adapter in {folder} has rank {config.r} but this model has LoRA of rank "
                                f"{sorted(ranks)} applied; load it into a model without LoRA")
-    for n in lora_names:
+    modules = dict(model.named_modules())
+    for n in f.lora_names:
         base = modules[n].base if n in layers else modules[n]
         if not isinstance(base, nn.Linear):
             raise AdapterError(f"the adapter in {folder} adapts {n!r}, which is a {type(base).__name__} here, "
                                "not an nn.Linear: it was saved for another architecture")
-        a, b = parts[n]["lora_A"], parts[n]["lora_B"]
+        a, b = f.parts[n]["lora_A"], f.parts[n]["lora_B"]
         want_a, want_b = (config.r, base.in_features), (base.out_features, config.r)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b or (
-                use_dora and tuple(parts[n]["magnitude"].shape) != (base.out_features,)):
+                use_dora and tuple(f.parts[n]["magnitude"].shape) != (base.out_features,)):
             raise AdapterError(
                 f"the adapter in {folder} does not fit module {n!r}: lora_A {tuple(a.shape)} and lora_B "
                 f"{tuple(b.shape)}, but rank {config.r} on this ({base.out_features}x{base.in_features}) layer "
                 f"needs {want_a} and {want_b}: it was saved for another model size or rank"
             )
-    for n, v in train_params.items():
+    params = dict(model.named_parameters())
+    for n, v in f.train_params.items():
         if params[n].shape != v.shape:
             raise AdapterError(f"the adapter in {folder} holds {n!r} of shape {tuple(v.shape)}, but this model's is "
                                f"{tuple(params[n].shape)}: it was saved for another model size or label count")
+    return existing
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> LoRAConfig:
+    """Load a PEFT-format LoRA or DoRA adapter (from lorafit or PEFT) into `model` as
+    adapter `adapter_name`; returns its config.
+
+    If `model` has no adapter of that name, it is added (LoRA is applied to the
+    adapter's modules; on a model that has other adapters it joins them, inactive
+    until `set_active_adapter`); if it has, the file must fit it (same modules and
+    rank, not merged), and the layers take the file's alpha, scaling, dropout and DoRA.
+
+    Raises:
+        AdapterError: a missing, corrupt, truncated or pickled adapter; one saved for
+            another architecture (a module it names is not in `model`), another rank,
+            or other shapes; keys that are missing; merged layers; or an adapter with
+            whole trained modules added next to another adapter.
+    """
+    folder = Path(directory)
+    f = _read_adapter_files(folder, model)
+    existing = _check_fits(model, folder, f, adapter_name)
     if not existing:  # a new adapter; next to others it joins them inactive
-        apply_lora(model, config, adapter_name)
+        apply_lora(model, f.config, adapter_name)
     else:  # the layers take the file's alpha, scaling, dropout and DoRA, not those they had
         for layer in existing.values():
-            layer.adapters[adapter_name] = LoRAAdapter.build(layer.base, config)
-        model.lora_train_modules = train_modules
+            layer.adapters[adapter_name] = LoRAAdapter.build(layer.base, f.config)
+        model.lora_train_modules = f.train_modules
     with torch.no_grad():
-        for n in lora_names:
+        for n in f.lora_names:
             adapter = model.get_submodule(n).adapters[adapter_name]
-            for part, v in parts[n].items():
+            for part, v in f.parts[n].items():
                 getattr(adapter, part).copy_(v.to(torch.float32))
         params = dict(model.named_parameters())
-        for n, v in train_params.items():
+        for n, v in f.train_params.items():
             params[n].copy_(v.to(params[n].dtype))
+    config = f.config
     mark_only_lora_as_trainable(model)
     return config

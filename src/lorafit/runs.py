@@ -19,6 +19,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from lorafit.config import DEFAULT_EPOCHS, RunConfig, config_from_mapping
 from lorafit.data import load_dataset
 from lorafit.data.batching import resolve_pad_multiple
 from lorafit.data.encoding import encode_split
-from lorafit.errors import ConfigError, RunDirError
+from lorafit.errors import ConfigError, Interrupted, RunDirError
 from lorafit.first_token import last_layer_of, set_pruning
 from lorafit.lora import count_parameters, merge_lora
 from lorafit.models import LoadedModel, fresh_state, load_model
@@ -39,8 +40,7 @@ from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.tracking import Tracker
 from lorafit.tracking import check_available as check_trackers
 from lorafit.precision import model_dims, resolve_precision
-from lorafit.errors import Interrupted
-from lorafit.training import TrainSettings, cpu_model, pick_device, predict_logits, train
+from lorafit.training import TrainResult, TrainSettings, cpu_model, pick_device, predict_logits, train
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -151,23 +151,70 @@ def run_training(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress
         distributed.shutdown()
 
 
+@dataclass
+class RunSettings:
+    """What a run's `auto` settings resolved to on this machine (a resumed run: what it
+    recorded), as config.json stores them."""
+
+    precision: str
+    attention: str
+    last_layer: str
+    pad_multiple: int
+    pooling: str
+
+    def as_config(self) -> dict:
+        return {"precision_resolved": self.precision, "pooling_resolved": self.pooling,
+                "attention_resolved": self.attention, "last_layer_resolved": self.last_layer,
+                "pad_multiple_resolved": self.pad_multiple}
+
+
+def resolve_settings(cfg: RunConfig, loaded: LoadedModel, device: torch.device, recorded: dict | None
+                     ) -> RunSettings:
+    """Resolve precision, attention kernel, last layer and pad multiple for `loaded.model`
+    (setting the kernel and last layer on it), in that order: each may depend on the one before."""
+    precision = _pick_precision(cfg, loaded.model, device, recorded)
+    attention = _pick_attention(cfg, loaded.model, device, precision, recorded)
+    last_layer = _pick_last_layer(cfg, loaded.model, recorded)
+    return RunSettings(precision=precision, attention=attention, last_layer=last_layer,
+                       pad_multiple=_pick_pad_multiple(cfg, precision, recorded), pooling=loaded.pooling)
+
+
+@dataclass
+class _Prepared:
+    """A run set up to train: its model with the strategy applied, data, settings and recipe."""
+
+    loaded: LoadedModel
+    strategy: object
+    fresh: dict
+    splits: object
+    settings: RunSettings
+    recipe: dict
+    config: dict
+    """config.json's record: the RunConfig's fields and what resolved."""
+    lr: float
+    trainable: int
+    total: int
+
+
 def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool, progress: bool,
                   resume: bool) -> dict:
-    from lorafit.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-    from lorafit.report import plot_curves
+    from lorafit.checkpoint import CHECKPOINT, load_checkpoint
 
     state = load_checkpoint(out / CHECKPOINT) if resume else None
     earlier_peak = float(state[1].get("peak_memory_mb", 0.0)) if state else 0.0
-
-    def run_peak_mb() -> float:
-        """Peak resident memory of the run so far: this process's, or an earlier one's it resumed."""
-        return max(peak_rss_mb(), earlier_peak)
-
     if not resume:
         check_out_dir(out, overwrite)
     check_trackers(cfg.report_to)
     t_start = time.perf_counter()
-    main = distributed.is_main()
+    run = _prepare(cfg, out, device, overwrite=overwrite, resume=resume)
+    trained = _train_run(run, cfg, out, device, state, progress, earlier_peak, resume=resume)
+    return _test_and_record(run, trained, cfg, out, device, progress, earlier_peak=earlier_peak, t_start=t_start,
+                            resume=resume)
+
+
+def _prepare(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool, resume: bool) -> _Prepared:
+    """Load data and model, apply the strategy, resolve the settings and the recipe, say
+    so, and (a new run, rank 0) empty the folder and write config.json."""
     splits = load_data(cfg)
     label_names = splits.label_names
     loaded = load_model(cfg.model, num_labels=len(label_names), seed=cfg.seed, attn_dropout=cfg.attn_dropout,
@@ -181,20 +228,17 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     strategy.setup(model, cfg)
     model.to(device)
     recorded = _read_config_json(out) if resume else None  # a resumed run keeps what it resolved
-    precision = _pick_precision(cfg, model, device, recorded)
-    attention = _pick_attention(cfg, model, device, precision, recorded)
-    last_layer = _pick_last_layer(cfg, model, recorded)
-    pad_multiple = _pick_pad_multiple(cfg, precision, recorded)
+    settings = resolve_settings(cfg, loaded, device, recorded)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
-    if not resume and main:
+    if not resume and distributed.is_main():
         prepare_out_dir(out, overwrite)
     trainable, total = count_parameters(model)
     lr = learning_rate(cfg)
     world = distributed.world_size()
     _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {loaded.pooling} pooling | "
-         f"{device.type} {precision} | attention {attention} | last layer {last_layer} | lr {lr:g}"
-         + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
+         f"{device.type} {settings.precision} | attention {settings.attention} | last layer {settings.last_layer} | "
+         f"lr {lr:g}" + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
@@ -205,30 +249,48 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
     if recipe["class_weights_resolved"] is not None:
         _log("class weights (skewed classes, --class-weights " + cfg.class_weights + "): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(label_names, recipe["class_weights_resolved"])))
-    resolved = {**cfg.to_dict(), "lr_resolved": lr, "precision_resolved": precision,
-                "pooling_resolved": loaded.pooling, "attention_resolved": attention,
-                "last_layer_resolved": last_layer, "pad_multiple_resolved": pad_multiple,
-                "label_names": label_names, **{k: v for k, v in recipe.items() if k != "steps_per_epoch"}}
-    if not resume and main:
-        write_json(out / "config.json", resolved)
+    config = {**cfg.to_dict(), "lr_resolved": lr, **settings.as_config(), "label_names": label_names,
+              **{k: v for k, v in recipe.items() if k != "steps_per_epoch"}}
+    if not resume and distributed.is_main():
+        write_json(out / "config.json", config)
+    return _Prepared(loaded=loaded, strategy=strategy, fresh=fresh, splits=splits, settings=settings, recipe=recipe,
+                     config=config, lr=lr, trainable=trainable, total=total)
 
+
+@dataclass
+class _Trained:
+    """A finished training: its result, the model it trained (a strategy's view: the model, or
+    its head on cached features), the encoded sets that view reads, and the run's tracker."""
+
+    result: TrainResult
+    model: nn.Module
+    sets: dict
+    cache_seconds: float
+    tracker: Tracker
+
+
+def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, state, progress: bool,
+               earlier_peak: float, *, resume: bool) -> _Trained:
+    """Tokenize, then train (`lorafit.training.train`), writing metrics.jsonl, checkpoints and
+    the trackers as it goes."""
+    from lorafit.checkpoint import save_checkpoint
+
+    main, world, precision = distributed.is_main(), distributed.world_size(), run.settings.precision
     t_tok = time.perf_counter()
-    encs = _encode_splits(splits, loaded.tokenizer, cfg.max_length, pad_multiple)
+    encs = _encode_splits(run.splits, run.loaded.tokenizer, cfg.max_length, run.settings.pad_multiple)
     _log(f"tokenized in {time.perf_counter() - t_tok:.1f}s "
          f"({'cached' if all(e.cached for e in encs.values()) else 'fresh'})")
-    pad_id = loaded.tokenizer.pad_token_id or 0
-    settings = TrainSettings(epochs=recipe["epochs_resolved"], lr=lr, batch_size=cfg.batch_size,
+    pad_id = run.loaded.tokenizer.pad_token_id or 0
+    settings = TrainSettings(epochs=run.recipe["epochs_resolved"], lr=run.lr, batch_size=cfg.batch_size,
                              grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                              max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, precision=precision,
-                             eval_batch_size=cfg.eval_batch_size, keep=cfg.keep, select_on=recipe["select_on"],
-                             class_weights=recipe["class_weights_resolved"])
+                             eval_batch_size=cfg.eval_batch_size, keep=cfg.keep, select_on=run.recipe["select_on"],
+                             class_weights=run.recipe["class_weights_resolved"])
     metrics_path = out / "metrics.jsonl"
-    # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
-    history = state[1]["history"] if state else []
-    if main:
+    if main:  # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
+        history = state[1]["history"] if state else []
         atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
-
-    tracker = Tracker(cfg.report_to if main else [], out, resolved, out.name, resume=resume)
+    tracker = Tracker(cfg.report_to if main else [], out, run.config, out.name, resume=resume)
 
     def on_epoch(row: dict) -> None:
         if main:
@@ -236,16 +298,16 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
                 f.write(json.dumps(row) + "\n")
             tracker.epoch(row)
 
-    train_model, sets, cache_seconds = strategy.training_view(model, encs, cfg, pad_id=pad_id, device=device,
-                                                              precision=precision, log=_log)
+    def save_state(tensors: dict, meta: dict) -> None:
+        save_checkpoint(out, tensors, {**meta, "peak_memory_mb": max(peak_rss_mb(), earlier_peak), "processes": world})
+
+    train_model, sets, cache_seconds = run.strategy.training_view(run.loaded.model, encs, cfg, pad_id=pad_id,
+                                                                  device=device, precision=precision, log=_log)
     torch.manual_seed(cfg.seed)
     try:
         result = train(train_model, sets["train"], sets["validation"], settings, pad_id=pad_id, device=device,
-                       param_groups=strategy.param_groups(train_model, cfg, lr),
-                       log=_log, progress=progress, on_epoch=on_epoch,
-                       save_state=(lambda tensors, meta: save_checkpoint(
-                           out, tensors, {**meta, "peak_memory_mb": run_peak_mb(), "processes": world}))
-                       if main else None,
+                       param_groups=run.strategy.param_groups(train_model, cfg, run.lr), log=_log, progress=progress,
+                       on_epoch=on_epoch, save_state=save_state if main else None,
                        checkpoint_every=cfg.checkpoint_every, resume=state,
                        on_step=tracker.step if cfg.report_to and main else None)
     except Interrupted as exc:
@@ -255,44 +317,54 @@ def _run_training(cfg: RunConfig, out: Path, device: torch.device, *, overwrite:
         tracker.close("FAILED")
         raise
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
-    saved = strategy.save(model, cfg, out, fresh) if main else 0  # from the model itself, not a DDP wrapper
+    return _Trained(result=result, model=train_model, sets=sets, cache_seconds=cache_seconds, tracker=tracker)
+
+
+def _test_and_record(run: _Prepared, trained: _Trained, cfg: RunConfig, out: Path, device: torch.device,
+                     progress: bool, *, earlier_peak: float, t_start: float, resume: bool) -> dict:
+    """Save the trained weights, test them as `lorafit evaluate` would (adapters merged), and
+    write final.json and the curves; returns final.json's record."""
+    from lorafit.report import plot_curves
+
+    main, label_names, s = distributed.is_main(), run.splits.label_names, run.settings
+    model, result, sets = run.loaded.model, trained.result, trained.sets
+    saved = run.strategy.save(model, cfg, out, run.fresh) if main else 0  # from the model itself, not a DDP wrapper
     # Training is over: the test pass runs the model as `lorafit evaluate` runs the saved
     # run, adapters merged (one matmul per layer), so the two give the same numbers.
     merge_lora(model)
     t_test = time.perf_counter()
-    test_logits = predict_logits(train_model, sets["test"], batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                                 device=device, precision=precision, progress=progress, desc="test")
+    test_logits = predict_logits(trained.model, sets["test"], batch_size=cfg.eval_batch_size,
+                                 pad_id=run.loaded.tokenizer.pad_token_id or 0, device=device, precision=s.precision,
+                                 progress=progress, desc="test")
     test = metrics.report(test_logits, sets["test"].labels, label_names)
     test_seconds = time.perf_counter() - t_test
-    peak = distributed.max_(run_peak_mb())
+    peak = distributed.max_(max(peak_rss_mb(), earlier_peak))
     if not main:
         return {"test_accuracy": test["accuracy"], "rank": distributed.rank()}
     plot_curves(result.history, out / "curves.png", title=f"{cfg.strategy} · {cfg.model}",
                 confusion=test["confusion"], label_names=label_names)
     collapse = metrics.collapse_warning(test["confusion"], label_names)
     final = {
-        "strategy": cfg.strategy, "model": cfg.model, "data": splits.source,
+        "strategy": cfg.strategy, "model": cfg.model, "data": run.splits.source,
         "test_accuracy": test["accuracy"], "test_f1": test["f1"], "test_macro_f1": test["macro_f1"],
         "test_loss": test["loss"], "test_majority_share": test["majority_share"],
         "test_top_predicted_share": test["top_predicted_share"], "test_per_class": test["per_class"],
         "test_confusion": test["confusion"], "collapse_warning": collapse,
-        "kept_epoch": result.kept_epoch, "best_epoch": result.best_epoch, "selected_on": recipe["select_on"],
-        "epochs": recipe["epochs_resolved"],
+        "kept_epoch": result.kept_epoch, "best_epoch": result.best_epoch, "selected_on": run.recipe["select_on"],
+        "epochs": run.recipe["epochs_resolved"],
         "best_val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
-        "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
-        "train_seconds": result.train_seconds + cache_seconds, "cache_seconds": cache_seconds,
-        "test_seconds": test_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
-        "peak_memory_mb": peak,
+        "trainable_params": run.trainable, "total_params": run.total,
+        "trainable_pct": 100 * run.trainable / run.total,
+        "train_seconds": result.train_seconds + trained.cache_seconds, "cache_seconds": trained.cache_seconds,
+        "test_seconds": test_seconds, "wall_seconds": time.perf_counter() - t_start, "peak_memory_mb": peak,
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
-        "precision": precision, "device": device.type, "cpu": cpu_model(), "processes": world, "lr": lr,
-        "pooling": loaded.pooling,
-        "attention": attention, "last_layer": last_layer, "sizes": splits.sizes(), "label_names": splits.label_names,
-        "resumed": resume,
+        "precision": s.precision, "device": device.type, "cpu": cpu_model(), "processes": distributed.world_size(),
+        "lr": run.lr, "pooling": s.pooling, "attention": s.attention, "last_layer": s.last_layer,
+        "sizes": run.splits.sizes(), "label_names": label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
-    tracker.finish(final, out / "curves.png")
+    trained.tracker.finish(final, out / "curves.png")
     per_class = ", ".join(f"{c['label']} {c['f1']:.3f}" for c in test["per_class"])
     _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_share']:.4f}) | macro-F1 "
          f"{test['macro_f1']:.4f} | F1 per class: {per_class}")

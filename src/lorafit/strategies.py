@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,8 +33,27 @@ from lorafit.feature_cache import HeadOnCache, cacheable_head, extract_features
 from lorafit.lora import LoRAConfig, adapter_params, apply_lora, lora_modules, set_active_adapter
 from lorafit.targets import linear_names, target_presets
 
-if TYPE_CHECKING:
-    from lorafit.config import RunConfig
+
+
+class StrategySettings(Protocol):
+    """The settings a strategy reads: `lorafit.config.RunConfig` has them all, and a
+    strategy needs no more (so strategies do not depend on the config module)."""
+
+    strategy: str
+    model: str
+    lr: float | None
+    weight_decay: float
+    eval_batch_size: int
+    cache: bool
+    rank: int
+    alpha: float
+    lora_dropout: float
+    scaling: str
+    targets: list[str]
+    train_head: bool
+    dora: bool
+    init: str
+    lora_plus_ratio: float
 
 FRESH_INIT = "fresh_init.safetensors"
 TRAINED = "trained.safetensors"
@@ -62,7 +81,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise RunDirError(f"{path} is not a readable safetensors file ({exc}); the run is corrupt") from None
 
 
-def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, cfg: RunConfig,
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, cfg: StrategySettings,
                where: dict[str, torch.Tensor]) -> None:
     for k, v in tensors.items():
         if k not in where or where[k].shape != v.shape:
@@ -78,11 +97,11 @@ class Strategy:
     """Peak learning rate when --lr is not given (chosen on the validation split; see README)."""
     description: str = ""
 
-    def setup(self, model: nn.Module, cfg: RunConfig) -> None:
+    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
         """Set requires_grad (and apply adapters) on a freshly loaded model, in place."""
         raise NotImplementedError
 
-    def param_groups(self, model: nn.Module, cfg: RunConfig, lr: float) -> list[dict]:
+    def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
         """AdamW groups at peak rate `lr`: weight decay on matrices, none on biases and LayerNorm weights."""
         decay, no_decay = [], []
         for p in model.parameters():
@@ -91,7 +110,7 @@ class Strategy:
         return [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
                 {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
 
-    def training_view(self, model: nn.Module, encs: dict, cfg: RunConfig, *, pad_id: int, device: torch.device,
+    def training_view(self, model: nn.Module, encs: dict, cfg: StrategySettings, *, pad_id: int, device: torch.device,
                       precision: str, log: Callable[[str], None]) -> tuple[nn.Module, dict, float]:
         """(what the loop trains, the splits it reads, seconds spent preparing them).
 
@@ -110,13 +129,13 @@ class Strategy:
             f"examples in {seconds:.1f}s; the head ({', '.join(head)}) trains on its cached features")
         return HeadOnCache(model, head[0], head[1]).to(device), sets, seconds
 
-    def save(self, model: nn.Module, cfg: RunConfig, out: Path, fresh: dict[str, torch.Tensor]) -> int:
+    def save(self, model: nn.Module, cfg: StrategySettings, out: Path, fresh: dict[str, torch.Tensor]) -> int:
         """Save what the run changed into run folder `out`; returns bytes on disk."""
         tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
         save_safetensors_atomic(tensors, out / TRAINED, metadata={"strategy": self.name})
         return (out / TRAINED).stat().st_size
 
-    def load(self, model: nn.Module, cfg: RunConfig, run_dir: Path, adapter: str | None = None) -> None:
+    def load(self, model: nn.Module, cfg: StrategySettings, run_dir: Path, adapter: str | None = None) -> None:
         """Put a saved run's weights into a freshly loaded `model`."""
         if adapter is not None:
             raise RunDirError(f"--adapter applies to lora runs; {run_dir} is a {self.name} run")
@@ -130,7 +149,7 @@ class Strategy:
 class Full(Strategy):
     name, default_lr, description = "full", 5e-5, "every parameter trains"
 
-    def setup(self, model: nn.Module, cfg: RunConfig) -> None:
+    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
 
@@ -138,7 +157,7 @@ class Full(Strategy):
 class LastTwoLayers(Strategy):
     name, default_lr, description = "last-two-layers", 1e-2, "only the two last layers of the head train"
 
-    def setup(self, model: nn.Module, cfg: RunConfig) -> None:
+    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         for name in head_layers(model):
@@ -146,7 +165,7 @@ class LastTwoLayers(Strategy):
                 p.requires_grad_(True)
 
 
-def lora_config(cfg: RunConfig) -> LoRAConfig:
+def lora_config(cfg: StrategySettings) -> LoRAConfig:
     """The LoRAConfig a run's settings describe (`train_head` moves the classifier to train_modules)."""
     targets = [t for t in cfg.targets if not (cfg.train_head and t == "classifier")]
     return LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets or ["key", "value"],
@@ -158,10 +177,10 @@ class LoRA(Strategy):
     name, default_lr = "lora", 2e-3
     description = "LoRA adapters train; the pretrained weights stay frozen"
 
-    def setup(self, model: nn.Module, cfg: RunConfig) -> None:
+    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
         apply_lora(model, lora_config(cfg))
 
-    def param_groups(self, model: nn.Module, cfg: RunConfig, lr: float) -> list[dict]:
+    def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
         """LoRA+ (Hayou et al. 2024): every B at `lora_plus_ratio` times the rate of A;
         biases, LayerNorm weights and DoRA magnitudes keep the base rate."""
         groups = super().param_groups(model, cfg, lr)
@@ -174,7 +193,7 @@ class LoRA(Strategy):
         return [groups[0], {"params": fast, "weight_decay": cfg.weight_decay, "lr": lr * cfg.lora_plus_ratio},
                 groups[1]]
 
-    def save(self, model: nn.Module, cfg: RunConfig, out: Path, fresh: dict[str, torch.Tensor]) -> int:
+    def save(self, model: nn.Module, cfg: StrategySettings, out: Path, fresh: dict[str, torch.Tensor]) -> int:
         """The adapter in PEFT's format (`adapter/`), and the frozen fresh head weights it sits on."""
         save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model)
         size = dir_size(out / ADAPTER_DIR)
@@ -186,7 +205,7 @@ class LoRA(Strategy):
             size += (out / FRESH_INIT).stat().st_size
         return size
 
-    def load(self, model: nn.Module, cfg: RunConfig, run_dir: Path, adapter: str | None = None) -> None:
+    def load(self, model: nn.Module, cfg: StrategySettings, run_dir: Path, adapter: str | None = None) -> None:
         """The run's adapter (`adapter`: one of several saved in its adapter folder) onto `model`."""
         if (run_dir / FRESH_INIT).exists():
             path = run_dir / FRESH_INIT
@@ -210,7 +229,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Full(), LastTwoLayers(), 
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 
 
-def learning_rate(cfg: RunConfig) -> float:
+def learning_rate(cfg: StrategySettings) -> float:
     """--lr, or the strategy's default; for LoRA+ (`lora_plus_ratio` > 1) the default divided
     by sqrt(ratio), so B's rate (ratio times A's) grows with sqrt(ratio) rather than ratio:
     at ratio 16, A 5e-4 and B 8e-3 instead of 2e-3 and 3.2e-2, which diverged (docs/recipe.md)."""
