@@ -58,7 +58,8 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3)
     from lorafit.lora import merge_lora, unload_lora
     from lorafit.models import load_model
     from lorafit.runs import load_trained
-    from lorafit.training import autocast, resolve_precision
+    from lorafit.precision import resolve_precision
+    from lorafit.training import autocast
 
     _, loaded = load_trained(run)  # read once; the other forms are copies
     merged = copy.deepcopy(loaded.model)

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from panel_data import PANEL, build  # noqa: E402
 
-from lorafit.training import cpu_model  # noqa: E402
+from lorafit.machine import cpu_model  # noqa: E402
 
 REFERENCES = ("majority", "tfidf-lr", "probe")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)

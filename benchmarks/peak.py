@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.training import cpu_model  # one definition; the other benchmarks import it from here
+from lorafit.machine import cpu_model  # one definition; the other benchmarks import it from here
 
 
 def cpu_flags() -> list[str]:

@@ -36,7 +36,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorafit.data import load_dataset
 from lorafit.models import resolve_model_path
-from lorafit.training import cpu_has_bf16
+from lorafit.machine import cpu_has_bf16
 
 
 def make_model(strategy: str, tuned: bool, attn_dropout: float = 0.0):

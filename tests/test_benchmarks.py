@@ -43,7 +43,7 @@ def test_bench_reads_back_only_records_made_on_this_cpu(tmp_path):
     rather than joining this machine's ratios and accuracy means."""
     from common import same_cpu
 
-    from lorafit.training import cpu_model
+    from lorafit.machine import cpu_model
 
     record = tmp_path / "lora-seed1"
     assert same_cpu(cpu_model(), record) == cpu_model()

@@ -9,7 +9,7 @@ import torch
 
 from cli_helpers import TINY, lorafit
 
-from lorafit.training import cpu_model
+from lorafit.machine import cpu_model
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def test_evaluate_and_predict_agree_with_final(compare_dir):
 
     from lorafit.data.encoding import Encoded, encode_texts
     from lorafit.runs import load_trained
-    from lorafit.training import predict_logits, resolve_precision
+    from lorafit.precision import resolve_precision
+    from lorafit.training import predict_logits
 
     cfg, loaded = load_trained(run, merge=True)
     ids, offsets = encode_texts(loaded.tokenizer, ["A wonderful film.", "Dreadful, boring."], cfg.max_length)

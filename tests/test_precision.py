@@ -117,7 +117,7 @@ ZEN5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 
 def test_cpu_description_tells_apart_cpus_with_the_same_generic_name():
     """Two virtual machines both named 'AMD EPYC' (Zen 4, Zen 5: bf16 peaks 0.41 and 0.90 TFLOP/s)
     must not share a measured decision or a benchmark's saved peak."""
-    from lorafit.training import describe_cpu
+    from lorafit.machine import describe_cpu
 
     assert describe_cpu(ZEN4) == "AMD EPYC (family 25, model 17)"
     assert describe_cpu(ZEN5) == "AMD EPYC (family 26, model 2)"

@@ -297,7 +297,8 @@ def _chance_threshold(n: int, p_value: float) -> float:
 def test_lora_learns_on_a_real_slice():
     """384 real reviews, 3 epochs: the training loss falls and validation accuracy on 300
     held-out reviews rises above what guessing reaches with probability 1e-4 (0.61)."""
-    from lorafit.training import pick_device, resolve_precision
+    from lorafit.precision import resolve_precision
+    from lorafit.training import pick_device
 
     loaded = load_model(None, seed=0)
     d = load_dataset(None, train_size=384, val_size=300, test_size=8)

@@ -84,7 +84,7 @@ def main() -> None:
     from peak import cpu_flags, cpu_model, measure
 
     peak = measure()  # first, while this process is the only one working
-    from lorafit.training import resolve_precision
+    from lorafit.precision import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
     threads = torch.get_num_threads()

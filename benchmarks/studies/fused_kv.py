@@ -81,7 +81,8 @@ def main() -> None:
                                                          "typical bucket at max_length 256)")
     ap.add_argument("--results", type=Path, default=Path("results"))
     args = ap.parse_args()
-    from lorafit.training import autocast, resolve_precision
+    from lorafit.precision import resolve_precision
+    from lorafit.training import autocast
 
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)

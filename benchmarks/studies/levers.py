@@ -121,7 +121,7 @@ def steps_side_by_side(configure, a, b, trials: int, batch: int, length: int, da
     right after `configure(model, a)` or `configure(model, b)`, alternated."""
     from profile_step import build, step
 
-    from lorafit.training import resolve_precision
+    from lorafit.precision import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
     out = {"precision": precision}
@@ -190,7 +190,7 @@ def dropout_apply(trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import model_shapes
 
     from lorafit.dropout import FastDropout, keep_mask
-    from lorafit.training import resolve_precision
+    from lorafit.precision import resolve_precision
 
     class WhereApplyDropout(FastDropout):
         def forward(self, x):
@@ -343,7 +343,7 @@ def fp16(trials: int, batch: int, length: int, data: str) -> dict:
 def training_step(strategy: str, trials: int, batch: int, length: int, data: str) -> dict:
     from profile_step import build, step
 
-    from lorafit.training import resolve_precision
+    from lorafit.precision import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
     model, opt, sched, inputs, labels = build(strategy, batch, length, data)
@@ -363,7 +363,7 @@ def training_step(strategy: str, trials: int, batch: int, length: int, data: str
 
 def main() -> None:
     from common import ARCHIVE
-    from lorafit.training import resolve_precision
+    from lorafit.precision import resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=7)

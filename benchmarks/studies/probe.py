@@ -37,7 +37,8 @@ def embed(split, model, tokenizer, max_length: int, batch_size: int = 32,
     from lorafit.data.batching import bucketed_batches
     from lorafit.data.encoding import encode_split
     from lorafit.pooling import masked_mean
-    from lorafit.training import autocast, pick_device, resolve_precision, to_device
+    from lorafit.precision import resolve_precision
+    from lorafit.training import autocast, pick_device, to_device
 
     device = pick_device()
     precision = resolve_precision(precision, device)

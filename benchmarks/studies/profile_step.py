@@ -117,7 +117,7 @@ def step(model, opt, sched, inputs, labels, precision: str) -> None:
 
 
 def profile_strategy(strategy: str, args) -> dict:
-    from lorafit.training import resolve_precision
+    from lorafit.precision import resolve_precision
 
     from lorafit.attention import resolve_attention, set_attention
 

@@ -228,7 +228,8 @@ class Run:
 
         from lorafit.data.encoding import Encoded, encode_texts
         from lorafit.data.text import clean_text
-        from lorafit.training import pick_device, predict_logits, resolve_precision
+        from lorafit.precision import resolve_precision
+        from lorafit.training import pick_device, predict_logits
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
@@ -257,7 +258,8 @@ class Run:
         from lorafit.data.encoding import encode_split
         from lorafit.errors import DataError
         from lorafit.runs import load_data
-        from lorafit.training import pick_device, predict_logits, resolve_precision
+        from lorafit.precision import resolve_precision
+        from lorafit.training import pick_device, predict_logits
 
         cfg = self.config
         splits = load_data(cfg, data)

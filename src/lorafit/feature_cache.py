@@ -17,22 +17,11 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lorafit import distributed
+from lorafit.architectures import architecture
 from lorafit.data.batching import bucketed_batches, padding_efficiency
 from lorafit.data.encoding import Encoded
 from lorafit.dropout import FastDropout
 from lorafit.lora import LoRALinear
-
-# model_type -> (activation between the two head layers, dropout before the first layer?,
-#                config attribute(s) giving the head's dropout probability, first non-None wins)
-_HEADS: dict[str, tuple[type[nn.Module], bool, tuple[str, ...]]] = {
-    "bert": (nn.Tanh, False, ("classifier_dropout", "hidden_dropout_prob")),
-    "distilbert": (nn.ReLU, False, ("seq_classif_dropout",)),
-    "roberta": (nn.Tanh, True, ("classifier_dropout", "hidden_dropout_prob")),
-    "xlm-roberta": (nn.Tanh, True, ("classifier_dropout", "hidden_dropout_prob")),
-    "camembert": (nn.Tanh, True, ("classifier_dropout", "hidden_dropout_prob")),
-    "mpnet": (nn.Tanh, True, ("hidden_dropout_prob",)),
-}
-
 
 def _dropout_p(config, keys: tuple[str, ...]) -> float:
     for k in keys:
@@ -47,13 +36,13 @@ class HeadOnCache(nn.Module):
 
     def __init__(self, model: nn.Module, first: str, second: str) -> None:
         super().__init__()
-        act, drop_before, keys = _HEADS[model.config.model_type]
-        p = _dropout_p(model.config, keys)
+        head = architecture(model).head
+        p = _dropout_p(model.config, head.dropout_keys)
         self.first = model.get_submodule(first)  # shared with the model: training this trains it
         self.second = model.get_submodule(second)
         self.num_labels = model.num_labels
-        self.act = act()
-        self.drop_in = FastDropout(p) if drop_before else nn.Identity()
+        self.act = head.activation()
+        self.drop_in = FastDropout(p) if head.dropout_before else nn.Identity()
         self.drop_mid = FastDropout(p)
 
     def forward(self, features: torch.Tensor) -> SequenceClassifierOutput:
@@ -63,7 +52,7 @@ class HeadOnCache(nn.Module):
 
 def cacheable_head(model: nn.Module, head: list[str]) -> bool:
     """True when every trainable parameter sits in the two head layers of a known architecture."""
-    if getattr(model.config, "model_type", None) not in _HEADS or len(head) != 2:
+    if architecture(model).head is None or len(head) != 2:
         return False
     inside = {id(p) for name in head for p in model.get_submodule(name).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -34,7 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+from lorafit.architectures import architecture
+
 _ENCODER_DECODER = ("cache", "encoder_hidden_states", "encoder_attention_mask")  # None here, not for attention
 _INTERFACES = ("sdpa", "eager", "lorafit_sdpa_fp32")  # the last: lorafit.attention's sdpa-fp32
 LAST_LAYERS = ("auto", "full")
@@ -89,9 +90,9 @@ def _distilbert_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor
 
 def _last_layer(model: nn.Module) -> tuple[nn.Module, Callable] | None:
     """The last encoder layer and its first-token forward, or None where lorafit has none."""
-    kind = getattr(model.config, "model_type", None)
+    kind = architecture(model).first_token
     base = model.base_model
-    if kind in _BERT_LIKE:
+    if kind == "bert":
         if getattr(model.config, "is_decoder", False) or getattr(model.config, "add_cross_attention", False):
             return None
         if getattr(model.config, "position_embedding_type", "absolute") not in (None, "absolute"):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def cache_path(name: str) -> Path:
-    """$LORAFIT_CACHE/<name>.json (see lorafit.data.encoding.cache_root)."""
-    from lorafit.data.encoding import cache_root
+    """$LORAFIT_CACHE/<name>.json (see lorafit.machine.cache_root)."""
+    from lorafit.machine import cache_root
 
     return cache_root() / f"{name}.json"
 
@@ -26,7 +26,7 @@ def machine_key(*parts: object) -> str:
     """`<CPU model> | torch <version> | <threads> threads | <parts joined by ' | '>`."""
     import torch
 
-    from lorafit.training import cpu_model
+    from lorafit.machine import cpu_model
 
     return " | ".join([cpu_model(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
                        *map(str, parts)])

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit.architectures import architecture
 from lorafit.errors import ConfigError
 
 POOLINGS = ("auto", "cls", "mean")
@@ -57,7 +58,7 @@ def resolve_pooling(pooling: str, source: str) -> str:
 
 def _encoder(model: nn.Module) -> nn.Module:
     base = model.base_model
-    for name in ("encoder", "transformer"):  # BERT, RoBERTa, MPNet, ... / DistilBERT
+    for name in (architecture(model).encoder, "encoder", "transformer"):  # the table's; else the usual names
         module = getattr(base, name, None)
         if isinstance(module, nn.Module):
             return module

@@ -27,27 +27,17 @@ run's numerics.
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from lorafit.machine import cpu_has_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MARGIN = 1.10
 """bf16 is chosen when fp32's time is at least this multiple of bf16's."""
 DEFAULT_DIMS = (4096, 384, 1536)
 """(tokens, hidden, intermediate) when no model is given: all-MiniLM-L6-v2 at 16 x 256."""
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 matmul instructions)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def time_linears(tokens: int, hidden: int, intermediate: int, trials: int = 3) -> dict[str, float]:

@@ -27,6 +27,7 @@ from torch import nn
 
 from lorafit import distributed, metrics
 from lorafit.adapter import atomic_write_bytes
+from lorafit.architectures import architecture
 from lorafit.attention import resolve_attention, set_attention
 from lorafit.config import DEFAULT_EPOCHS, RunConfig, config_from_mapping
 from lorafit.data import load_dataset
@@ -40,7 +41,8 @@ from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.tracking import Tracker
 from lorafit.tracking import check_available as check_trackers
 from lorafit.precision import model_dims, resolve_precision
-from lorafit.training import TrainResult, TrainSettings, cpu_model, pick_device, predict_logits, train
+from lorafit.machine import cpu_model
+from lorafit.training import TrainResult, TrainSettings, pick_device, predict_logits, train
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -96,8 +98,8 @@ def _encode_splits(splits, tokenizer, max_length: int, pad_multiple: int):
 def check_max_length(cfg: RunConfig, model: nn.Module) -> None:
     """--max-length must fit the model's position embeddings."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2  # RoBERTa's positions start after the padding index
+    if limit:
+        limit -= architecture(model).position_offset  # RoBERTa's, MPNet's positions start after the padding index
     if limit and cfg.max_length > limit:
         raise ConfigError(f"max_length (--max-length) {cfg.max_length} is above this model's {limit} positions; "
                           f"pass --max-length {limit} or less")

@@ -16,56 +16,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lorafit.architectures import GENERIC_ROLES, architecture
 from lorafit.errors import TargetError
 
 ROLES = ("query", "key", "value", "output", "ffn", "classifier", "head")
-
-_LAYER = r"(?:.*\.)?"  # any prefix ending in a dot, or none
-
-# Regexes (fullmatch on dotted module names) for each role, per `config.model_type`.
-_BERT_LIKE = {
-    "query": _LAYER + r"attention\.self\.query",
-    "key": _LAYER + r"attention\.self\.key",
-    "value": _LAYER + r"attention\.self\.value",
-    "output": _LAYER + r"attention\.output\.dense",
-    "ffn": _LAYER + r"layer\.\d+\.(?:intermediate|output)\.dense",
-}
-_PRESETS: dict[str, dict[str, str]] = {
-    "distilbert": {
-        "query": _LAYER + r"attention\.q_lin",
-        "key": _LAYER + r"attention\.k_lin",
-        "value": _LAYER + r"attention\.v_lin",
-        "output": _LAYER + r"attention\.out_lin",
-        "ffn": _LAYER + r"ffn\.lin[12]",
-        "classifier": r"classifier",
-        "head": r"pre_classifier|classifier",
-    },
-    "bert": {**_BERT_LIKE, "classifier": r"classifier", "head": _LAYER + r"pooler\.dense|classifier"},
-    "roberta": {
-        **_BERT_LIKE,
-        "classifier": r"classifier\.out_proj",
-        "head": r"classifier\.(?:dense|out_proj)",
-    },
-    "mpnet": {
-        "query": _LAYER + r"attention\.attn\.q",
-        "key": _LAYER + r"attention\.attn\.k",
-        "value": _LAYER + r"attention\.attn\.v",
-        "output": _LAYER + r"attention\.attn\.o",
-        "ffn": _LAYER + r"layer\.\d+\.(?:intermediate|output)\.dense",
-        "classifier": r"classifier\.out_proj",
-        "head": r"classifier\.(?:dense|out_proj)",
-    },
-}
-for _alias, _base in {"xlm-roberta": "roberta", "camembert": "roberta"}.items():
-    _PRESETS[_alias] = _PRESETS[_base]
-
-# Fallback for other architectures: the usual projection names.
-_GENERIC = {
-    "query": _LAYER + r"(?:q_proj|query|q_lin|q)",
-    "key": _LAYER + r"(?:k_proj|key|k_lin|k)",
-    "value": _LAYER + r"(?:v_proj|value|v_lin|v)",
-    "output": _LAYER + r"(?:o_proj|out_proj|out_lin|attention\.output\.dense)",
-}
 
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
@@ -97,12 +51,11 @@ def _classifier_fallback(model: nn.Module) -> list[str]:
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
     """Role name -> dotted module names for `model`'s architecture.
 
-    Known architectures (DistilBERT, BERT/MiniLM, RoBERTa, MPNet) use fixed presets;
+    Architectures in lorafit.architectures (DistilBERT, BERT/MiniLM, RoBERTa, MPNet) use their presets;
     others fall back to the usual projection names and to the last Linear whose output
     size is `config.num_labels` for `classifier`. Roles that match nothing are left out.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    patterns = _PRESETS.get(model_type, _GENERIC)
+    patterns = architecture(model).roles or GENERIC_ROLES
     names = [name for name, _ in model.named_modules() if name]
     presets = {role: [n for n in names if re.fullmatch(rx, n)] for role, rx in patterns.items()}
     if "classifier" not in patterns:

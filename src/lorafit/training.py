@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -26,47 +25,10 @@ from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import LorafitError
 from lorafit.metrics import f1_score, metrics_from_logits, weighted_cross_entropy  # noqa: F401 (f1_score: API)
-from lorafit.precision import cpu_has_bf16, resolve_precision  # noqa: F401 (the training API names them)
 
 
 class TrainingDiverged(LorafitError):
     """The loss became NaN or infinite."""
-
-
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what `platform` says; see `describe_cpu`."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            described = describe_cpu(f.read())
-        if described:
-            return described
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
-def describe_cpu(cpuinfo: str) -> str | None:
-    """`<model name> (family F, model M)` from the first processor of a /proc/cpuinfo text,
-    or None without a model name. A virtual machine often shows a generic name ("AMD EPYC"
-    for both Zen 4 and Zen 5, whose bf16 matmul peaks differ about 2x), so the family and
-    model numbers go with it: measurements made on different CPUs never share a key."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            if fields:
-                break  # the first processor's block is enough
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name")
-    if not name:
-        return None
-    if fields.get("cpu family") and fields.get("model"):
-        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
-    return name
 
 
 def pick_device() -> torch.device:

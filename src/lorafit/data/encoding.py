@@ -17,14 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.data.splits import Split
-
-
-def cache_root() -> Path:
-    """$LORAFIT_CACHE, else $XDG_CACHE_HOME/lorafit, else ~/.cache/lorafit."""
-    if os.environ.get("LORAFIT_CACHE"):
-        return Path(os.environ["LORAFIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lorafit"
+from lorafit.machine import cache_root
 
 
 @dataclass
