@@ -1,4 +1,4 @@
-"""`lorafit sweep`: the grid, resumability, the Pareto report (lorafit/sweep.py, cli.py)."""
+"""`lorafit sweep`: the grid, resumability, the Pareto report (lorafit/grid.py, api.sweep, cli.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from cli_helpers import lorafit
 from lorafit.errors import ConfigError
-from lorafit.sweep import grid_points, pareto_front, parse_grid, run_name
+from lorafit.grid import grid_points, pareto_front, parse_grid, run_name
 
 RUNS = ["epochs=1,rank=1", "epochs=1,rank=2", "epochs=2,rank=1", "epochs=2,rank=2"]
 
@@ -94,4 +94,30 @@ def test_a_bad_value_in_the_grid_fails_before_any_run(grid, message, tiny_model_
     r = lorafit("sweep", "--model", str(tiny_model_dir), "--train-size", "24", "--val-size", "8", "--epochs", "1",
                 "--max-length", "32", *grid, "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_from_python_equals_the_cli_runs(swept, tiny_model_dir, tmp_path):
+    """lorafit.sweep (the CLI is a thin layer over it) trains the same runs from a grid of
+    Python values: the two rank-1 and rank-2 one-epoch runs give the CLI sweep's results."""
+    import lorafit
+
+    result = lorafit.sweep({"rank": [1, 2]}, model=str(tiny_model_dir), train_size=24, val_size=8, test_size=16,
+                           max_length=32, batch_size=8, precision="fp32", epochs=1, progress=False,
+                           out=tmp_path / "py")
+    assert isinstance(result, lorafit.SweepResult) and sorted(result.runs) == ["rank=1", "rank=2"]
+    for rank in (1, 2):
+        mine = json.loads((tmp_path / "py" / f"rank={rank}" / "final.json").read_text())
+        cli = json.loads((swept[0] / f"epochs=1,rank={rank}" / "final.json").read_text())
+        assert mine["test_accuracy"] == cli["test_accuracy"] and mine["trainable_params"] == cli["trainable_params"]
+        assert result.runs[f"rank={rank}"].test_accuracy == mine["test_accuracy"]
+    assert [r["run"] for r in result.report["rows"]] == ["rank=1", "rank=2"]
+
+
+@pytest.mark.parametrize("grid", [{"rank": 4}, {"rank": []}, {"rank": "1,2"}])
+def test_sweep_from_python_refuses_a_grid_that_is_not_lists(grid, tmp_path):
+    import lorafit
+
+    with pytest.raises(ConfigError, match="must be a non-empty list of values"):
+        lorafit.sweep(grid, out=tmp_path / "s")
     assert not (tmp_path / "s").exists()

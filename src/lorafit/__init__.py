@@ -1,14 +1,14 @@
 """lorafit: LoRA from scratch for pretrained transformer encoders, and a tool that
 trains and compares fine-tuning strategies on text classification.
 
-    lorafit.train(strategy="lora", out="runs/lora") -> RunResult; lorafit.compare(...);
+    lorafit.train(strategy="lora", out="runs/lora") -> RunResult; lorafit.compare(...); lorafit.sweep(...);
     lorafit.load_run(path).predict(texts); LoRALinear, apply_lora, merge_lora, ...
 
 The public API is what this module exports; everything else is private.
 """
 
 from lorafit.adapter import load_adapter, save_adapter, save_adapters
-from lorafit.api import CompareResult, Run, RunResult, compare, load_run, train
+from lorafit.api import CompareResult, Run, RunResult, SweepResult, compare, load_run, sweep, train
 from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
 from lorafit.lora import (
@@ -37,6 +37,7 @@ __all__ = [
     "Run",
     "RunConfig",
     "RunResult",
+    "SweepResult",
     "adapter_names",
     "apply_lora",
     "combine_adapters",
@@ -50,6 +51,7 @@ __all__ = [
     "save_adapter",
     "save_adapters",
     "set_active_adapter",
+    "sweep",
     "target_presets",
     "train",
     "unload_lora",

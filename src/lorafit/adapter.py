@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from lorafit import fault_points
+from lorafit.files import atomic_write_bytes, save_safetensors_atomic  # noqa: F401 (adapters are written with them)
 from lorafit.errors import AdapterError
 from lorafit.lora import (
     DEFAULT_ADAPTER,
@@ -61,56 +59,6 @@ def _split_peft_key(key: str) -> tuple[str, str | None]:
         if name.endswith("." + suffix):
             return name[: -len(suffix) - 1], part
     return name, None
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary twins of `path` left by a writer that was killed before its rename."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file, fsync and rename: all or nothing."""
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
-                            metadata: dict[str, str] | None = None) -> None:
-    """safetensors serialisation of `tensors`, written atomically (temporary file, fsync, rename).
-
-    `save_file` writes straight from the tensors' memory, so a checkpoint of the full
-    model (weights, AdamW state, best weights) costs no second in-memory copy.
-    """
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        fault_points.reached(f"write:{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None,

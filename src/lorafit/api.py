@@ -159,7 +159,8 @@ def compare(*, strategies: Sequence[str] | None = None, out: PathLike | None = N
     """
     from lorafit.jobs import compare_child, run_all, with_nproc
     from lorafit.report import write_compare_report
-    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config, write_json
+    from lorafit.files import write_json
+    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config
 
     command = command or "lorafit.compare(" + ", ".join(
         f"{k}={v!r}" for k, v in {"strategies": strategies, "out": out, "resume": resume, **settings}.items()
@@ -204,6 +205,98 @@ def compare(*, strategies: Sequence[str] | None = None, out: PathLike | None = N
     wall = sum(i["seconds"] for i in state["invocations"])
     report = write_compare_report(results, folder, state["command"], wall, invocations=len(state["invocations"]))
     return CompareResult(folder, {name: RunResult.read(folder / name) for name in results}, report)
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep: one run per combination of the swept settings, and the report."""
+
+    path: Path
+    runs: dict[str, RunResult]
+    """run name (the swept values) -> its run."""
+    report: dict
+    """report.json: a row per run (swept values, parameters, validation and test accuracy, speed,
+    memory, Pareto front) and the setting chosen on validation accuracy."""
+
+
+def sweep(grid: dict[str, Sequence] | None = None, *, out: PathLike | None = None,
+          config: PathLike | dict | RunConfig | None = None, overwrite: bool = False, progress: bool = True,
+          resume: PathLike | None = None, nproc: int = 1, command: str | None = None, **settings) -> SweepResult:
+    """Train every combination of `grid`'s values (RunConfig field -> list of values; for
+    `targets` each value is a target list), `settings` applying to every run, each a normal
+    run in its own folder and process, on the same data split and seed; report them.
+
+    Every combination is validated, and its data, model and targets loaded, before the first
+    run starts. `resume=DIR` keeps finished runs and continues a cut-off one. The report
+    chooses on validation accuracy (ties: fewer parameters); the test split never chooses.
+    """
+    from lorafit.files import write_json
+    from lorafit.jobs import run_all, with_nproc
+    from lorafit.runs import check_out_dir, preflight, prepare_out_dir
+    from lorafit.grid import grid_points, run_name, sweep_rows, write_sweep_report
+
+    command = command or f"lorafit.sweep({grid!r}, " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ")"
+    if resume is not None:
+        if grid or settings or config is not None or out is not None:
+            raise ConfigError("resume= continues a sweep with its saved settings; pass no other settings")
+        folder = Path(resume)
+        state_path = folder / "sweep_state.json"
+        if not state_path.exists():
+            raise RunDirError(f"{folder} is not a `lorafit sweep` folder (no sweep_state.json)")
+        state = json.loads(state_path.read_text())
+    else:
+        grid = dict(grid or {})
+        bad = [k for k, v in grid.items() if isinstance(v, str | bytes) or not isinstance(v, Sequence) or not v]
+        if bad:
+            raise ConfigError(f"sweep grid: {bad[0]!r} must be a non-empty list of values, got {grid[bad[0]]!r}")
+        configs = {run_name(p): _config(config, {**settings, **p}) for p in grid_points(grid)}
+        folder = Path(out) if out is not None else default_out("sweep")
+        check_out_dir(folder, overwrite)
+        _preflight_each(configs.values(), preflight)
+        prepare_out_dir(folder, overwrite)
+        (folder / "grid").mkdir()
+        for name, cfg in configs.items():
+            write_json(folder / "grid" / f"{name}.json", cfg.to_dict())
+        write_json(folder / "config.json", {"sweep": grid, "fixed": settings})
+        state = {"command": command, "swept": list(grid), "runs": list(configs), "invocations": []}
+        state_path = folder / "sweep_state.json"
+        print(f"sweep: {len(configs)} runs ({' x '.join(f'{k} {len(v)}' for k, v in grid.items()) or 'one'}) "
+              f"in {folder}", flush=True)
+    state["invocations"].append({"command": command, "seconds": 0.0})
+    t0 = time.perf_counter()
+
+    def save_state() -> None:
+        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
+        write_json(state_path, state)
+
+    def argv_for(name: str) -> list[str]:
+        run = folder / name
+        if (run / "checkpoint.safetensors").exists():
+            child = ["train", "--resume", str(run)]
+        else:
+            child = ["train", "--config", str(folder / "grid" / f"{name}.json"), "--out", str(run), "--overwrite"]
+        return with_nproc([sys.executable, "-m", "lorafit", *child, *([] if progress else ["--no-progress"])], nproc)
+
+    try:
+        results = run_all(folder, state["runs"], argv_for, save_state, "sweep", "sweep")
+    finally:
+        save_state()
+    wall = sum(i["seconds"] for i in state["invocations"])
+    rows = sweep_rows(results, state["swept"])
+    report = write_sweep_report(rows, state["swept"], folder, state["command"], wall, len(state["invocations"]))
+    return SweepResult(folder, {name: RunResult.read(folder / name) for name in results}, report)
+
+
+def _preflight_each(configs, preflight) -> None:
+    """Load the data, model and targets of every distinct setting that decides them, once each."""
+    checked = set()
+    for cfg in configs:
+        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k in (
+            "model", "pooling", "data", "targets", "train_size", "val_size", "test_size", "text_column",
+            "label_column", "num_labels", "seed", "max_length", "strategy")}, sort_keys=True)
+        if key not in checked:
+            preflight(cfg)
+            checked.add(key)
 
 
 @dataclass

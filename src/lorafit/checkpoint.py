@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lorafit.adapter import PICKLE_SUFFIXES, save_safetensors_atomic
+from lorafit.adapter import PICKLE_SUFFIXES
+from lorafit.files import save_safetensors_atomic
 from lorafit.errors import Interrupted, RunDirError
 
 CHECKPOINT = "checkpoint.safetensors"

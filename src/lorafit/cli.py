@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from lorafit.config import RunConfig, field_types, make_config
@@ -121,69 +120,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lorafit.api import cli_command, default_out
-    from lorafit.jobs import run_all, with_nproc
-    from lorafit.runs import check_out_dir, preflight, prepare_out_dir, write_json
-    from lorafit.sweep import grid_points, parse_grid, run_name, sweep_rows, write_sweep_report
+    from lorafit.api import cli_command, sweep
+    from lorafit.grid import parse_grid
 
-    command = cli_command()
     if args.resume:
         _refuse_flags_with_resume(args, "a sweep")
-        out = Path(args.resume)
-        state_path = out / "sweep_state.json"
-        if not state_path.exists():
-            raise RunDirError(f"{out} is not a `lorafit sweep` folder (no sweep_state.json)")
-        state = json.loads(state_path.read_text())
+        result = sweep(resume=args.resume, progress=not args.no_progress, nproc=args.nproc, command=cli_command())
     else:
         names = {f.name for f in dataclasses.fields(RunConfig)}
         fixed, swept = parse_grid({k: v for k, v in vars(args).items() if k in names})
-        points = grid_points(swept)
-        # every combination is a valid RunConfig, and its data, model and targets load, before any run starts
-        configs = {run_name(p): make_config(args.config, **fixed, **p) for p in points}
-        out = Path(args.out) if args.out else default_out("sweep")
-        check_out_dir(out, args.overwrite)
-        checked = set()
-        for cfg in configs.values():
-            key = json.dumps({k: v for k, v in cfg.to_dict().items() if k in (
-                "model", "pooling", "data", "targets", "train_size", "val_size", "test_size", "text_column",
-                "label_column", "num_labels", "seed", "max_length", "strategy")}, sort_keys=True)
-            if key not in checked:
-                preflight(cfg)
-                checked.add(key)
-        prepare_out_dir(out, args.overwrite)
-        (out / "grid").mkdir()
-        for name, cfg in configs.items():
-            write_json(out / "grid" / f"{name}.json", cfg.to_dict())
-        write_json(out / "config.json", {"sweep": {k: v for k, v in swept.items()}, "fixed": fixed})
-        state = {"command": command, "swept": list(swept), "runs": list(configs), "invocations": []}
-        state_path = out / "sweep_state.json"
-        print(f"sweep: {len(configs)} runs ({' x '.join(f'{k} {len(v)}' for k, v in swept.items()) or 'one'}) "
-              f"in {out}", flush=True)
-    state["invocations"].append({"command": command, "seconds": 0.0})
-    t0 = time.perf_counter()
-
-    def save_state() -> None:
-        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
-        write_json(state_path, state)
-
-    def argv_for(name: str) -> list[str]:
-        run = out / name
-        if (run / "checkpoint.safetensors").exists():
-            child = ["train", "--resume", str(run)]
-        else:
-            child = ["train", "--config", str(out / "grid" / f"{name}.json"), "--out", str(run), "--overwrite"]
-        return with_nproc([sys.executable, "-m", "lorafit", *child, *(["--no-progress"] if args.no_progress else [])],
-                           args.nproc)
-
-    try:
-        results = run_all(out, state["runs"], argv_for, save_state, "sweep", "sweep")
-    finally:
-        save_state()
-    wall = sum(i["seconds"] for i in state["invocations"])
-    rows = sweep_rows(results, state["swept"])
-    report = write_sweep_report(rows, state["swept"], out, state["command"], wall, len(state["invocations"]))
-    print((out / "report.md").read_text().split("\n\n", 3)[-1].split("![report]")[0].strip())
-    print(f"report: {out / 'report.md'} ({report['wall_seconds'] / 60:.1f} min)")
+        result = sweep(swept, config=args.config, out=args.out, overwrite=args.overwrite,
+                       progress=not args.no_progress, nproc=args.nproc, command=cli_command(), **fixed)
+    print((result.path / "report.md").read_text().split("\n\n", 3)[-1].split("![report]")[0].strip())
+    print(f"report: {result.path / 'report.md'} ({result.report['wall_seconds'] / 60:.1f} min)")
     return 0
 
 

@@ -176,6 +176,14 @@ class LoRAAdapter(nn.Module):
         """W' - W0 for base weight `w0`: s * B @ A, (out, in) fp32."""
         return self.scaling * _fp32_matmul(self.lora_B, self.lora_A)
 
+    def merged(self, w0: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """The base weight with this adapter's update (scaled by `weight`) merged in: (out, in) fp32."""
+        return w0.float() + weight * self.delta_weight(w0)
+
+    def unmerged(self, w: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """The base weight again from `merged`'s result `w`: (out, in) fp32."""
+        return w.float() - weight * self.delta_weight(w)
+
     def plain_lora(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """(A, B, r, alpha) of a plain LoRA against the *original* W0 with this update.
 
@@ -204,6 +212,8 @@ class DoRAAdapter(LoRAAdapter):
     def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
         super().__init__(base, config)
         self.magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device, dtype=torch.float32))
+        self._merge_scale: torch.Tensor | None = None
+        """m/n per output row while merged (set by `merged`, read by `unmerged`)."""
 
     @torch.no_grad()
     def initialise(self, base: nn.Linear) -> None:
@@ -233,6 +243,18 @@ class DoRAAdapter(LoRAAdapter):
         w = w0.float() + super().delta_weight(w0)
         return (self.magnitude.detach() / self.weight_norm(w0))[:, None] * w - w0.float()
 
+    def merged(self, w0: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """m/n (W0 + sBA), (out, in) fp32; the row scale m/n is kept for `unmerged`, since n
+        cannot be recomputed from the merged weight. DoRA is never combined, so `weight` is unused."""
+        self._merge_scale = self.magnitude.detach() / self.weight_norm(w0)  # (out,)
+        return self._merge_scale[:, None] * (w0.float() + LoRAAdapter.delta_weight(self, w0))
+
+    def unmerged(self, w: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """W0 = W' n/m - sBA, with the row scale `merged` kept: (out, in) fp32."""
+        out = w.float() / self._merge_scale[:, None] - LoRAAdapter.delta_weight(self, w)
+        self._merge_scale = None
+        return out
+
 
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus one or more named low-rank adapters.
@@ -261,7 +283,6 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}
         """Adapter name -> weight of its update; the first adapter added is active with weight 1."""
         self.merged = False
-        self._dora_scale: torch.Tensor | None = None
         self.add_adapter(adapter_name, config or LoRAConfig(r=r, alpha=alpha, dropout=dropout, scaling=scaling))
 
     @classmethod
@@ -348,11 +369,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         w = self.base.weight
-        single = self.adapter if len(self.active) == 1 else None
-        if isinstance(single, DoRAAdapter):
-            scale = single.magnitude.detach() / single.weight_norm(w)  # (out,)
-            merged = scale[:, None] * (w.float() + LoRAAdapter.delta_weight(single, w))
-            self._dora_scale = scale
+        if len(self.active) == 1:  # the adapter merges itself (DoRA rescales the rows)
+            (name, weight), = self.active.items()
+            merged = self.adapters[name].merged(w, weight)
         else:
             merged = w.float() + self.delta_weight()
         if not torch.isfinite(merged).all():
@@ -368,10 +387,9 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         w = self.base.weight
-        if self._dora_scale is not None:
-            single = self.adapter
-            w.copy_((w.float() / self._dora_scale[:, None] - LoRAAdapter.delta_weight(single, w)).to(w.dtype))
-            self._dora_scale = None
+        if len(self.active) == 1:
+            (name, weight), = self.active.items()
+            w.copy_(self.adapters[name].unmerged(w, weight).to(w.dtype))
         else:
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from lorafit.adapter import atomic_write_bytes
+from lorafit.files import atomic_write_bytes
 
 COLORS = {"full": "#1f77b4", "last-two-layers": "#ff7f0e", "lora": "#2ca02c"}
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorafit import distributed, metrics
-from lorafit.adapter import atomic_write_bytes
+from lorafit.files import atomic_write_bytes, write_json
 from lorafit.architectures import architecture
 from lorafit.attention import resolve_attention, set_attention
 from lorafit.config import DEFAULT_EPOCHS, RunConfig, config_from_mapping
@@ -43,10 +43,6 @@ from lorafit.tracking import check_available as check_trackers
 from lorafit.precision import model_dims, resolve_precision
 from lorafit.machine import cpu_model
 from lorafit.training import TrainResult, TrainSettings, pick_device, predict_logits, train
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def peak_rss_mb() -> float:

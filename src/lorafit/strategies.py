@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lorafit.adapter import PICKLE_SUFFIXES, adapter_folders, load_adapter, save_adapter, save_safetensors_atomic
+from lorafit.adapter import PICKLE_SUFFIXES, adapter_folders, load_adapter, save_adapter
+from lorafit.files import save_safetensors_atomic
 from lorafit.errors import RunDirError
 from lorafit.feature_cache import HeadOnCache, cacheable_head, extract_features
 from lorafit.lora import LoRAConfig, adapter_params, apply_lora, lora_modules, set_active_adapter

@@ -73,7 +73,7 @@ class Tracker:
             else:
                 self.mlflow.update_run(self.run_id, status="RUNNING")
             state = {"mlflow_tracking_uri": uri, "mlflow_run_id": self.run_id}
-            from lorafit.adapter import atomic_write_bytes
+            from lorafit.files import atomic_write_bytes
 
             atomic_write_bytes(state_path, (json.dumps(state, indent=2) + "\n").encode())
         self.config = config

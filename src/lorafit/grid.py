@@ -1,4 +1,5 @@
-"""`lorafit sweep`: every combination of the listed settings, one normal run each, and a Pareto report.
+"""The sweep grid (`lorafit sweep`, `lorafit.sweep`): every combination of the listed settings, one
+normal run each, their run names, and the Pareto report.
 
 A flag given several times, or with a comma-separated list, is swept; a flag given once
 applies to every run. For list-valued settings (`--targets`) each occurrence of the
@@ -121,7 +122,7 @@ def _fmt(v) -> str:
 def write_sweep_report(rows: list[dict], swept: list[str], out: Path, command: str, wall_seconds: float,
                        invocations: int) -> dict:
     """report.md, report.json, report.png for a sweep; returns the report."""
-    from lorafit.adapter import atomic_write_bytes
+    from lorafit.files import atomic_write_bytes
     from lorafit.report import _save, _size, subplots
 
     best = next((r for r in rows if r.get("best")), None)
