@@ -41,6 +41,8 @@ from lorafit.machine import cpu_model  # noqa: E402
 
 REFERENCES = ("majority", "tfidf-lr", "probe")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+LORA_ONLY = {"rank", "alpha", "lora_dropout", "scaling", "targets", "train_head", "dora", "init", "lora_plus_ratio"}
+"""RunConfig fields that only the lora strategy reads."""
 
 
 def lorafit_run(data: Path, strategy: str, seed: int, out: Path, extra: list[str], model: str | None) -> dict:
@@ -58,7 +60,28 @@ def lorafit_run(data: Path, strategy: str, seed: int, out: Path, extra: list[str
     if rec.get("cpu") != cpu_model():
         raise SystemExit(f"{final} was made on {rec.get('cpu')}, but this machine is {cpu_model()}; "
                          "pass a new --out")
+    _same_settings(out, [str(data), strategy, seed, extra, model])
     return rec
+
+
+def _same_settings(run: Path, request: list) -> None:
+    """Refuse to read back a run whose settings are not what this request makes now (a default
+    changed since, or other flags): the settings lorafit's parser gives the request's flags,
+    against the run's config.json."""
+    from lorafit.cli import _config, build_parser
+    from lorafit.config import RunConfig
+
+    data, strategy, seed, extra, model = request
+    argv = ["train", "--data", data, "--strategy", strategy, "--seed", str(seed), *extra,
+            *(["--model", model] if model else [])]
+    want = _config(build_parser().parse_args(argv)).to_dict()
+    saved = json.loads((run / "config.json").read_text())
+    ignored = LORA_ONLY if strategy != "lora" else set()  # settings that do not touch this strategy's run
+    differ = sorted(k for k in want if k in RunConfig.__dataclass_fields__ and k not in ignored
+                    and saved.get(k) != want[k])
+    if differ:
+        raise SystemExit(f"{run} was trained with other settings than this request makes now ({', '.join(differ)}: "
+                         f"{[saved.get(k) for k in differ]} against {[want[k] for k in differ]}); pass a new --out")
 
 
 def _splits(data: Path, seed: int):
