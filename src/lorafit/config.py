@@ -67,7 +67,8 @@ class RunConfig:
                       choices=("standard", "rslora"))
     targets: list[str] = _f(["key", "value", "classifier"], "LoRA targets, comma-separated: roles (query, key, "
                             "value, output, ffn, classifier, head), module-name suffixes or regexes")
-    train_head: bool = _f(False, "lora: train the classifier layer fully next to the adapters")
+    train_head: bool = _f(True, "lora: train the classifier layer (newly initialised for the task) fully next to "
+                          "the adapters; --no-train-head puts a LoRA adapter on it instead, as the seed experiment did")
     dora: bool = _f(False, "lora: DoRA (Liu et al. 2024), a learned magnitude per output row next to the low-rank "
                     "direction update")
     init: str = _f("kaiming", "lora: how A and B start: kaiming (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), "

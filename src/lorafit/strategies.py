@@ -11,8 +11,9 @@ and the CLI's help text come from `STRATEGIES`.
 - `last-two-layers`: everything frozen but the two last Linear layers of the
   classification head (DistilBERT: pre_classifier, classifier; BERT/MiniLM: pooler.dense,
   classifier; RoBERTa/MPNet: classifier.dense, classifier.out_proj).
-- `lora`: LoRA adapters (default r=4, alpha=8 on key, value and the last classifier
-  layer); nothing else trains, unless `train_head` trains the classifier fully. Its
+- `lora`: LoRA adapters (default r=4, alpha=8 on key and value) and the last classifier
+  layer, which starts from random weights, trained fully (`train_head`; off, it gets an
+  adapter like the rest, as in the seed experiment); nothing else trains. Its
   variants (DoRA, PiSSA, LoRA+) are settings of this one strategy.
 """
 
