@@ -305,3 +305,41 @@ def test_compare_rejects_unknown_strategy_and_non_compare_resume(tmp_path):
     (tmp_path / "y" / "config.json").write_text("{}")
     r = lorafit("compare", "--resume", str(tmp_path / "y"))
     assert r.returncode == 2 and "not a `lorafit compare` folder" in r.stderr
+
+
+def test_skewed_run_killed_in_a_later_epoch_resumes_with_its_recorded_recipe(tmp_path, tiny_model_dir):
+    """Small skewed data: the recipe raises the epochs (--min-steps) and weights the classes.
+    Killed in epoch 3 of 4, with config.json's own settings then changed so that resolving
+    them again would give 3 epochs and no weights, the run resumes with what it recorded and
+    equals the uninterrupted run bit for bit."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    words = "film plot acting dull bright slow warm cold long short loud quiet fine poor".split()
+    data = tmp_path / "skewed.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "split"])
+        for i in range(64):
+            label = "spam" if i % 5 == 0 else "ham"  # 20% spam: skewed, so class weights apply
+            w.writerow([" ".join(rng.choices(words, k=rng.randint(3, 30))), label, "test" if i % 4 == 0 else "train"])
+    common = ["--strategy", "lora", "--data", str(data), "--model", str(tiny_model_dir), "--precision", "fp32",
+              "--max-length", "64", "--batch-size", "8", "--val-size", "8", "--min-steps", "16",
+              "--checkpoint-every", "2", "--no-progress"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = lorafit("train", *common, "--out", str(ref))
+    assert r.returncode == 0 and "epochs: 4 instead of 3" in r.stdout, r.stderr[-2000:]
+    recorded = json.loads((ref / "config.json").read_text())
+    assert recorded["epochs_resolved"] == 4 and recorded["class_weights_resolved"] is not None
+    r = _signalled("train", *common, "--out", str(run), plan="step@11:KILL")  # 5 steps an epoch: in epoch 3
+    assert r.returncode == -signal.SIGKILL and _position(run) == (3, 10), r.stderr[-2000:]
+    config = json.loads((run / "config.json").read_text())
+    assert {k: config[k] for k in ("epochs_resolved", "class_weights_resolved", "select_on")} == {
+        k: recorded[k] for k in ("epochs_resolved", "class_weights_resolved", "select_on")}
+    config.update(min_steps=0, class_weights="none")  # resolved again, these would give 3 epochs and no weights
+    (run / "config.json").write_text(json.dumps(config))
+    r = lorafit("train", "--resume", str(run), "--no-progress")
+    assert r.returncode == 0 and "resumed at epoch 3" in r.stdout, r.stderr[-2000:]
+    assert json.loads((run / "final.json").read_text())["epochs"] == 4
+    _assert_same(run, ref)
