@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -157,7 +156,7 @@ def compare(*, strategies: Sequence[str] | None = None, out: PathLike | None = N
     one continues from its checkpoint. `nproc`: processes per run (torchrun).
     Writes report.md, report.json, report.png and one run folder per strategy.
     """
-    from lorafit.jobs import compare_child, run_all, with_nproc
+    from lorafit.jobs import compare_child, run_invocation, with_nproc
     from lorafit.report import write_compare_report
     from lorafit.files import write_json
     from lorafit.runs import check_out_dir, preflight, prepare_out_dir, read_run_config
@@ -189,20 +188,9 @@ def compare(*, strategies: Sequence[str] | None = None, out: PathLike | None = N
         write_json(folder / "config.json", cfg.to_dict())
         state = {"command": command, "strategies": names, "invocations": []}
         state_path = folder / "compare_state.json"
-    state["invocations"].append({"command": command, "seconds": 0.0})
-    t0 = time.perf_counter()
-
-    def save_state() -> None:
-        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
-        write_json(state_path, state)
-
-    try:
-        results = run_all(folder, state["strategies"],
-                          lambda s: with_nproc(compare_child(folder, s, not progress), nproc), save_state,
-                          "comparison", "compare")
-    finally:
-        save_state()
-    wall = sum(i["seconds"] for i in state["invocations"])
+    results, wall = run_invocation(folder, state, state_path, state["strategies"],
+                                   lambda s: with_nproc(compare_child(folder, s, not progress), nproc),
+                                   "comparison", "compare", command)
     report = write_compare_report(results, folder, state["command"], wall, invocations=len(state["invocations"]))
     return CompareResult(folder, {name: RunResult.read(folder / name) for name in results}, report)
 
@@ -231,8 +219,8 @@ def sweep(grid: dict[str, Sequence] | None = None, *, out: PathLike | None = Non
     chooses on validation accuracy (ties: fewer parameters); the test split never chooses.
     """
     from lorafit.files import write_json
-    from lorafit.jobs import run_all, with_nproc
-    from lorafit.runs import check_out_dir, preflight, prepare_out_dir
+    from lorafit.jobs import run_invocation, with_nproc
+    from lorafit.runs import check_out_dir, prepare_out_dir
     from lorafit.grid import grid_points, run_name, sweep_rows, write_sweep_report
 
     command = command or f"lorafit.sweep({grid!r}, " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ")"
@@ -252,7 +240,7 @@ def sweep(grid: dict[str, Sequence] | None = None, *, out: PathLike | None = Non
         configs = {run_name(p): _config(config, {**settings, **p}) for p in grid_points(grid)}
         folder = Path(out) if out is not None else default_out("sweep")
         check_out_dir(folder, overwrite)
-        _preflight_each(configs.values(), preflight)
+        _preflight_each(configs.values())
         prepare_out_dir(folder, overwrite)
         (folder / "grid").mkdir()
         for name, cfg in configs.items():
@@ -262,13 +250,6 @@ def sweep(grid: dict[str, Sequence] | None = None, *, out: PathLike | None = Non
         state_path = folder / "sweep_state.json"
         print(f"sweep: {len(configs)} runs ({' x '.join(f'{k} {len(v)}' for k, v in grid.items()) or 'one'}) "
               f"in {folder}", flush=True)
-    state["invocations"].append({"command": command, "seconds": 0.0})
-    t0 = time.perf_counter()
-
-    def save_state() -> None:
-        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
-        write_json(state_path, state)
-
     def argv_for(name: str) -> list[str]:
         run = folder / name
         if (run / "checkpoint.safetensors").exists():
@@ -277,18 +258,16 @@ def sweep(grid: dict[str, Sequence] | None = None, *, out: PathLike | None = Non
             child = ["train", "--config", str(folder / "grid" / f"{name}.json"), "--out", str(run), "--overwrite"]
         return with_nproc([sys.executable, "-m", "lorafit", *child, *([] if progress else ["--no-progress"])], nproc)
 
-    try:
-        results = run_all(folder, state["runs"], argv_for, save_state, "sweep", "sweep")
-    finally:
-        save_state()
-    wall = sum(i["seconds"] for i in state["invocations"])
+    results, wall = run_invocation(folder, state, state_path, state["runs"], argv_for, "sweep", "sweep", command)
     rows = sweep_rows(results, state["swept"])
     report = write_sweep_report(rows, state["swept"], folder, state["command"], wall, len(state["invocations"]))
     return SweepResult(folder, {name: RunResult.read(folder / name) for name in results}, report)
 
 
-def _preflight_each(configs, preflight) -> None:
+def _preflight_each(configs) -> None:
     """Load the data, model and targets of every distinct setting that decides them, once each."""
+    from lorafit.runs import preflight
+
     checked = set()
     for cfg in configs:
         key = json.dumps({k: v for k, v in cfg.to_dict().items() if k in (

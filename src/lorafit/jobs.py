@@ -9,9 +9,11 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lorafit.errors import Interrupted, LorafitError
+from lorafit.files import write_json
 
 
 def compare_child(out: Path, strategy: str, no_progress: bool) -> list[str]:
@@ -66,3 +68,23 @@ def run_all(out: Path, names: list[str], argv_for, save_state, what: str, comman
             "config": json.loads((run / "config.json").read_text()),
         }
     return results
+
+
+def run_invocation(out: Path, state: dict, state_path: Path, names: list[str], argv_for, what: str, command: str,
+                   invocation: str) -> tuple[dict[str, dict], float]:
+    """One invocation (`invocation`, its command line) of a comparison or sweep: recorded in
+    `state`, which is saved to `state_path` with the invocation's running seconds as it goes,
+    while `run_all` runs what is unfinished. Returns the results and the wall seconds of every
+    invocation so far."""
+    state["invocations"].append({"command": invocation, "seconds": 0.0})
+    t0 = time.perf_counter()
+
+    def save_state() -> None:
+        state["invocations"][-1]["seconds"] = time.perf_counter() - t0
+        write_json(state_path, state)
+
+    try:
+        results = run_all(out, names, argv_for, save_state, what, command)
+    finally:
+        save_state()
+    return results, sum(i["seconds"] for i in state["invocations"])

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit import distributed, fault_points
-from lorafit.checkpoint import Position, TrainState, sigint_deferred  # noqa: F401 (sigint_deferred: API)
+from lorafit.checkpoint import Position, TrainState, sigint_deferred
 from lorafit.data.batching import bucketed_batches
 from lorafit.data.encoding import Encoded
 from lorafit.errors import LorafitError
