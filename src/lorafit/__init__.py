@@ -2,13 +2,14 @@
 trains and compares fine-tuning strategies on text classification.
 
     lorafit.train(strategy="lora", out="runs/lora") -> RunResult; lorafit.compare(...); lorafit.sweep(...);
-    lorafit.load_run(path).predict(texts); LoRALinear, apply_lora, merge_lora, ...
+    lorafit.load_run(path).predict(texts); lorafit.export(run, out, format="onnx");
+    LoRALinear, apply_lora, merge_lora, ...
 
 The public API is what this module exports; everything else is private.
 """
 
 from lorafit.adapter import load_adapter, save_adapter, save_adapters
-from lorafit.api import CompareResult, Run, RunResult, SweepResult, compare, load_run, sweep, train
+from lorafit.api import CompareResult, Run, RunResult, SweepResult, compare, export, load_run, sweep, train
 from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
 from lorafit.lora import (
@@ -42,6 +43,7 @@ __all__ = [
     "apply_lora",
     "combine_adapters",
     "compare",
+    "export",
     "count_parameters",
     "load_adapter",
     "load_run",

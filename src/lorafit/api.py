@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from lorafit.config import RunConfig, make_config
@@ -292,12 +293,8 @@ class Run:
     """What the run computed in (`fp32`/`bf16`, recorded in its config.json); predict and
     evaluate use it, so they give the numbers of the run's test pass."""
 
-    def predict(self, texts: str | Sequence[str]) -> list[dict]:
-        """Per text: `label` (its name), `label_id`, `probability` (of that label) and
-        `probabilities` (every label's), in the order given."""
-        import numpy as np
-        import torch
-
+    def logits(self, texts: str | Sequence[str]) -> np.ndarray:
+        """(N, num_labels) float32 logits of `texts` (cleaned and truncated as in training), in order."""
         from lorafit.data.encoding import Encoded, encode_texts
         from lorafit.data.text import clean_text
         from lorafit.precision import resolve_precision
@@ -310,10 +307,17 @@ class Run:
         ids, offsets = encode_texts(self.tokenizer, [clean_text(t) for t in texts], cfg.max_length)
         enc = Encoded(ids, offsets, np.zeros(len(texts), dtype=np.int64))
         device = pick_device()
-        logits = predict_logits(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
-                                pad_id=self.tokenizer.pad_token_id or 0, device=device,
-                                precision=self.precision or resolve_precision(cfg.precision, device))
-        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        return predict_logits(self.model.to(device), enc, batch_size=cfg.eval_batch_size,
+                              pad_id=self.tokenizer.pad_token_id or 0, device=device,
+                              precision=self.precision or resolve_precision(cfg.precision, device))
+
+    def predict(self, texts: str | Sequence[str]) -> list[dict]:
+        """Per text: `label` (its name), `label_id`, `probability` (of that label) and
+        `probabilities` (every label's), in the order given."""
+        import torch
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        probs = torch.softmax(torch.from_numpy(self.logits(texts)), dim=-1).numpy()
         out = []
         for text, p in zip(texts, probs):
             k = int(p.argmax())
@@ -352,12 +356,24 @@ class Run:
                 "data": splits.source}
 
 
-def load_run(path: PathLike, adapter: str | None = None) -> Run:
+def load_run(path: PathLike, adapter: str | None = None, variant: str = "fp32") -> Run:
     """A trained run folder's model, adapters merged (what its test pass ran), eval mode.
-    `adapter` picks one of several adapters saved in a lora run's adapter folder."""
+    `adapter` picks one of several adapters saved in a lora run's adapter folder.
+
+    `path` may also be an export folder (lorafit.export): its model then runs through the
+    library that loads it (transformers, sentence-transformers or ONNX Runtime) in fp32;
+    `variant` `int8` picks an ONNX export's quantized graph.
+    """
+    from lorafit.exported import is_export, load_export
     from lorafit.runs import load_trained
 
     path = Path(path)
+    if is_export(path):
+        if adapter is not None:
+            raise LorafitError(f"{path} is an export, which holds one model; --adapter applies to run folders")
+        return Run(path, *load_export(path, variant), precision="fp32")
+    if variant != "fp32":
+        raise LorafitError(f"--{variant} applies to ONNX export folders; {path} is a run folder")
     cfg, loaded = load_trained(path, merge=True, adapter=adapter)
     final = path / "final.json"
     names = json.loads(final.read_text()).get("label_names") if final.exists() else None
@@ -369,3 +385,15 @@ def load_run(path: PathLike, adapter: str | None = None) -> Run:
 def cli_command() -> str:
     """This process's command line, as a user would type it."""
     return "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def export(run: PathLike, out: PathLike, format: str = "hf", adapter: str | None = None,
+           quantize: str | None = None):
+    """Write the trained run folder `run` as a model folder `out` that a standard runtime
+    loads without lorafit: `format` `hf` (transformers, or sentence-transformers for a
+    mean-pooled run) or `onnx` (`quantize="int8"` adds an int8 graph). Returns an
+    `ExportResult` (path, format, layout, files). See lorafit.exporter."""
+    from lorafit.exporter import export as _export
+
+    return _export(run, out, format=format, adapter=adapter, quantize=quantize)
+

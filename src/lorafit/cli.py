@@ -1,4 +1,4 @@
-"""The `lorafit` command: train, compare, evaluate, predict, merge, data download.
+"""The `lorafit` command: train, compare, sweep, evaluate, predict, export (merge), data download.
 
 Training flags are derived from `RunConfig`'s fields, so a flag and its field never
 drift apart. Every `LorafitError` is printed as one `error:` line with exit status 2.
@@ -10,15 +10,13 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from lorafit.config import RunConfig, field_types, make_config
 from lorafit.strategies import STRATEGY_NAMES
-from lorafit.errors import ConfigError, Interrupted, LorafitError, RunDirError
+from lorafit.errors import ConfigError, Interrupted, LorafitError
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -157,9 +155,16 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lorafit.api import load_run
+    from lorafit.exported import is_export, read_export_info
 
-    print(json.dumps(load_run(args.run_dir, adapter=args.adapter).evaluate(args.data, progress=not args.no_progress),
-                     indent=2))
+    result = load_run(args.run_dir, adapter=args.adapter).evaluate(args.data, progress=not args.no_progress)
+    if is_export(args.run_dir) and "int8" in read_export_info(Path(args.run_dir)).get("onnx_files", {}):
+        # the quantized graph's accuracy beside the fp32 one's: no silent accuracy loss
+        int8 = load_run(args.run_dir, variant="int8").evaluate(args.data, progress=not args.no_progress)
+        result["int8"] = {k: int8[k] for k in ("test_accuracy", "test_macro_f1", "test_loss", "test_per_class",
+                                                "test_confusion")}
+        result["int8_accuracy_change"] = int8["test_accuracy"] - result["test_accuracy"]
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -169,43 +174,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise LorafitError("no text to classify; pass texts as arguments or lines on standard input")
-    for p in load_run(args.run_dir, adapter=args.adapter).predict(texts):
+    run = load_run(args.run_dir, adapter=args.adapter, variant="int8" if args.int8 else "fp32")
+    for p in run.predict(texts):
         print(f"{p['label']}\t{p['probability']:.4f}\t{p['text'][:80]}")
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from lorafit.lora import unload_lora
-    from lorafit.runs import load_trained
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorafit.exporter import export
 
-    out = Path(args.out_dir)
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise RunDirError(f"{out} exists and is not empty; pass a new folder")
-    cfg, loaded = load_trained(args.run_dir, adapter=args.adapter)
-    if loaded.pooling != "cls":
-        raise ConfigError(
-            f"{args.run_dir} classifies from the mean of the tokens (--pooling {cfg.pooling}, resolved to "
-            f"{loaded.pooling}); transformers' {type(loaded.model).__name__} reads the first token, so a plain "
-            "merged model would give other logits. Use the run itself (lorafit predict / evaluate, or "
-            "lorafit.load_run in Python), or train with --pooling cls to get a model that merges")
-    model = unload_lora(loaded.model)
-    final = Path(args.run_dir) / "final.json"
-    names = json.loads(final.read_text()).get("label_names") if final.exists() else None
-    if names:
-        model.config.id2label = dict(enumerate(names))
-        model.config.label2id = {n: i for i, n in enumerate(names)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged model ({cfg.strategy}) written to {out}: load it with "
-          f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    fmt = getattr(args, "format", "hf")
+    result = export(args.run_dir, args.out_dir, format=fmt, adapter=args.adapter, quantize=args.quantize)
+    how = {"transformers": "AutoModelForSequenceClassification.from_pretrained",
+           "sentence-transformers": "sentence_transformers.SentenceTransformer (encode returns the logits)",
+           "onnx": "onnxruntime.InferenceSession on model.onnx"}[result.layout]
+    print(f"exported {args.run_dir} ({fmt}, {result.layout}) to {result.path}: load it with {how}; "
+          f"its README.md says how")
     return 0
 
 
@@ -262,21 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nproc_flag(sw)
     sw.set_defaults(func=cmd_sweep)
     e = sub.add_parser("evaluate", help="test accuracy of a run's weights")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run folder, or an export folder (lorafit export)")
     e.add_argument("--data", help="another data source (default: the run's)")
     e.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
     pr = sub.add_parser("predict", help="label and probability per text (arguments, or lines on stdin)")
-    pr.add_argument("run_dir")
+    pr.add_argument("run_dir", help="a run folder, or an export folder (lorafit export)")
     pr.add_argument("texts", nargs="*")
     pr.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
+    pr.add_argument("--int8", action="store_true", help="an ONNX export's int8 graph instead of its fp32 one")
     pr.set_defaults(func=cmd_predict)
-    m = sub.add_parser("merge", help="write a plain Hugging Face model folder with LoRA merged in")
+    x = sub.add_parser("export", help="write a run as a model folder that transformers, sentence-transformers or "
+                       "ONNX Runtime loads without lorafit")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--format", default="hf", help="hf (transformers; sentence-transformers for a mean-pooled run) "
+                   "or onnx (default: hf)")
+    x.add_argument("--quantize", metavar="int8", help="with --format onnx: add ONNX Runtime's dynamic int8 graph")
+    x.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
+    x.set_defaults(func=cmd_export)
+    m = sub.add_parser("merge", help="the same as export --format hf: LoRA merged into a standalone model folder")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
     m.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
-    m.set_defaults(func=cmd_merge)
+    m.set_defaults(func=cmd_export, quantize=None)
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dl = dsub.add_parser("download", help="fetch the official IMDb archive into the cache")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from lorafit import fault_points
 
 
-def _umask_mode() -> int:
+def umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
@@ -39,7 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,7 +60,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         fault_points.reached(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:

@@ -388,15 +388,16 @@ def _read_config_json(run_dir: Path) -> dict:
     return raw
 
 
-def _config_of(raw: dict, run_dir: Path) -> RunConfig:
+def config_of(raw: dict, where: Path) -> RunConfig:
+    """The RunConfig of a run's saved config (`raw`, read from the file `where`)."""
     fields = {k: v for k, v in raw.items() if k not in RESOLVED}
     fields.setdefault("pooling", "cls")  # runs from before --pooling read the first token
-    return RunConfig(**config_from_mapping(fields, where=str(run_dir / "config.json")))
+    return RunConfig(**config_from_mapping(fields, where=str(where)))
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
     """The RunConfig saved in `run_dir`/config.json."""
-    return _config_of(_read_config_json(run_dir), run_dir)
+    return config_of(_read_config_json(run_dir), run_dir / "config.json")
 
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
@@ -492,7 +493,7 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     `adapter` picks one of several adapters saved in a lora run's adapter folder."""
     run_dir = Path(run_dir)
     raw = _read_config_json(run_dir)
-    cfg = _config_of(raw, run_dir)
+    cfg = config_of(raw, run_dir / "config.json")
     loaded = load_model(cfg.model, num_labels=run_num_labels(raw), pooling=run_pooling(raw))
     if raw.get("label_names"):
         name_labels(loaded.model, raw["label_names"])
