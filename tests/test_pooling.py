@@ -67,8 +67,9 @@ def test_a_deepcopy_pools_on_its_own(tiny_model_dir, batch):
 
 def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
     """--pooling mean: recorded in config.json and final.json; `evaluate` reproduces the test
-    numbers (so it pools as the run did); `merge` refuses with the reason; auto on a plain
-    BERT folder resolves to cls."""
+    numbers (so it pools as the run did); `merge` writes a sentence-transformers folder (mean
+    pooling built in; tests/test_export.py checks its logits); auto on a plain BERT folder
+    resolves to cls."""
     run = tmp_path / "mean"
     r = lorafit("train", "--model", str(tiny_model_dir), "--pooling", "mean", *TINY, "--out", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -82,8 +83,9 @@ def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
     assert again["test_accuracy"] == final["test_accuracy"] and again["test_loss"] == pytest.approx(
         final["test_loss"], abs=1e-6)
     r = lorafit("merge", str(run), str(tmp_path / "merged"))
-    assert r.returncode == 2 and "classifies from the mean of the tokens" in r.stderr
-    assert "--pooling cls" in r.stderr and not (tmp_path / "merged").exists()
+    assert r.returncode == 0 and "sentence-transformers" in r.stdout, r.stderr[-2000:]
+    pooling = json.loads((tmp_path / "merged" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
     auto = tmp_path / "auto"
     r = lorafit("train", "--model", str(tiny_model_dir), *TINY, "--out", str(auto))
     assert r.returncode == 0, r.stderr[-2000:]
