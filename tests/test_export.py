@@ -96,15 +96,32 @@ def test_evaluate_and_predict_on_exports_give_the_runs_numbers(minilm):
     assert int8.returncode == 0 and len(int8.stdout.splitlines()) == 2, int8.stderr[-2000:]
 
 
+def run_card_example(folder: Path) -> str:
+    """What the model card's example prints, run as written (the folder's path put in) in a
+    process without lorafit."""
+    from lorafit.export_card import EXAMPLE_PATH
+
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace(EXAMPLE_PATH, str(folder))
+    assert len(code.strip().splitlines()) == 4  # the four-line example
+    code += "\nimport sys; assert not any(m.startswith('lorafit') for m in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
 def test_export_folder_says_how_to_load_it(minilm):
     import onnx
 
     run, hf, ox, _ = minilm
+    label = lorafit.load_run(run.path).predict(["A wonderful film."])[0]["label"]
     for result, loader in ((hf, "SentenceTransformer"), (ox, "onnxruntime.InferenceSession")):
         card = (result.path / "README.md").read_text()
         assert loader in card and "all-MiniLM-L6-v2" in card and "0: neg, 1: pos" in card
         assert f"{run.final['test_accuracy']:.4f}" in card and "| strategy | lora |" in card
         assert json.loads((result.path / "labels.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+        assert run_card_example(result.path) == label
     info = json.loads((ox.path / "lorafit.json").read_text())
     assert info["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert info["onnx_files"] == {"fp32": "model.onnx", "int8": "model_int8.onnx"}
@@ -190,6 +207,9 @@ def test_every_strategy_pooling_and_variant_exports_its_logits(matrix):
 
 def test_evaluating_an_export_gives_the_runs_test_accuracy(matrix):
     runs, _ = matrix
+    run, hf, _ = runs["bert-lora-cls"]  # the transformers layout's card example, as written
+    assert hf.layout == "transformers"
+    assert run_card_example(hf.path) == lorafit.load_run(run.path).predict(["A wonderful film."])[0]["label"]
     for name in ("bert-last2-cls", "bert-dora", "roberta-lora-mean"):
         run, hf, ox = runs[name]
         for export in (hf, ox):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+EXAMPLE_PATH = "PATH/TO/THIS/FOLDER"
 _EXAMPLES = {
     "transformers": """from transformers import AutoModelForSequenceClassification, AutoTokenizer
 tokenizer, model = AutoTokenizer.from_pretrained("{path}"), AutoModelForSequenceClassification.from_pretrained("{path}")
@@ -11,18 +12,11 @@ print(model.config.id2label[int(model(**batch).logits.argmax(-1)[0])])""",
 model = SentenceTransformer("{path}")  # encode() returns the logits, (N, {num_labels})
 labels = {labels!r}
 print(labels[int(model.encode(["{text}"]).argmax(-1)[0])])""",
-    "onnx": """import json, onnxruntime, tokenizers
-session = onnxruntime.InferenceSession("{path}/model.onnx")
-tok = tokenizers.Tokenizer.from_file("{path}/tokenizer.json")
-tok.enable_truncation({max_length}); enc = tok.encode("{text}")  # a batch: tok.enable_padding(), encode_batch
-feed = {feed}
+    "onnx": """import json, onnxruntime; from transformers import AutoTokenizer
+session, tokenizer = onnxruntime.InferenceSession("{path}/model.onnx"), AutoTokenizer.from_pretrained("{path}")
+feed = dict(tokenizer(["{text}"], truncation=True, return_tensors="np"))  # the graph's inputs, int64
 print(json.load(open("{path}/labels.json"))["id2label"][str(session.run(None, feed)[0].argmax(-1)[0])])""",
 }
-
-
-def _feed(inputs: list[str]) -> str:
-    arrays = {"input_ids": "enc.ids", "attention_mask": "enc.attention_mask", "token_type_ids": "enc.type_ids"}
-    return "{" + ", ".join(f'"{n}": [{arrays[n]}]' for n in inputs) + "}"
 
 
 def _pct(value) -> str:
@@ -33,9 +27,8 @@ def model_card(info: dict) -> str:
     """Markdown for an export described by `info` (what lorafit.json holds)."""
     cfg = info["run_config"]
     layout, labels = info["layout"], info["label_names"]
-    example = _EXAMPLES[layout].format(
-        path="PATH/TO/THIS/FOLDER", text="A wonderful film.", labels=labels, num_labels=len(labels),
-        max_length=cfg.get("max_length"), feed=_feed(info.get("inputs", [])))
+    example = _EXAMPLES[layout].format(path=EXAMPLE_PATH, text="A wonderful film.", labels=labels,
+                                       num_labels=len(labels))
     loads = {"transformers": "transformers (`AutoModelForSequenceClassification`)",
              "sentence-transformers": "sentence-transformers (`SentenceTransformer`; `encode` returns the logits)",
              "onnx": "ONNX Runtime (`model.onnx`, opset {})".format(info.get("opset"))}[layout]
