@@ -306,3 +306,23 @@ def test_the_export_folder_carries_the_users_umask(matrix, tmp_path, umask, dirs
     modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
     assert modes[Path(".")] == dirs and modes[Path("2_Dense")] == dirs
     assert all(m == files for p, m in modes.items() if (out / p).is_file())
+
+
+def test_a_mean_pooled_head_lorafit_does_not_know_is_refused_for_hf(tmp_path):
+    """ELECTRA's head (dense, GELU, out_proj) is not in lorafit's architecture table: a
+    mean-pooled run of it cannot be written as sentence-transformers modules, and says so."""
+    from transformers import AutoTokenizer, ElectraConfig, ElectraModel
+
+    from lorafit.errors import ConfigError
+    from lorafit.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-electra"
+    ElectraModel(ElectraConfig(vocab_size=tok.vocab_size, embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = lorafit.train(model=str(folder), out=tmp_path / "run", strategy="full", pooling="mean", **TINY_RUN)
+    with pytest.raises(ConfigError, match="does not know the classification head of electra models"):
+        lorafit.export(run.path, tmp_path / "out")
+    assert _nothing_left(tmp_path / "out")
