@@ -28,7 +28,7 @@ is measured first, in this process (benchmarks/peak.py), with the CPU model.
 
     .venv/bin/python benchmarks/interleaved.py [--strategies full,lora] [--rounds 24] [--warmup 2]
 
-writes results/interleaved.json (rows of strategies not run are kept).
+writes results/interleaved/interleaved.json (rows of strategies not run are kept).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--strategies", default="full,lora")
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("results/interleaved.json"))
+    ap.add_argument("--out", type=Path, default=Path("results/interleaved/interleaved.json"))
     args = ap.parse_args()
     if args.rounds < 1 or args.warmup < 0:
         ap.error("--rounds must be >= 1 and --warmup >= 0")

@@ -1,7 +1,7 @@
 """Issue 17's acceptance, checked against the committed run that claims it.
 
 results/bench_zen5/ is one benchmark run on one machine (benchmarks/bench.py; the README's
-"Issue 17's acceptance" section gives the commands) and results/short_runs_zen5.json the
+"Issue 17's acceptance" section gives the commands) and results/short_runs/short_runs_zen5.json the
 short runs on the same machine. These tests keep the README's claim and the files in step:
 a re-measured file that no longer meets a criterion fails here, naming it.
 """
@@ -16,7 +16,7 @@ import pytest
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 BENCH = RESULTS / "bench_zen5" / "bench.json"
-SHORT = RESULTS / "short_runs_zen5.json"
+SHORT = RESULTS / "short_runs" / "short_runs_zen5.json"
 
 
 def _rows() -> dict[str, dict]:

@@ -22,8 +22,8 @@ def test_recipe_panel_table_is_the_committed_panel():
 
 
 def test_performance_padding_table_matches_results():
-    """Each row of the docs/performance.md's pad-multiple table is the measurement in results/padding.json."""
-    runs = json.loads((ROOT / "results" / "padding.json").read_text())["runs"]
+    """Each row of the docs/performance.md's pad-multiple table is the measurement in results/padding/padding.json."""
+    runs = json.loads((ROOT / "results" / "padding" / "padding.json").read_text())["runs"]
     measured = {(r["strategy"], r["pad_multiple"]): r for run in runs for r in run["rows"]}
     rows = re.findall(r"^\| (full|lora|last-two-layers) \| \**(\d+)\** \| \**([\d.]+)\** \| \**([\d,]+) MB\** \|"
                       r" ([\d.-]+) \| ([\d.]+) \|$", PERF.read_text(), re.M)
@@ -90,10 +90,10 @@ def test_compare_tables_are_the_committed_reports(doc, name, n):
 
 
 def test_full_scale_probe_accuracies_are_the_committed_probes():
-    """The probe's test accuracies in docs/full-scale.md are results/probe_mean.json and probe_cls.json."""
+    """The probe's test accuracies in docs/full-scale.md are results/probe/probe_mean.json and probe_cls.json."""
     readme = (ROOT / "docs" / "full-scale.md").read_text()
     for pooling in ("mean", "cls"):
-        probe = json.loads((ROOT / "results" / f"probe_{pooling}.json").read_text())
+        probe = json.loads((ROOT / "results" / "probe" / f"probe_{pooling}.json").read_text())
         assert probe["sizes"] == {"train": 22500, "validation": 2500, "test": 25000}
         assert f"probe, {pooling}: {probe['test_accuracy']:.4f}" in readme, pooling
 
@@ -111,8 +111,8 @@ def test_cli_sweep_table_is_the_committed_sweep_report():
 
 
 def test_performance_interleaved_table_matches_results():
-    """Each row of the docs/performance.md's interleaved-steps table is the measurement in results/interleaved.json."""
-    rows = {r["strategy"]: r for r in json.loads((ROOT / "results" / "interleaved.json").read_text())["rows"]}
+    """Each row of the docs/performance.md's interleaved-steps table is the measurement in results/interleaved/interleaved.json."""
+    rows = {r["strategy"]: r for r in json.loads((ROOT / "results" / "interleaved" / "interleaved.json").read_text())["rows"]}
     found = re.findall(r"^\| (full|lora) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \| "
                        r"([\d.]+)x; ([\d.]+)x \|$", PERF.read_text(), re.M)
     assert found and sorted(f[0] for f in found) == sorted(rows)
@@ -125,16 +125,16 @@ def test_performance_interleaved_table_matches_results():
 
 
 def test_performance_fp32_padding_tables_match_results():
-    """The docs/performance.md's fp32 pad-multiple table is results/padding_fp32.json, and its interleaved
-    steps table is results/padding_interleaved.json."""
-    runs = json.loads((ROOT / "results" / "padding_fp32.json").read_text())["rows"]
+    """The docs/performance.md's fp32 pad-multiple table is results/padding/padding_fp32.json, and its interleaved
+    steps table is results/padding/padding_interleaved.json."""
+    runs = json.loads((ROOT / "results" / "padding" / "padding_fp32.json").read_text())["rows"]
     text = PERF.read_text()
     found = re.findall(r"^\| (full|lora) \| (\d+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
     assert [(f[0], int(f[1])) for f in found] == [(r["strategy"], r["pad_multiple"]) for r in runs]
     for (_, _, speed, mem, eff, acc), r in zip(found, runs):
         assert (speed, mem, eff, acc) == (f"{r['train_samples_per_s']:.1f}", f"{r['peak_memory_mb']:,.0f}",
                                           f"{r['padding_efficiency']:.3f}", f"{r['test_accuracy']:.3f}")
-    inter = json.loads((ROOT / "results" / "padding_interleaved.json").read_text())["rows"]
+    inter = json.loads((ROOT / "results" / "padding" / "padding_interleaved.json").read_text())["rows"]
     found = re.findall(r"^\| (full|lora) \| (\d+) / (\d+) \| ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \|$",
                        text, re.M)
     assert [f[0] for f in found] == [r["strategy"] for r in inter]

@@ -4,7 +4,7 @@ For `full` and `lora` on all-MiniLM-L6-v2 (bf16 autocast where available), times
 training steps (forward, backward, AdamW) on real IMDb batches of 16 padded to 128 and
 256 tokens, for: eager with 1 thread, eager with all threads, and torch.compile
 (inductor) with all threads, whose compile time is reported apart. Writes
-results/compile_threads.json.
+results/compile_threads/compile_threads.json.
 
     .venv/bin/python benchmarks/studies/compile_threads.py [--steps 8] [--strategies lora,full] [--lengths 128,256]
         [--name compile_threads.json]
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--strategies", default="lora,full")
     ap.add_argument("--lengths", default="128,256", help="padded lengths of the timed batches")
-    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--results", type=Path, default=Path("results/compile_threads"))
     ap.add_argument("--name", default="compile_threads.json", help="file name under --results")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/

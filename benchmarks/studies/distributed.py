@@ -2,7 +2,7 @@
 
 The same lora run (bench slice cut to --train-size reviews, max_length 256, global
 batch 16, seed 0) in both layouts, alternated --repeats times so that drift in the
-machine's speed falls on both alike. Writes results/distributed.json and .md: training
+machine's speed falls on both alike. Writes results/distributed/distributed.json and .md: training
 samples/s (from metrics.jsonl), wall time, test accuracy, the CPU model.
 
     .venv/bin/python benchmarks/studies/distributed.py [--train-size 1000 --epochs 1 --repeats 2]
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default="runs/distributed_bench")
-    p.add_argument("--results", default="results/distributed")
+    p.add_argument("--results", default="results/distributed/distributed")
     args = p.parse_args()
     out = Path(args.out)
     peak = measure()  # first, while this process is the only one working: the CPU this ran on, at its matmul peak

@@ -7,7 +7,7 @@ does one matmul for both gradients. This script patches that fusion into the
 attention layers of a `lora` model (the library is not changed), checks that it
 computes the same logits, and times training steps (forward, backward, AdamW) on real
 IMDb batches of 16, alternating unfused and fused step by step so that both see the
-same machine. Writes results/fused_kv.json.
+same machine. Writes results/fused_kv/fused_kv.json.
 
     .venv/bin/python benchmarks/studies/fused_kv.py [--steps 6 --repeats 4 --lengths 128,224]
 """
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4, help="repeats")
     ap.add_argument("--lengths", default="128,224", help="padded lengths of the batches (224: the bench slice's "
                                                          "typical bucket at max_length 256)")
-    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--results", type=Path, default=Path("results/fused_kv"))
     args = ap.parse_args()
     from lorafit.precision import resolve_precision
     from lorafit.training import autocast

@@ -34,7 +34,7 @@ optimizer and the math backend give are compared with the default's too.
     (LIST: adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply,fp16;
      default all)
 
-writes results/levers.json (entries of levers not chosen are kept).
+writes results/levers/levers.json (entries of levers not chosen are kept).
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--data", default=ARCHIVE)
-    ap.add_argument("--out", default="results/levers.json")
+    ap.add_argument("--out", default="results/levers/levers.json")
     ap.add_argument("--levers",
                     default="adamw,attention,dropout,attention-fp32,precision,first-token,dropout-apply,fp16",
                     help="comma list; the others' entries already in --out are kept")

@@ -5,7 +5,7 @@ batch 16) on as many training reviews as the embedded sample has (990), drawn fr
 full archive's train split, and selects on 500 validation reviews carved from that train
 split (the sample's own 110 are too few to tell learning rates apart). The test split
 is not looked at (--test-size 2 keeps its evaluation trivial). Writes
-results/lr_sweep.json.
+results/lr_sweep/lr_sweep.json.
 
     .venv/bin/python benchmarks/studies/lr_sweep.py [--epochs 3] [--out runs/lr-sweep]
 """
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", type=Path, default=Path("runs/lr-sweep"))
-    ap.add_argument("--results", type=Path, default=Path("results/lr_sweep.json"))
+    ap.add_argument("--results", type=Path, default=Path("results/lr_sweep/lr_sweep.json"))
     args = ap.parse_args()
     rows = []
     for strategy, lrs in GRID.items():

@@ -2,7 +2,7 @@
 
 Runs `lorafit train` once per (strategy, --pad-multiple), each in its own process, on the
 same slice of the full archive, and prints training samples/s, test seconds, peak RSS
-and test accuracy. Writes `--results`/`--name` (default results/padding.json).
+and test accuracy. Writes `--results`/`--name` (default results/padding/padding.json).
 
     .venv/bin/python benchmarks/studies/padding.py [--multiples 1,8,32 --strategies lora,last-two-layers]
         [--pooling cls] [--results DIR] [--name FILE]
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
                     help="step each multiple's model in turn in one process for ROUNDS rounds instead")
     ap.add_argument("--out", type=Path, default=Path("runs/padding"))
-    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--results", type=Path, default=Path("results/padding"))
     ap.add_argument("--name", default="padding.json")
     args = ap.parse_args()
     command = "python benchmarks/studies/padding.py " + " ".join(sys.argv[1:])

@@ -12,7 +12,7 @@ on the test split. The embeddings are kept in --out, so a second run skips the e
     .venv/bin/python benchmarks/studies/probe.py                    # full archive: 25,000 / 25,000, both poolings
     .venv/bin/python benchmarks/studies/probe.py --pooling mean
 
-Writes results/probe_<pooling>.json.
+Writes results/probe/probe_<pooling>.json.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=2500)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="runs/probe")
-    ap.add_argument("--results", default="results")
+    ap.add_argument("--results", default="results/probe")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
 
@@ -95,7 +95,7 @@ def main() -> None:
         tmp.replace(cache)
     encode_seconds = time.perf_counter() - t0
     y = {k: getattr(splits, k).labels for k in names}
-    Path(args.results).mkdir(exist_ok=True)
+    Path(args.results).mkdir(parents=True, exist_ok=True)
     for pooling in poolings:
         xp = x[pooling]
         scores = {}

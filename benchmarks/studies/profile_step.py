@@ -12,7 +12,7 @@ other. The step's wall time without the profiler is measured too, and the model 
 utilisation of the unprofiled step against this CPU's matmul peak, measured first in the
 same process (benchmarks/peak.py: best of trials at 2048^2 and the model's GEMM shapes).
 
-    .venv/bin/python benchmarks/studies/profile_step.py [--strategies full,lora] [--out results/profile.json]
+    .venv/bin/python benchmarks/studies/profile_step.py [--strategies full,lora] [--out results/profile/profile.json]
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--data", default=ARCHIVE)
-    ap.add_argument("--out", default="results/profile.json")
+    ap.add_argument("--out", default="results/profile/profile.json")
     args = ap.parse_args()
     peak = measure()  # first, before any model is loaded
     print(f"matmul peak: bf16 {peak['bfloat16']['peak_tflops']:.3f}, fp32 {peak['float32']['peak_tflops']:.3f} "

@@ -3,7 +3,7 @@
 One benchmark row is one seed; on 1,000 test reviews one standard error is ~1.1 points,
 as large as the accuracy criterion. This runs `lorafit train` (and with --peer,
 benchmarks/peer.py) on the same slice as benchmarks/bench.py for each seed, each in its
-own process, and adds one record per run to results/seeds.json (kept across
+own process, and adds one record per run to results/seeds/seeds.json (kept across
 invocations, so the study can be extended a run at a time):
 
     .venv/bin/python benchmarks/studies/seeds.py --strategy lora --seeds 1,2
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="run the peer (transformers + PEFT) instead of lorafit")
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", type=Path, default=Path("runs/seeds"))
-    ap.add_argument("--results", type=Path, default=Path("results/seeds.json"))
+    ap.add_argument("--results", type=Path, default=Path("results/seeds/seeds.json"))
     args = ap.parse_args()
 
     from lorafit.config import RunConfig

@@ -8,7 +8,7 @@ was made on this CPU.
 
     .venv/bin/python benchmarks/studies/short_runs.py [--settings lorafit,peer-tuned] [--seeds 0,1,2,3,4]
 
-Writes results/short_runs.json (every run) and results/short_runs.md (per setting: mean
+Writes results/short_runs/short_runs.json (every run) and results/short_runs/short_runs.md (per setting: mean
 and every seed's test accuracy, the training loss after epoch 1).
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", default="runs/short_runs")
-    ap.add_argument("--results", default="results/short_runs")
+    ap.add_argument("--results", default="results/short_runs/short_runs")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.settings.split(",")

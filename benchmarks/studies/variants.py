@@ -9,8 +9,8 @@ spread over several sessions:
     .venv/bin/python benchmarks/studies/variants.py                       # all variants, seeds 0,1,2
     .venv/bin/python benchmarks/studies/variants.py --variants dora --seeds 0
 
-It writes results/variants.json (one record per run, with the CPU it ran on) and
-results/variants.md (mean and spread of test accuracy per variant, samples/s, peak RSS).
+It writes results/variants/variants.json (one record per run, with the CPU it ran on) and
+results/variants/variants.md (mean and spread of test accuracy per variant, samples/s, peak RSS).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", default=ARCHIVE)
     ap.add_argument("--out", type=Path, default=Path("runs/variants"))
-    ap.add_argument("--results", type=Path, default=Path("results/variants.json"))
+    ap.add_argument("--results", type=Path, default=Path("results/variants/variants.json"))
     args = ap.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
