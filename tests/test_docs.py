@@ -111,8 +111,10 @@ def test_cli_sweep_table_is_the_committed_sweep_report():
 
 
 def test_performance_interleaved_table_matches_results():
-    """Each row of the docs/performance.md's interleaved-steps table is the measurement in results/interleaved/interleaved.json."""
-    rows = {r["strategy"]: r for r in json.loads((ROOT / "results" / "interleaved" / "interleaved.json").read_text())["rows"]}
+    """Each row of docs/performance.md's interleaved-steps table is the measurement in
+    results/interleaved/interleaved.json."""
+    measured = json.loads((ROOT / "results" / "interleaved" / "interleaved.json").read_text())
+    rows = {r["strategy"]: r for r in measured["rows"]}
     found = re.findall(r"^\| (full|lora) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x; ([\d.]+)x \| "
                        r"([\d.]+)x; ([\d.]+)x \|$", PERF.read_text(), re.M)
     assert found and sorted(f[0] for f in found) == sorted(rows)

@@ -20,8 +20,9 @@ Variants are small additions to this core:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -283,6 +284,10 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}
         """Adapter name -> weight of its update; the first adapter added is active with weight 1."""
         self.merged = False
+        self.routes: dict[str, torch.Tensor] | None = None
+        """Mixed batches (serving): adapter name -> the batch rows it applies to, (n,) int64;
+        rows no name lists get the base layer only. None: every row gets the active adapters.
+        Set by `route_adapters`."""
         self.add_adapter(adapter_name, config or LoRAConfig(r=r, alpha=alpha, dropout=dropout, scaling=scaling))
 
     @classmethod
@@ -401,6 +406,12 @@ class LoRALinear(nn.Module):
                     p.requires_grad for p in self.adapter_params().values()):
                 raise RuntimeError("LoRA weights are merged; call unmerge_lora(model) before training")
             return y
+        if self.routes is not None:  # each row its own adapter: (B, ..., out)
+            out = y.clone()
+            for n, rows in self.routes.items():
+                if n in self.adapters:  # an adapter that does not target this layer adds nothing here
+                    out.index_add_(0, rows, self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype))
+            return out
         out = y
         for n, weight in self.active.items():
             if weight == 0:
@@ -525,6 +536,40 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     """Make adapter `name` the only active one on every layer that has it; layers
     without it run as their base. Only its parameters are trainable afterwards."""
     combine_adapters(model, {name: 1.0})
+
+
+@contextlib.contextmanager
+def route_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, row i of a batch (dim 0 of every LoRA layer's input, B rows) gets
+    adapter `row_adapters[i]` alone (None: the base model), all in one forward. For a
+    server holding many adapters of one base model; each layer runs its base matmul once
+    for the batch, then each adapter on its own rows.
+
+    Raises:
+        TargetError: a name no layer has, merged layers, or a model without LoRA layers.
+    """
+    layers = [layer for _, layer in lora_modules(model)]
+    if not layers:
+        raise TargetError("this model has no LoRA layers; apply_lora or load_adapter first")
+    if any(layer.merged for layer in layers):
+        raise TargetError("the adapters are merged into the weights; call unmerge_lora(model) to route rows to them")
+    known = {n for layer in layers for n in layer.adapters}
+    unknown = sorted({n for n in row_adapters if n is not None and n not in known})
+    if unknown:
+        raise TargetError(f"no adapter {unknown[0]!r} in this model; its adapters: {', '.join(sorted(known))}")
+    device = next(layers[0].base.parameters()).device
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(row_adapters):
+        if n is not None:
+            groups.setdefault(n, []).append(i)
+    routes = {n: torch.tensor(rows, dtype=torch.long, device=device) for n, rows in groups.items()}
+    try:
+        for layer in layers:
+            layer.routes = routes
+        yield
+    finally:
+        for layer in layers:
+            layer.routes = None
 
 
 def combine_adapters(model: nn.Module, weights: dict[str, float]) -> None:

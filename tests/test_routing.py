@@ -1,0 +1,76 @@
+"""Mixed-adapter batches (lorafit.lora.route_adapters): each row of one forward gets its own
+adapter, and equals that row run alone with only its adapter active."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import ARCHS, tiny_model
+from lorafit.errors import TargetError
+from lorafit.lora import LoRAConfig, apply_lora, merge_lora, route_adapters, set_active_adapter, unmerge_lora
+
+ADAPTERS = {  # three kinds on the same base: plain, DoRA on other targets, rsLoRA of another rank
+    "a": LoRAConfig(r=4, alpha=8, targets=["key", "value"]),
+    "b": LoRAConfig(r=2, alpha=4, targets=["query", "value"], use_dora=True),
+    "c": LoRAConfig(r=8, alpha=8, targets=["key", "value", "output"], scaling="rslora"),
+}
+
+
+def adapted(arch: str):
+    base = tiny_model(arch)
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    for name, cfg in ADAPTERS.items():
+        apply_lora(model, cfg, adapter_name=name)
+    with torch.no_grad():  # B starts at zero: give every adapter a real update
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    return base.eval(), model.eval()
+
+
+def alone(base, model, name, batch, i):
+    row = {k: v[i:i + 1] for k, v in batch.items()}
+    if name is None:
+        return base(**row).logits
+    set_active_adapter(model, name)
+    return model(**row).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_row_gets_its_own_adapter(arch):
+    base, model = adapted(arch)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (6, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0  # a padded row among them
+    batch = {"input_ids": ids, "attention_mask": mask}
+    names = ["a", "b", None, "c", "a", "b"]
+    with torch.no_grad():
+        with route_adapters(model, names):
+            mixed = model(**batch).logits
+        want = torch.cat([alone(base, model, n, batch, i) for i, n in enumerate(names)])
+        # and the routes are gone after the block: the active adapter applies to every row
+        set_active_adapter(model, "c")
+        torch.testing.assert_close(model(**batch).logits[3:4], want[3:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed, want, atol=1e-5, rtol=0)
+    assert len({tuple(r.round(decimals=4).tolist()) for r in want[[0, 1, 3]]}) == 3  # the adapters differ
+
+
+def test_routing_refuses_unknown_names_and_merged_layers():
+    base, model = adapted("bert")
+    with pytest.raises(TargetError, match="no adapter 'z' in this model; its adapters: a, b, c"):
+        with route_adapters(model, ["a", "z"]):
+            pass
+    with pytest.raises(TargetError, match="no LoRA layers"):
+        with route_adapters(base, ["a"]):
+            pass
+    set_active_adapter(model, "a")
+    merge_lora(model)
+    with pytest.raises(TargetError, match="merged"):
+        with route_adapters(model, ["a"]):
+            pass
+    unmerge_lora(model)
