@@ -1,0 +1,68 @@
+"""Many runs of one base model served from one copy of it (lorafit.served): a batch whose rows
+name different runs gives each row its run's own logits, as `lorafit predict` computes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.errors import ConfigError
+from lorafit.served import ServedGroup
+
+SMALL = dict(train_size=24, val_size=8, test_size=16, max_length=64, epochs=1, precision="fp32", progress=False,
+             pooling="mean")
+TEXTS = ["A wonderful, moving film.", "Dull and far too long; I left early.", "ok", "The plot made no sense at all.",
+         "Superb acting, a script that sings, and an ending I did not see coming.", "meh"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    model = str(tiny_model_dir)
+    return {
+        "a": lorafit.train(strategy="lora", model=model, seed=0, out=root / "a", **SMALL).path,
+        "b": lorafit.train(strategy="lora", model=model, seed=1, dora=True, targets=["query", "value"],
+                           out=root / "b", **SMALL).path,
+        "c": lorafit.train(strategy="lora", model=model, seed=2, train_head=False, out=root / "c", **SMALL).path,
+        "d": lorafit.train(strategy="last-two-layers", model=model, seed=3, out=root / "d", **SMALL).path,
+        "full": lorafit.train(strategy="full", model=model, seed=4, out=root / "full", **SMALL).path,
+    }
+
+
+def test_a_mixed_batch_gives_each_row_its_runs_logits(runs):
+    group = ServedGroup.for_run(runs["a"])
+    for name in "abcd":
+        group.add_run(name, runs[name])
+    assert group.members["d"].adapter is None and group.members["a"].adapter == "a"
+    # the frozen pooler is the group's own, shared by every run that did not train it
+    assert group.members["a"].head.first is group.members["b"].head.first is group.members["c"].head.first
+    assert group.members["d"].head.first is not group.members["a"].head.first  # last-two-layers trained it
+    names = ["a", "b", "c", "d", "a", "c"]
+    enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    got = torch.stack(group.logits(names, enc["input_ids"], enc["attention_mask"]))
+    want = torch.stack([torch.from_numpy(lorafit.load_run(runs[n]).logits([t])[0]) for n, t in zip(names, TEXTS)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len({tuple(r.round(decimals=4).tolist()) for r in (got[0], got[1], got[2], got[3])}) == 4
+
+
+def test_removing_a_run_leaves_the_others_unchanged(runs):
+    group = ServedGroup.for_run(runs["a"])
+    for name in "abd":
+        group.add_run(name, runs[name])
+    enc = group.tokenizer(TEXTS[:3], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    before = torch.stack(group.logits(["a", "d", "a"], enc["input_ids"], enc["attention_mask"]))
+    group.remove("b")
+    after = torch.stack(group.logits(["a", "d", "a"], enc["input_ids"], enc["attention_mask"]))
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="no run named 'b' is served"):
+        group.logits(["b"], enc["input_ids"][:1], enc["attention_mask"][:1])
+
+
+def test_runs_that_cannot_share_the_base_are_refused(runs):
+    group = ServedGroup.for_run(runs["a"])
+    with pytest.raises(ConfigError, match="is a full run"):
+        group.add_run("full", runs["full"])
+    group.add_run("a", runs["a"])
+    with pytest.raises(ConfigError, match="is served already"):
+        group.add_run("a", runs["b"])
