@@ -193,6 +193,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorafit.serve import ServeSettings, serve
+
+    settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, max_inputs=args.max_inputs)
+    serve(args.paths, args.adapter, host=args.host, port=args.port, settings=settings)
+    return 0
+
+
 def cmd_data_download(args: argparse.Namespace) -> int:
     from lorafit.data.download import IMDB_SHA256, IMDB_URL, download_imdb
 
@@ -271,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument(*_ADAPTER_FLAG, **_ADAPTER_HELP)
     m.set_defaults(func=cmd_export, quantize=None)
+    sv = sub.add_parser("serve", help="serve runs and exports over HTTP; adapters of one base model share it")
+    sv.add_argument("paths", nargs="*", metavar="RUN_OR_EXPORT", help="folders to serve, each named by its folder name")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a folder served as NAME")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--max-batch-tokens", type=int, default=16384, help="a batch closes at this many padded tokens")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="... or when its oldest text waited this long")
+    sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond it, 503")
+    sv.add_argument("--max-inputs", type=int, default=64, help="texts per request at most")
+    sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dl = dsub.add_parser("download", help="fetch the official IMDb archive into the cache")

@@ -1,0 +1,148 @@
+"""`lorafit serve` as users run it: a real server in a subprocess on a free port, a real HTTP
+client. Adapters of one base share it; every answer equals the run's own prediction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import lorafit
+
+httpx = pytest.importorskip("httpx", reason="the test extra (httpx)")
+pytest.importorskip("uvicorn", reason="the serve extra: pip install 'lorafit[serve]'")
+
+SMALL = dict(train_size=24, val_size=8, test_size=16, max_length=64, epochs=1, precision="fp32", progress=False,
+             pooling="mean")
+TEXTS = ["A wonderful, moving film.", "Dull and far too long; I left early.", "ok", "The plot made no sense at all.",
+         "Superb acting, a script that sings, and an ending I did not see coming.", "meh " * 80]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = str(tiny_model_dir)
+    return {
+        "a": lorafit.train(strategy="lora", model=model, seed=0, out=root / "a", **SMALL).path,
+        "b": lorafit.train(strategy="lora", model=model, seed=1, dora=True, out=root / "b", **SMALL).path,
+        "c": lorafit.train(strategy="lora", model=model, seed=2, scaling="rslora", out=root / "c", **SMALL).path,
+        "heads": lorafit.train(strategy="last-two-layers", model=model, seed=3, out=root / "d", **SMALL).path,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    port = free_port()
+    args = [a for name, path in runs.items() for a in ("--adapter", f"{name}={path}")]
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise AssertionError("the server did not come up in 180 s")
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def expected(runs, name, texts):
+    return [p["probabilities"] for p in lorafit.load_run(runs[name]).predict(texts)]
+
+
+def test_each_adapter_answers_as_its_run_predicts(runs, server):
+    url, _ = server
+    info = httpx.get(url + "/info").json()
+    assert sorted(info["served"]) == ["a", "b", "c", "heads"]
+    assert info["served"]["a"]["kind"] == "adapter" and info["served"]["heads"]["labels"] == ["neg", "pos"]
+    for name in runs:
+        r = httpx.post(url + "/predict", json={"inputs": TEXTS, "adapter": name}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-lorafit-truncated"] == "5"  # the long text was cut to max_length, as in training
+        for got, want in zip(r.json(), expected(runs, name, TEXTS)):
+            assert [p["score"] for p in got] == sorted((p["score"] for p in got), reverse=True)
+            assert {p["label"]: p["score"] for p in got} == pytest.approx(want, abs=1e-5)
+    one = httpx.post(url + "/predict", json={"inputs": TEXTS[0], "adapter": "b"}).json()
+    assert isinstance(one, list) and isinstance(one[0], dict)  # a single text: one list of labels (TEI's shape)
+
+
+def test_300_concurrent_requests_over_four_adapters_none_lost_none_mixed(runs, server):
+    url, _ = server
+    want = {n: expected(runs, n, TEXTS) for n in runs}
+    names = list(runs)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+            async def one(k):
+                name, i = names[k % 4], k % len(TEXTS)
+                r = await c.post("/predict", json={"inputs": [TEXTS[i]], "adapter": name})
+                return name, i, r
+            return await asyncio.gather(*(one(k) for k in range(300)))
+
+    results = asyncio.run(main())
+    assert len(results) == 300
+    for name, i, r in results:
+        assert r.status_code == 200, r.text
+        assert {p["label"]: p["score"] for p in r.json()[0]} == pytest.approx(want[name][i], abs=1e-5)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"text": "hi"}', 422, 'needs an "inputs" field'),
+    (b'{"inputs": [], "adapter": "a"}', 422, "empty list"),
+    (b'{"inputs": ["fine", ""], "adapter": "a"}', 422, "input 1 is empty"),
+    (b'{"inputs": [3], "adapter": "a"}', 422, "input 0 is int"),
+    (b'{"inputs": "hi", "adapter": "nope"}', 404, "no adapter or model named 'nope'; this server holds: a, b, c, "
+                                                  "heads"),
+    (b'{"inputs": "hi"}', 422, 'name one in "adapter"'),
+])
+def test_bad_requests_get_a_4xx_that_says_what_to_change(server, body, status, message):
+    url, _ = server
+    r = httpx.post(url + "/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and message in r.json()["error"], r.text
+    assert httpx.post(url + "/predict", json={"inputs": "still serving", "adapter": "a"}).status_code == 200
+
+
+def test_too_many_inputs_is_413(server):
+    url, _ = server
+    r = httpx.post(url + "/predict", json={"inputs": ["x"] * 65, "adapter": "a"})
+    assert r.status_code == 413 and "more than the 64 per request" in r.json()["error"]
+
+
+def test_sigterm_answers_what_it_accepted_and_exits_0(server):
+    url, proc = server
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            tasks = [asyncio.ensure_future(c.post("/predict", json={"inputs": TEXTS, "adapter": "c"}))
+                     for _ in range(20)]
+            await asyncio.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    answered = [r for r in results if not isinstance(r, Exception)]
+    assert answered and all(r.status_code == 200 for r in answered)
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert all(isinstance(r, httpx.ConnectError) for r in refused), refused[:3]  # never accepted, never dropped
+    assert proc.wait(timeout=60) == 0
