@@ -42,10 +42,9 @@ def runs(tiny_model_dir, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def server(runs):
+def start(args: list[str]):
+    """`lorafit serve ARGS` on a free port; (url, process) once /health answers."""
     port = free_port()
-    args = [a for name, path in runs.items() for a in ("--adapter", f"{name}={path}")]
     proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -61,7 +60,23 @@ def server(runs):
     else:
         proc.kill()
         raise AssertionError("the server did not come up in 180 s")
+    return url, proc
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    url, proc = start([a for name, path in runs.items() for a in ("--adapter", f"{name}={path}")])
     yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def guarded(runs):
+    """A server with an API key and an adapter root (the folder holding the runs), serving `a`."""
+    url, proc = start(["--adapter", f"a={runs['a']}", "--api-key", "s3cret", "--adapter-root",
+                       str(runs["a"].parent)])
+    yield url, proc, {"Authorization": "Bearer s3cret"}
     if proc.poll() is None:
         proc.kill()
 
@@ -129,7 +144,83 @@ def test_too_many_inputs_is_413(server):
     assert r.status_code == 413 and "more than the 64 per request" in r.json()["error"]
 
 
+def test_the_api_key_guards_every_route_but_health(guarded):
+    url, _, key = guarded
+    assert httpx.get(url + "/health").status_code == 200
+    r = httpx.get(url + "/info")
+    assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]
+    assert httpx.get(url + "/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(url + "/info", headers=key).status_code == 200
+    assert httpx.post(url + "/predict", json={"inputs": "hi"}, headers=key).status_code == 200  # one model: no name
+
+
+def test_adapters_load_and_unload_under_load_without_a_restart(runs, guarded):
+    url, _, key = guarded
+    want_a, want_b = expected(runs, "a", TEXTS[:1])[0], expected(runs, "b", TEXTS[:2])
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=key) as c:
+            async def load():
+                while True:
+                    r = await c.post("/predict", json={"inputs": [TEXTS[0]], "adapter": "a"})
+                    assert r.status_code == 200 and {p["label"]: p["score"] for p in r.json()[0]} == pytest.approx(
+                        want_a, abs=1e-5)
+                    await asyncio.sleep(0)
+
+            background = [asyncio.ensure_future(load()) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            added = await c.post("/adapters", json={"name": "b2", "path": runs["b"].name})
+            got = await c.post("/predict", json={"inputs": TEXTS[:2], "adapter": "b2"})
+            removed = await c.delete("/adapters/b2")
+            gone = await c.post("/predict", json={"inputs": "hi", "adapter": "b2"})
+            await asyncio.sleep(0.3)
+            for t in background:
+                assert not t.done(), t.exception()  # every background request was answered, and right
+                t.cancel()
+            return added, got, removed, gone
+
+    added, got, removed, gone = asyncio.run(main())
+    assert added.status_code == 201 and added.json()["kind"] == "adapter", added.text
+    for scores, want in zip(got.json(), want_b):
+        assert {p["label"]: p["score"] for p in scores} == pytest.approx(want, abs=1e-5)
+    assert removed.status_code == 200 and gone.status_code == 404
+
+
+def test_adapter_folders_outside_the_root_or_pickled_are_refused(runs, guarded, tmp_path):
+    url, _, key = guarded
+    pickled = runs["a"].parent / "pickled"
+    pickled.mkdir(exist_ok=True)
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    for body, status, message in [
+        ({"name": "x", "path": "../../etc"}, 403, "outside the adapter root"),
+        ({"name": "x", "path": "pickled"}, 422, "holds pickle files (adapter_model.bin)"),
+        ({"name": "a", "path": runs["b"].name}, 409, "is served already"),
+        ({"name": "x"}, 422, 'send {"name"'),
+        ({"name": "x", "path": "nowhere"}, 404, "not a folder under the adapter root"),
+    ]:
+        r = httpx.post(url + "/adapters", json=body, headers=key)
+        assert r.status_code == status and message in r.json()["error"], (body, r.text)
+    assert httpx.delete(url + "/adapters/nope", headers=key).status_code == 404
+    assert httpx.post(url + "/predict", json={"inputs": "hi", "adapter": "a"}, headers=key).status_code == 200
+
+
+def test_metrics_count_requests_per_adapter_in_prometheus_text(server):
+    url, _ = server
+    for _ in range(3):
+        assert httpx.post(url + "/predict", json={"inputs": "hi", "adapter": "b"}).status_code == 200
+    assert httpx.post(url + "/predict", json={"inputs": "hi", "adapter": "nope"}).status_code == 404
+    text = httpx.get(url + "/metrics").text
+    import re
+
+    count = float(re.search(r'^lorafit_requests_total\{adapter="b",status="200"\} (\S+)$', text, re.M).group(1))
+    assert count >= 3
+    assert re.search(r'^lorafit_request_errors_total\{adapter="-"\} [1-9]', text, re.M)
+    assert "lorafit_batch_size_bucket" in text and re.search(r"^lorafit_queue_depth \S+$", text, re.M)
+    assert 'lorafit_request_seconds_bucket{adapter="b"' in text
+
+
 def test_sigterm_answers_what_it_accepted_and_exits_0(server):
+    """Last in this file: it stops the module's server."""
     url, proc = server
 
     async def main():

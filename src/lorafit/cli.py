@@ -197,7 +197,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lorafit.serve import ServeSettings, serve
 
     settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                             max_queue=args.max_queue, max_inputs=args.max_inputs)
+                             max_queue=args.max_queue, max_inputs=args.max_inputs,
+                             api_key=args.api_key or os.environ.get("LORAFIT_API_KEY") or None,
+                             adapter_root=args.adapter_root)
     serve(args.paths, args.adapter, host=args.host, port=args.port, settings=settings)
     return 0
 
@@ -289,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="... or when its oldest text waited this long")
     sv.add_argument("--max-queue", type=int, default=1024, help="texts waiting at most; beyond it, 503")
     sv.add_argument("--max-inputs", type=int, default=64, help="texts per request at most")
+    sv.add_argument("--api-key", help="every route but /health needs Authorization: Bearer KEY (default: "
+                    "$LORAFIT_API_KEY; none: no key)")
+    sv.add_argument("--adapter-root", metavar="DIR", help="POST /adapters loads run folders under DIR only "
+                    "(default: no loading at run time)")
     sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)

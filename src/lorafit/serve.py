@@ -12,7 +12,9 @@ Routes (text-embeddings-inference's /predict shapes, plus an `adapter` field):
                       (a list of those for a list of inputs); header x-lorafit-truncated:
                       the indices of texts cut to the run's max_length
     GET  /info     models, adapters, labels, max_length, lorafit version
-    GET  /health
+    GET  /health   (never needs the API key)
+    GET  /metrics  Prometheus text: requests and errors per adapter, latency, batch sizes, queue depth
+    POST /adapters {"name", "path"}: load a run folder under --adapter-root; DELETE /adapters/{name}
 
 Every text of a request is queued (lorafit.serve_batcher); a batch holds texts of one
 engine, so rows of different adapters of one base share a forward.
@@ -20,9 +22,12 @@ engine, so rows of different adapters of one base share a forward.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import json
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +51,10 @@ class ServeSettings:
     """Texts per request at most."""
     max_body_bytes: int = 2_000_000
     """Request body size at most."""
+    api_key: str | None = None
+    """Every route but /health needs `Authorization: Bearer <api_key>`; None: no key."""
+    adapter_root: str | None = None
+    """POST /adapters loads folders under it only; None: no loading at run time."""
 
 
 class BadRequest(LorafitError):
@@ -89,73 +98,175 @@ def parse_predict(body: bytes, registry: Registry, settings: ServeSettings) -> t
     return texts, name, bool(data.get("raw_scores", False)), batch
 
 
-def create_app(registry: Registry, settings: ServeSettings | None = None):
-    """The ASGI app serving `registry` (a Starlette application)."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+class _Server:
+    """The app's state and its route handlers."""
 
-    from lorafit import __version__
+    def __init__(self, registry: Registry, settings: ServeSettings) -> None:
+        from lorafit.serve_metrics import Metrics
 
-    settings = settings or ServeSettings()
+        self.registry, self.settings = registry, settings
+        self.batcher = Batcher(self._forward, max_batch_tokens=settings.max_batch_tokens,
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+        self.metrics = Metrics(lambda: len(self.batcher.pending))
+        self.batcher.on_batch = self.metrics.batch_size.observe
 
-    def forward(items: list[Item]) -> list[torch.Tensor]:
-        engine = registry.served[items[0].payload[0]].engine
+    def _forward(self, items: list[Item]) -> list[torch.Tensor]:
+        engine = self.registry.served[items[0].payload[0]].engine
         return engine.forward([it.payload[0] for it in items], [it.payload[1] for it in items])
 
-    batcher = Batcher(forward, max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
-                      max_queue=settings.max_queue)
+    @staticmethod
+    def error(message: str, status: int, **headers):
+        from starlette.responses import JSONResponse
 
-    def error(message: str, status: int, **headers) -> JSONResponse:
         return JSONResponse({"error": message, "error_type": "validation" if status < 500 else "backend"},
                             status_code=status, headers=headers)
 
-    async def predict(request: Request) -> Response:
+    async def predict(self, request):
+        from starlette.responses import JSONResponse
+
+        start = time.perf_counter()
         try:
-            texts, name, raw, batch = parse_predict(await request.body(), registry, settings)
+            texts, name, raw, batch = parse_predict(await request.body(), self.registry, self.settings)
         except BadRequest as exc:
-            return error(str(exc), exc.status)
-        served = registry.served[name]
-        rows, truncated = registry.tokenize(name, texts)
-        engine_key = id(served.engine)
-        items = [Item(engine=engine_key, tokens=len(r), payload=(name, r)) for r in rows]
+            self.metrics.request("-", exc.status, time.perf_counter() - start)
+            return self.error(str(exc), exc.status)
+        served = self.registry.served[name]
+        rows, truncated = self.registry.tokenize(name, texts)
+        items = [Item(engine=id(served.engine), tokens=len(r), payload=(name, r)) for r in rows]
         try:
-            logits = await batcher.submit(items)
+            logits = await self.batcher.submit(items)
         except QueueFull as exc:
-            return error(f"the server is busy ({exc}); retry shortly", 503, **{"Retry-After": "1"})
+            self.metrics.request(name, 503, time.perf_counter() - start)
+            return self.error(f"the server is busy ({exc}); retry shortly", 503, **{"Retry-After": "1"})
         except Exception as exc:  # noqa: BLE001 - a failed forward answers its own requests; serving goes on
-            return error(f"the model failed on this batch: {type(exc).__name__}: {exc}", 500)
+            self.metrics.request(name, 500, time.perf_counter() - start)
+            return self.error(f"the model failed on this batch: {type(exc).__name__}: {exc}", 500)
         out = []
         for row in logits:
             scores = row if raw else torch.softmax(row, dim=-1)
             pairs = sorted(zip(served.label_names, scores.tolist()), key=lambda p: -p[1])
             out.append([{"label": label, "score": score} for label, score in pairs])
+        self.metrics.request(name, 200, time.perf_counter() - start)
         headers = {"x-lorafit-truncated": ",".join(str(i) for i, t in enumerate(truncated) if t)}
         return JSONResponse(out if batch else out[0], headers=headers)
 
-    async def info(_request: Request) -> Response:
+    async def info(self, _request):
+        from starlette.responses import JSONResponse
+
+        from lorafit import __version__
+
         return JSONResponse({
             "lorafit_version": __version__,
             "served": {s.name: {"kind": s.kind, "labels": s.label_names, "max_length": s.max_length,
-                                "path": str(s.path)} for s in registry.served.values()},
-            "max_batch_tokens": settings.max_batch_tokens, "max_inputs": settings.max_inputs})
+                                "path": str(s.path)} for s in self.registry.served.values()},
+            "max_batch_tokens": self.settings.max_batch_tokens, "max_inputs": self.settings.max_inputs})
 
-    async def health(_request: Request) -> Response:
+    async def health(self, _request):
+        from starlette.responses import JSONResponse
+
         return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self, _request):
+        from starlette.responses import Response
+
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def add_adapter(self, request):
+        """POST /adapters {"name", "path"}: a folder under --adapter-root, loaded without a restart."""
+        from starlette.responses import JSONResponse
+
+        try:
+            name, folder = parse_adapter_request(await request.body(), self.settings.adapter_root, self.registry)
+        except BadRequest as exc:
+            return self.error(str(exc), exc.status)
+        loop = asyncio.get_running_loop()
+        try:  # in the forward's thread: a batch never runs while the model changes
+            served = await loop.run_in_executor(self.batcher.pool, self.registry.add, name, folder)
+        except LorafitError as exc:
+            return self.error(f"cannot load {folder}: {exc}", 422)
+        return JSONResponse({"name": name, "kind": served.kind, "labels": served.label_names}, status_code=201)
+
+    async def remove_adapter(self, request):
+        from starlette.responses import JSONResponse
+
+        name = request.path_params["name"]
+        if name not in self.registry.served:
+            return self.error(f"no adapter or model named {name!r}; this server holds: "
+                              f"{', '.join(sorted(self.registry.served))}", 404)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.batcher.pool, self.registry.remove, name)
+        return JSONResponse({"removed": name})
+
+
+def parse_adapter_request(body: bytes, root, registry: Registry):
+    """(name, folder) of a POST /adapters body, the folder inside `root`, or BadRequest."""
+    from pathlib import Path
+
+    if root is None:
+        raise BadRequest("this server loads no adapters at run time; start it with --adapter-root DIR", 403)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON ({exc}); send {{\"name\": ..., \"path\": ...}}", 400) from None
+    name, path = (data.get("name"), data.get("path")) if isinstance(data, dict) else (None, None)
+    if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path:
+        raise BadRequest('send {"name": "a new name", "path": "a folder under the adapter root"}')
+    if name in registry.served:
+        raise BadRequest(f"the name {name!r} is served already; pick another, or DELETE /adapters/{name} first", 409)
+    root = Path(root).resolve()
+    folder = (root / path).resolve()
+    if not folder.is_relative_to(root):
+        raise BadRequest(f"{path} is outside the adapter root; pass a folder under it", 403)
+    if not folder.is_dir():
+        raise BadRequest(f"{path} is not a folder under the adapter root", 404)
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickles:
+        raise BadRequest(f"{path} holds pickle files ({', '.join(pickles[:3])}); lorafit loads safetensors only, "
+                         "since unpickling can run code", 422)
+    return name, folder
+
+
+def create_app(registry: Registry, settings: ServeSettings | None = None):
+    """The ASGI app serving `registry` (a Starlette application)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    server = _Server(registry, settings or ServeSettings())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        batcher.start()
+        server.batcher.start()
         try:
             yield
         finally:
-            await batcher.stop()  # what is queued is answered first
+            await server.batcher.stop()  # what is queued is answered first
 
-    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/info", info),
-                            Route("/health", health)], lifespan=lifespan)
-    app.state.registry, app.state.batcher = registry, batcher
+    routes = [Route("/predict", server.predict, methods=["POST"]), Route("/info", server.info),
+              Route("/health", server.health), Route("/metrics", server.metrics_text),
+              Route("/adapters", server.add_adapter, methods=["POST"]),
+              Route("/adapters/{name}", server.remove_adapter, methods=["DELETE"])]
+    middleware = [Middleware(BearerAuth, key=server.settings.api_key)] if server.settings.api_key else []
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.server = server
     return app
+
+
+class BearerAuth:
+    """Every route but /health needs `Authorization: Bearer <key>` (a pure ASGI middleware)."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, b"Bearer " + self.key):
+            response = _Server.error("this server needs an API key: send the header Authorization: Bearer <key>", 401)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _named(paths: list[str], adapters: list[str]) -> list[tuple[str, str]]:
@@ -183,11 +294,12 @@ def serve(paths: list[str], adapters: list[str] | None = None, host: str = "127.
           settings: ServeSettings | None = None) -> None:
     """Load every folder, then serve until SIGTERM or Ctrl-C (see the module)."""
     try:
+        import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
-        raise LorafitError("lorafit serve needs the serve extra: pip install 'lorafit[serve]' (starlette, uvicorn)"
-                           ) from None
+        raise LorafitError("lorafit serve needs the serve extra: pip install 'lorafit[serve]' (starlette, uvicorn, "
+                           "prometheus-client)") from None
     registry = Registry()
     for name, path in _named(paths, adapters or []):
         registry.add(name, path)

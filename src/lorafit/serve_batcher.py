@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,11 +73,14 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.pending: list[Item] = []
-        self.batch_sizes: list[int] = []
-        """Size of every batch run so far (for metrics; the caller may clear it)."""
+        self.batch_sizes: deque[int] = deque(maxlen=100_000)
+        """Sizes of the latest batches run."""
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-forward")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-forward")
+        """The one thread forwards run in; whatever changes the models runs there too."""
+        self.on_batch: Callable[[int], None] | None = None
+        """Called with each batch's size (metrics)."""
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -92,7 +96,7 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
 
     async def submit(self, items: list[Item]) -> list:
         """Queue `items` and wait for their results (an item whose batch failed raises its error).
@@ -137,8 +141,10 @@ class Batcher:
             chosen = {id(it) for it in batch}
             self.pending = [it for it in self.pending if id(it) not in chosen]
             self.batch_sizes.append(len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
-                results = await loop.run_in_executor(self._pool, self.forward, batch)
+                results = await loop.run_in_executor(self.pool, self.forward, batch)
             except Exception as exc:  # noqa: BLE001 - the batch's own requests get the error; serving goes on
                 for it in batch:
                     if not it.future.done():
