@@ -219,6 +219,25 @@ def test_metrics_count_requests_per_adapter_in_prometheus_text(server):
     assert 'lorafit_request_seconds_bucket{adapter="b"' in text
 
 
+def test_a_full_queue_answers_503_with_retry_after_and_a_huge_body_413(runs):
+    url, proc = start(["--adapter", f"a={runs['a']}", "--max-queue", "2", "--max-wait-ms", "300"])
+    try:
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/predict", json={"inputs": [TEXTS[k % 6]], "adapter": "a"})
+                                              for k in range(20)))
+
+        results = asyncio.run(main())
+        busy = [r for r in results if r.status_code == 503]
+        assert busy and all(r.headers["retry-after"] == "1" and "retry shortly" in r.json()["error"] for r in busy)
+        assert all(r.status_code in (200, 503) for r in results) and any(r.status_code == 200 for r in results)
+        r = httpx.post(url + "/predict", content=b'{"inputs": "' + b"x" * 2_100_000 + b'"}', timeout=60)
+        assert r.status_code == 413 and "more than the 2,000,000 this server takes" in r.json()["error"]
+        assert httpx.post(url + "/predict", json={"inputs": "fine", "adapter": "a"}).status_code == 200
+    finally:
+        proc.kill()
+
+
 def test_sigterm_answers_what_it_accepted_and_exits_0(server):
     """Last in this file: it stops the module's server."""
     url, proc = server

@@ -66,3 +66,19 @@ def test_runs_that_cannot_share_the_base_are_refused(runs):
     group.add_run("a", runs["a"])
     with pytest.raises(ConfigError, match="is served already"):
         group.add_run("a", runs["b"])
+
+
+def test_one_adapter_alone_is_merged_and_routing_resumes_when_another_joins(runs):
+    from lorafit.lora import lora_modules
+
+    group = ServedGroup.for_run(runs["a"])
+    group.add_run("a", runs["a"])
+    enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    alone = torch.stack(group.logits(["a"] * len(TEXTS), enc["input_ids"], enc["attention_mask"]))
+    assert all(layer.merged for _, layer in lora_modules(group.model))  # the base model's forward
+    group.add_run("b", runs["b"])
+    mixed = torch.stack(group.logits(["a", "b"] * 3, enc["input_ids"], enc["attention_mask"]))
+    assert not any(layer.merged for _, layer in lora_modules(group.model))
+    torch.testing.assert_close(mixed[0::2], alone[0::2], atol=1e-5, rtol=0)
+    want = torch.stack([torch.from_numpy(lorafit.load_run(runs["a"]).logits([t])[0]) for t in TEXTS])
+    torch.testing.assert_close(alone, want, atol=1e-5, rtol=0)

@@ -143,6 +143,7 @@ class ServedGroup:
         layers = {n: layer for n, layer in lora_modules(loaded.model) if n not in self.head_names}
         if layers:
             adapter_name = name
+            self._unmerge()  # a merged base takes no further adapter
             self._join_adapter(name, layers)
         labels = list(loaded.model.config.id2label[i] for i in sorted(loaded.model.config.id2label))
         member = Member(adapter_name, head, labels, cfg.max_length, run_dir)
@@ -192,6 +193,7 @@ class ServedGroup:
             raise ConfigError(f"no run named {name!r} is served")
         if member.adapter is None:
             return
+        self._unmerge()
         for path, layer in list(lora_modules(self.model)):
             if member.adapter in layer.adapters:
                 del layer.adapters[member.adapter]
@@ -200,6 +202,27 @@ class ServedGroup:
                     _set_submodule(self.model, path, layer.base)
                 elif not layer.active:
                     layer.active = {next(iter(layer.adapters)): 1.0}
+
+    def _merge_if_alone(self) -> bool:
+        """With one member, and that one with an adapter, its weights merged into the base
+        (True); else unmerged, for routing (False)."""
+        from lorafit.lora import lora_modules, merge_lora, set_active_adapter, unmerge_lora
+
+        layers = [layer for _, layer in lora_modules(self.model)]
+        alone = len(self.members) == 1 and next(iter(self.members.values())).adapter is not None
+        merged = any(layer.merged for layer in layers)
+        if alone and not merged:
+            set_active_adapter(self.model, next(iter(self.members.values())).adapter)
+            merge_lora(self.model)
+        elif not alone and merged:
+            unmerge_lora(self.model)
+        return alone
+
+    def _unmerge(self) -> None:
+        from lorafit.lora import lora_modules, unmerge_lora
+
+        if any(layer.merged for _, layer in lora_modules(self.model)):
+            unmerge_lora(self.model)
 
     @torch.no_grad()
     def logits(self, names: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
@@ -217,7 +240,9 @@ class ServedGroup:
         handle = first.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0].float()))
         routes = [self.members[n].adapter for n in names]
         try:
-            if any(True for _ in lora_modules(self.model)):
+            if self._merge_if_alone():  # one adapter: merged, the forward is the base model's
+                self.model(input_ids=input_ids, attention_mask=attention_mask)
+            elif any(True for _ in lora_modules(self.model)):
                 with route_adapters(self.model, routes):
                     self.model(input_ids=input_ids, attention_mask=attention_mask)
             else:
