@@ -74,3 +74,30 @@ def test_routing_refuses_unknown_names_and_merged_layers():
         with route_adapters(model, ["a"]):
             pass
     unmerge_lora(model)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_gathered_rows_equal_grouped_rows_for_plain_lora(arch):
+    base = tiny_model(arch)
+    model = copy.deepcopy(base)
+    torch.manual_seed(2)
+    for name, cfg in {"a": ADAPTERS["a"], "c": ADAPTERS["c"]}.items():  # ranks 4 and 8, other targets
+        apply_lora(model, cfg, adapter_name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    ids = torch.randint(3, 100, (5, 9), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    names = ["a", None, "c", "c", "a"]
+    with torch.no_grad():
+        with route_adapters(model, names):
+            grouped = model(**batch).logits
+        with route_adapters(model, names, mode="gathered"):
+            gathered = model(**batch).logits
+    torch.testing.assert_close(gathered, grouped, atol=1e-5, rtol=0)
+    _, dora = adapted("bert")
+    with pytest.raises(TargetError, match="mode='grouped'"):
+        with route_adapters(dora, ["b"], mode="gathered"):
+            pass

@@ -284,7 +284,7 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}
         """Adapter name -> weight of its update; the first adapter added is active with weight 1."""
         self.merged = False
-        self.routes: dict[str, torch.Tensor] | None = None
+        self.routes: dict[str, torch.Tensor] | _Gathered | None = None
         """Mixed batches (serving): adapter name -> the batch rows it applies to, (n,) int64;
         rows no name lists get the base layer only. None: every row gets the active adapters.
         Set by `route_adapters`."""
@@ -406,6 +406,8 @@ class LoRALinear(nn.Module):
                     p.requires_grad for p in self.adapter_params().values()):
                 raise RuntimeError("LoRA weights are merged; call unmerge_lora(model) before training")
             return y
+        if isinstance(self.routes, _Gathered):  # each row its own A and B, gathered: one batched matmul pair
+            return y + self.routes.update(self, x).to(y.dtype)
         if self.routes is not None:  # each row its own adapter: (B, ..., out)
             out = y.clone()
             for n, rows in self.routes.items():
@@ -538,16 +540,47 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     combine_adapters(model, {name: 1.0})
 
 
+class _Gathered:
+    """Per-row adapters as gathered weights: row i's A and B (zero for a row without an
+    adapter on the layer) stacked, so a layer's update is two batched matmuls."""
+
+    def __init__(self, row_adapters: Sequence[str | None], device: torch.device) -> None:
+        self.names = list(row_adapters)
+        self.device = device
+
+    def update(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        """(B, ..., in) -> (B, ..., out): s_i B_i A_i x_i for each row i."""
+        rank = max(a.config.r for a in layer.adapters.values())
+        a_rows = torch.zeros(len(self.names), rank, layer.in_features, device=x.device)
+        b_rows = torch.zeros(len(self.names), layer.out_features, rank, device=x.device)
+        for i, n in enumerate(self.names):
+            if n is not None and n in layer.adapters:
+                ad = layer.adapters[n]
+                a_rows[i, :ad.config.r] = ad.lora_A
+                b_rows[i, :, :ad.config.r] = ad.lora_B * ad.scaling
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (B, T, in)
+        out = torch.bmm(torch.bmm(flat, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (B, T, out)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+
+
 @contextlib.contextmanager
-def route_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
+def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: str = "grouped"
+                   ) -> Iterator[None]:
     """Within the block, row i of a batch (dim 0 of every LoRA layer's input, B rows) gets
     adapter `row_adapters[i]` alone (None: the base model), all in one forward. For a
     server holding many adapters of one base model; each layer runs its base matmul once
     for the batch, then each adapter on its own rows.
 
+    `mode`: `grouped` (each adapter's matmuls on its own rows) or `gathered` (every row's A
+    and B gathered into two batched matmuls; plain LoRA only, no dropout: DoRA rescales the
+    whole weight per adapter).
+
     Raises:
-        TargetError: a name no layer has, merged layers, or a model without LoRA layers.
+        TargetError: a name no layer has, merged layers, a model without LoRA layers, or
+            DoRA adapters with mode `gathered`.
     """
+    if mode not in ("grouped", "gathered"):
+        raise ConfigError(f"mode must be grouped or gathered, got {mode!r}")
     layers = [layer for _, layer in lora_modules(model)]
     if not layers:
         raise TargetError("this model has no LoRA layers; apply_lora or load_adapter first")
@@ -558,6 +591,19 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iter
     if unknown:
         raise TargetError(f"no adapter {unknown[0]!r} in this model; its adapters: {', '.join(sorted(known))}")
     device = next(layers[0].base.parameters()).device
+    if mode == "gathered":
+        used = {n for n in row_adapters if n is not None}
+        if any(a.config.use_dora for layer in layers for n, a in layer.adapters.items() if n in used):
+            raise TargetError("DoRA adapters rescale the whole weight; route them with mode='grouped'")
+        gathered = _Gathered(row_adapters, device)
+        try:
+            for layer in layers:
+                layer.routes = gathered
+            yield
+        finally:
+            for layer in layers:
+                layer.routes = None
+        return
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(row_adapters):
         if n is not None:

@@ -1,0 +1,106 @@
+"""Mixed-adapter forwards: grouped against gathered rows, beside one merged adapter.
+
+    .venv/bin/python benchmarks/routing_speed.py --out results/routing_speed
+
+all-MiniLM-L6-v2 (mean pooling, as lorafit trains it) with `--adapters` plain LoRA adapters
+(rank 4 on key and value, lorafit's default targets; B drawn at random so every update is
+real), a batch of `--batch` IMDb reviews (the embedded sample's test split, max_length 256)
+whose rows name the adapters in turn. Systems, each one forward of the batch in eval mode:
+
+  merged     one adapter merged into the weights: the base model's forward (the ceiling)
+  grouped    route_adapters(mode="grouped"): the base matmul once, then each adapter on its rows
+  gathered   route_adapters(mode="gathered"): every row's A and B gathered, two batched matmuls
+
+They take turns in each of `--rounds` rounds; each figure is the median texts/s, with the
+CPU, its matmul peak measured in the same process, and the precision (fp32, as `lorafit
+serve` computes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lorafit.data import load_dataset  # noqa: E402
+from lorafit.lora import LoRAConfig, apply_lora, merge_lora, route_adapters, set_active_adapter  # noqa: E402
+from lorafit.machine import cpu_model  # noqa: E402
+from lorafit.models import load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default="results/routing_speed")
+    args = ap.parse_args()
+    from peak import measure
+
+    loaded = load_model(None, pooling="mean")
+    model = loaded.model.eval()
+    torch.manual_seed(0)
+    names = [f"a{i}" for i in range(args.adapters)]
+    for n in names:
+        apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["key", "value"]), adapter_name=n)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.02)
+    merged = copy.deepcopy(model)
+    set_active_adapter(merged, names[0])
+    merge_lora(merged)
+    texts = load_dataset(None).test.texts[:args.batch]
+    batch = loaded.tokenizer(texts, truncation=True, max_length=256, padding=True, return_tensors="pt")
+    rows = [names[i % len(names)] for i in range(len(texts))]
+
+    @torch.no_grad()
+    def run(system: str) -> float:
+        start = time.perf_counter()
+        if system == "merged":
+            merged(**batch)
+        else:
+            with route_adapters(model, rows, mode=system):
+                model(**batch)
+        return len(texts) / (time.perf_counter() - start)
+
+    systems = ["merged", "grouped", "gathered"]
+    for s in systems:  # warm-up
+        run(s)
+    rates: dict[str, list[float]] = {s: [] for s in systems}
+    for r in range(args.rounds):
+        for s in systems[r % 3:] + systems[:r % 3]:
+            rates[s].append(run(s))
+        print(f"round {r + 1}: " + ", ".join(f"{s} {v[-1]:.1f}/s" for s, v in rates.items()), flush=True)
+    peak = measure(trials=3, seconds=0.5)
+    med = {s: statistics.median(v) for s, v in rates.items()}
+    record = {"command": "benchmarks/routing_speed.py " + " ".join(sys.argv[1:]),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+              "cpu": cpu_model(), "peak": peak, "adapters": args.adapters, "batch": len(texts),
+              "padded_tokens": int(batch["input_ids"].numel()), "precision": "fp32", "rounds": rates,
+              "median_texts_per_s": med, "ratio_to_merged": {s: med[s] / med["merged"] for s in med}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "routing_speed.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# Mixed-adapter forwards\n\n`{record['command']}` at commit {record['commit']}\n",
+             f"CPU: {record['cpu']}; matmul peak bf16 {peak['bfloat16']['peak_tflops']:.2f}, fp32 "
+             f"{peak['float32']['peak_tflops']:.2f} TFLOP/s; {args.adapters} adapters, a batch of {len(texts)} "
+             f"reviews ({record['padded_tokens']:,} padded tokens), fp32\n",
+             "| system | texts/s (median) | x merged |", "|---|---|---|"]
+    lines += [f"| {s} | {med[s]:.1f} | {med[s] / med['merged']:.2f} |" for s in systems]
+    (out / "routing_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
