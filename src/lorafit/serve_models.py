@@ -130,6 +130,11 @@ class Registry:
 
         s = self.served[name]
         cleaned = [clean_text(t) for t in texts]
-        full = s.tokenizer(cleaned, truncation=False, add_special_tokens=True)["input_ids"]
-        cut = s.tokenizer(cleaned, truncation=True, max_length=s.max_length)["input_ids"]
-        return [list(c) for c in cut], [len(f) > len(c) for f, c in zip(full, cut)]
+        rows = [list(r) for r in s.tokenizer(cleaned, truncation=False)["input_ids"]]
+        long = [i for i, r in enumerate(rows) if len(r) > s.max_length]
+        if long:  # only the texts past max_length are tokenized again, truncated as in training
+            cut = s.tokenizer([cleaned[i] for i in long], truncation=True, max_length=s.max_length)["input_ids"]
+            for i, r in zip(long, cut):
+                rows[i] = list(r)
+        truncated = set(long)
+        return rows, [i in truncated for i in range(len(rows))]
