@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("results/bench"))
     ap.add_argument("--pooling", choices=("auto", "cls", "mean"), default=None,
                     help="lorafit's --pooling (default: lorafit's own default, auto)")
+    ap.add_argument("--peers", default="tuned,typical",
+                    help="comma list of the peers to run (tuned, typical); a peer left out keeps the row of an "
+                         "earlier run only in git history, and its columns read '-'")
     ap.add_argument("--fresh", action="store_true", help="drop rows kept from earlier runs in results/bench.json")
     ap.add_argument("--records-only", action="store_true",
                     help="only run (or read back) the runs' records in --out, e.g. accuracy-only seeds in parallel "
@@ -187,6 +190,8 @@ def main() -> None:
             peers = {}
             # the tuned peer computes in the precision lorafit's run used (measured faster on this CPU)
             for kind, flags in (("tuned", ["--tuned", "--precision", final["precision"]]), ("typical", [])):
+                if kind not in args.peers.split(","):
+                    continue
                 if kind == "typical" and args.typical_seeds is not None and seed not in seeds[:args.typical_seeds]:
                     continue
                 saved = args.out / f"peer-{kind}-{strategy}-seed{seed}.json"
@@ -215,6 +220,8 @@ def main() -> None:
         first = per_seed[0]
         ours, ratios = first["lorafit"], {}
         for kind in ("tuned", "typical"):
+            if f"peer_{kind}" not in first:  # left out by --peers
+                continue
             peer = first[f"peer_{kind}"]
             ratios[kind] = {
                 "samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
@@ -235,7 +242,7 @@ def main() -> None:
                                                 *args.out.glob(f"peer-*-{strategy}-seed{seeds[0]}.json")])
         row = {"strategy": strategy, "lr": lr, "matmul_peak": peaks, "measured": time.strftime("%Y-%m-%d %H:%M",
                                                                                              time.localtime(made)),
-               "lorafit": ours, "peer": first["peer_typical"], "peer_tuned": first["peer_tuned"], "ratios": ratios,
+               "lorafit": ours, "peer": first.get("peer_typical"), "peer_tuned": first["peer_tuned"], "ratios": ratios,
                "seeds": seeds, "test_accuracy_per_seed": accuracy, "per_seed": per_seed}
         rows.append(row)
         write_results(args, peaks, rows, None)  # after each strategy: a cut-off run keeps what it measured
@@ -278,7 +285,7 @@ def _matmul_peak(out: Path) -> dict:
 def _seeds_note(row: dict) -> str:
     """"3 seeds", or "3 seeds; typical peer 1" where the typical peer ran fewer."""
     n, typical = len(row["seeds"]), len(row["test_accuracy_per_seed"]["peer_typical"])
-    return f"{n} seed{'s' * (n > 1)}" + (f"; typical peer {typical}" if typical != n else "")
+    return f"{n} seed{'s' * (n > 1)}" + (f"; typical peer {typical or 'not run'}" if typical != n else "")
 
 
 def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> str:
@@ -311,19 +318,23 @@ def write_results(args, peaks: dict, rows: list[dict], merged: dict | None) -> s
     for r in rows:
         if "peer_tuned" not in r:  # a row of the older, one-peer benchmark
             continue
-        o, t, p, q = r["lorafit"], r["peer_tuned"], r["peer"], r["ratios"]
-        acc = {k: statistics.mean(v) for k, v in r["test_accuracy_per_seed"].items()}
+        o, t, p, q = r["lorafit"], r["peer_tuned"], r["peer"] or {}, r["ratios"]
+        acc = {k: statistics.mean(v) if v else None for k, v in r["test_accuracy_per_seed"].items()}
         mfu = " / ".join(f"{100 * x['mfu']:.1f}%" if x.get("mfu") else "-" for x in (o, t))
         if "process_seconds" not in o:  # a row from before the whole process was timed
             continue
-        lines.append(f"| {r['strategy']} | {o['samples_per_s']:.1f} / {t['samples_per_s']:.1f} / "
-                     f"{p['samples_per_s']:.1f} | {q['tuned']['samples_per_s']:.2f}x / "
-                     f"{q['typical']['samples_per_s']:.2f}x | "
-                     + " / ".join(f"{x['process_seconds']:.0f}" for x in (o, t, p)) + " | "
-                     + f"{q['tuned']['whole_process_time_peer_over_lorafit']:.2f}x / "
-                     + f"{q['typical']['whole_process_time_peer_over_lorafit']:.2f}x | "
-                     + " / ".join(f"{x['peak_memory_mb']:,.0f}" for x in (o, t, p)) + " | "
-                     + " / ".join(f"{acc[k]:.4f}" for k in ("lorafit", "peer_tuned", "peer_typical"))
+
+        def cells(fmt: str, key: str, *who: dict) -> str:
+            return " / ".join(format(x[key], fmt) if key in x else "-" for x in who)
+
+        def ratio(key: str) -> str:
+            return " / ".join(f"{q[k][key]:.2f}x" if k in q else "-" for k in ("tuned", "typical"))
+
+        lines.append(f"| {r['strategy']} | {cells('.1f', 'samples_per_s', o, t, p)} | {ratio('samples_per_s')} | "
+                     f"{cells('.0f', 'process_seconds', o, t, p)} | {ratio('whole_process_time_peer_over_lorafit')} | "
+                     f"{cells(',.0f', 'peak_memory_mb', o, t, p)} | "
+                     + " / ".join(f"{acc[k]:.4f}" if acc[k] is not None else "-"
+                                  for k in ("lorafit", "peer_tuned", "peer_typical"))
                      + f" ({_seeds_note(r)}) | {mfu} |")
     table = "\n".join(lines) + "\n"
     if merged:
