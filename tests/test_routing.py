@@ -76,8 +76,9 @@ def test_routing_refuses_unknown_names_and_merged_layers():
     unmerge_lora(model)
 
 
+@pytest.mark.parametrize("mode", ["gathered", "stacked"])
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_gathered_rows_equal_grouped_rows_for_plain_lora(arch):
+def test_gathered_and_stacked_rows_equal_grouped_rows_for_plain_lora(arch, mode):
     base = tiny_model(arch)
     model = copy.deepcopy(base)
     torch.manual_seed(2)
@@ -94,10 +95,16 @@ def test_gathered_rows_equal_grouped_rows_for_plain_lora(arch):
     with torch.no_grad():
         with route_adapters(model, names):
             grouped = model(**batch).logits
-        with route_adapters(model, names, mode="gathered"):
-            gathered = model(**batch).logits
-    torch.testing.assert_close(gathered, grouped, atol=1e-5, rtol=0)
+        with route_adapters(model, names, mode=mode):
+            routed = model(**batch).logits
+        with route_adapters(model, [None, None], mode=mode):  # no row names an adapter: the base model
+            plain = model(**{k: v[:2] for k, v in batch.items()}).logits
+        want_base = base.eval()(**batch).logits
+    torch.testing.assert_close(routed, grouped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, want_base[:2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(routed[1], want_base[1], atol=1e-6, rtol=0)  # the row without an adapter
+    assert not torch.allclose(routed[[0, 2, 4]], want_base[[0, 2, 4]], atol=1e-3)  # the adapters changed theirs
     _, dora = adapted("bert")
     with pytest.raises(TargetError, match="mode='grouped'"):
-        with route_adapters(dora, ["b"], mode="gathered"):
+        with route_adapters(dora, ["b"], mode=mode):
             pass

@@ -284,7 +284,7 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}
         """Adapter name -> weight of its update; the first adapter added is active with weight 1."""
         self.merged = False
-        self.routes: dict[str, torch.Tensor] | _Gathered | None = None
+        self.routes: dict[str, torch.Tensor] | _Gathered | _Stacked | None = None
         """Mixed batches (serving): adapter name -> the batch rows it applies to, (n,) int64;
         rows no name lists get the base layer only. None: every row gets the active adapters.
         Set by `route_adapters`."""
@@ -406,8 +406,9 @@ class LoRALinear(nn.Module):
                     p.requires_grad for p in self.adapter_params().values()):
                 raise RuntimeError("LoRA weights are merged; call unmerge_lora(model) before training")
             return y
-        if isinstance(self.routes, _Gathered):  # each row its own A and B, gathered: one batched matmul pair
-            return y + self.routes.update(self, x).to(y.dtype)
+        if isinstance(self.routes, (_Gathered, _Stacked)):  # each row its own A and B: one matmul pair
+            d = self.routes.update(self, x)
+            return y if d is None else y + d.to(y.dtype)
         if self.routes is not None:  # each row its own adapter: (B, ..., out)
             out = y.clone()
             for n, rows in self.routes.items():
@@ -563,6 +564,41 @@ class _Gathered:
         return out.reshape(*x.shape[:-1], layer.out_features)
 
 
+class _Stacked:
+    """Per-row adapters as one stacked pair: the A rows of every adapter the batch names
+    stacked into (R, in), their scaled B columns into (out, R), and a (B, R) mask that keeps
+    each row's own columns, so a layer's update is two dense matmuls whatever the number
+    of adapters (R = the sum of their ranks)."""
+
+    def __init__(self, row_adapters: Sequence[str | None], device: torch.device) -> None:
+        self.names = list(row_adapters)
+        self.device = device
+        self._masks: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor | None:
+        """(B, ..., in) -> (B, ..., out): s_i B_i A_i x_i for each row i (None: no row's
+        adapter is on this layer)."""
+        here = tuple(n for n in dict.fromkeys(self.names) if n is not None and n in layer.adapters)
+        if not here:
+            return None
+        a = torch.cat([layer.adapters[n].lora_A for n in here])  # (R, in)
+        b = torch.cat([layer.adapters[n].lora_B * layer.adapters[n].scaling for n in here], dim=1)  # (out, R)
+        if here not in self._masks:
+            cols, start = {}, 0
+            for n in here:
+                cols[n] = (start, start + layer.adapters[n].config.r)
+                start += layer.adapters[n].config.r
+            mask = torch.zeros(len(self.names), start, device=x.device)
+            for i, n in enumerate(self.names):
+                if n in cols:
+                    mask[i, cols[n][0]:cols[n][1]] = 1
+            self._masks[here] = mask
+        mask = self._masks[here].to(a.dtype)
+        h = x.to(a.dtype) @ a.T  # (B, ..., R)
+        h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+        return h @ b.T  # (B, ..., out)
+
+
 @contextlib.contextmanager
 def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: str = "grouped"
                    ) -> Iterator[None]:
@@ -571,16 +607,17 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     server holding many adapters of one base model; each layer runs its base matmul once
     for the batch, then each adapter on its own rows.
 
-    `mode`: `grouped` (each adapter's matmuls on its own rows) or `gathered` (every row's A
-    and B gathered into two batched matmuls; plain LoRA only, no dropout: DoRA rescales the
-    whole weight per adapter).
+    `mode`: `grouped` (each adapter's matmuls on its own rows), `gathered` (every row's A
+    and B gathered into two batched matmuls) or `stacked` (every named adapter's A and B
+    stacked into two dense matmuls, each row masked to its own rank's columns); the last
+    two for plain LoRA only, no dropout: DoRA rescales the whole weight per adapter.
 
     Raises:
         TargetError: a name no layer has, merged layers, a model without LoRA layers, or
             DoRA adapters with mode `gathered`.
     """
-    if mode not in ("grouped", "gathered"):
-        raise ConfigError(f"mode must be grouped or gathered, got {mode!r}")
+    if mode not in ("grouped", "gathered", "stacked"):
+        raise ConfigError(f"mode must be grouped, gathered or stacked, got {mode!r}")
     layers = [layer for _, layer in lora_modules(model)]
     if not layers:
         raise TargetError("this model has no LoRA layers; apply_lora or load_adapter first")
@@ -591,11 +628,11 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     if unknown:
         raise TargetError(f"no adapter {unknown[0]!r} in this model; its adapters: {', '.join(sorted(known))}")
     device = next(layers[0].base.parameters()).device
-    if mode == "gathered":
+    if mode in ("gathered", "stacked"):
         used = {n for n in row_adapters if n is not None}
         if any(a.config.use_dora for layer in layers for n, a in layer.adapters.items() if n in used):
             raise TargetError("DoRA adapters rescale the whole weight; route them with mode='grouped'")
-        gathered = _Gathered(row_adapters, device)
+        gathered = (_Gathered if mode == "gathered" else _Stacked)(row_adapters, device)
         try:
             for layer in layers:
                 layer.routes = gathered
