@@ -225,7 +225,7 @@ def _prepare(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool
     strategy = STRATEGIES[cfg.strategy]
     strategy.setup(model, cfg)
     model.to(device)
-    recorded = _read_config_json(out) if resume else None  # a resumed run keeps what it resolved
+    recorded = read_config_json(out) if resume else None  # a resumed run keeps what it resolved
     settings = resolve_settings(cfg, loaded, device, recorded)
     _check_disk(out, model)
     distributed.barrier()  # every rank has checked the folder before rank 0 empties it
@@ -374,7 +374,7 @@ def _test_and_record(run: _Prepared, trained: _Trained, cfg: RunConfig, out: Pat
     return final
 
 
-def _read_config_json(run_dir: Path) -> dict:
+def read_config_json(run_dir: Path) -> dict:
     """`run_dir`/config.json as saved: the RunConfig's fields and what resolved (RESOLVED)."""
     path = run_dir / "config.json"
     if not run_dir.is_dir():
@@ -397,7 +397,7 @@ def config_of(raw: dict, where: Path) -> RunConfig:
 
 def read_run_config(run_dir: Path) -> RunConfig:
     """The RunConfig saved in `run_dir`/config.json."""
-    return config_of(_read_config_json(run_dir), run_dir / "config.json")
+    return config_of(read_config_json(run_dir), run_dir / "config.json")
 
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
@@ -492,7 +492,7 @@ def load_trained(run_dir: str | os.PathLike, merge: bool = False, adapter: str |
     merged into the weights with `merge` (for inference: what the run's test pass ran).
     `adapter` picks one of several adapters saved in a lora run's adapter folder."""
     run_dir = Path(run_dir)
-    raw = _read_config_json(run_dir)
+    raw = read_config_json(run_dir)
     cfg = config_of(raw, run_dir / "config.json")
     loaded = load_model(cfg.model, num_labels=run_num_labels(raw), pooling=run_pooling(raw))
     if raw.get("label_names"):

@@ -98,13 +98,11 @@ class ServedGroup:
     @staticmethod
     def key(run_dir: Path) -> tuple[str, str]:
         """What runs must share to join one group: the base model's source and the pooling."""
-        import json
-
         from lorafit.models import resolve_model_path
-        from lorafit.runs import read_run_config, run_pooling
+        from lorafit.runs import read_config_json, config_of, run_pooling
 
-        raw = json.loads((run_dir / "config.json").read_text())
-        return resolve_model_path(read_run_config(run_dir).model), run_pooling(raw)
+        raw = read_config_json(run_dir)
+        return resolve_model_path(config_of(raw, run_dir / "config.json").model), run_pooling(raw)
 
     @classmethod
     def for_run(cls, run_dir: Path) -> "ServedGroup":
