@@ -37,7 +37,7 @@ def test_performance_padding_table_matches_results():
 TUNED_PEER_ROW = re.compile(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d.]+) / ([\d.]+) \| ([\d.]+)x \| "
                             r"([\d.]+)x \| (\d+) / (\d+) / (\d+) \| ([\d,]+) / ([\d,]+) / ([\d,]+) \| "
                             r"([\d.]+) / ([\d.]+) / ([\d.]+) \((\d) seeds?(?:; typical peer (\d))?\)", re.M)
-TUNED_PEER_TABLES = {"**Issue 17's acceptance, in one run on one machine**": "bench_zen5/bench.json"}
+TUNED_PEER_TABLES = {"### The first-token setting: issue 17's acceptance run": "bench_zen5/bench.json"}
 """Where each table against both peers in docs/performance.md begins, and the results file it is."""
 
 
@@ -73,6 +73,31 @@ def test_performance_tuned_peer_tables_match_results():
             assert all(abs(float(c) - m) < 5e-5 for c, m in zip(cells[11:14], means))
             assert int(cells[14]) == len(r["seeds"]) == len(acc["lorafit"]) == len(acc["peer_tuned"])
             assert int(cells[15] or cells[14]) == len(acc["peer_typical"])
+
+
+DEFAULTS_ROW = re.compile(r"^\| (full|lora|last-two-layers) \| ([\d.]+) / ([\d.]+) \| ([\d.]+)x \| ([\d.]+x|-) \| "
+                          r"(\d+) / (\d+) \| ([\d.]+)x \| ([\d,]+) / ([\d,]+) \| ([\d.]+) / ([\d.]+) \|$", re.M)
+
+
+def test_performance_defaults_table_matches_results():
+    """Documentation consistency: docs/performance.md's table of lorafit's defaults against the tuned peer is
+    results/bench/bench.json, every strategy, every cell."""
+    table = table_after(PERF.read_text(), "### The current run: lorafit's defaults against the tuned peer")
+    report = json.loads((ROOT / "results" / "bench" / "bench.json").read_text())
+    rows = {r["strategy"]: r for r in report["rows"]}
+    found = DEFAULTS_ROW.findall(table)
+    assert sorted(f[0] for f in found) == sorted(rows) == ["full", "last-two-layers", "lora"]
+    for strategy, *cells in found:
+        r = rows[strategy]
+        ours, peer, q = r["lorafit"], r["peer_tuned"], r["ratios"]["tuned"]
+        assert ours["pooling"] == "mean" and report["slice"]["pooling"] == "None"  # lorafit on its defaults
+        assert cells[0:2] == [f"{x['samples_per_s']:.1f}" for x in (ours, peer)]
+        assert cells[2] == f"{q['samples_per_s']:.2f}"
+        assert cells[3] == (f"{q['best_epoch_samples_per_s']:.2f}x" if "best_epoch_samples_per_s" in q else "-")
+        assert [int(c) for c in cells[4:6]] == [round(x["process_seconds"]) for x in (ours, peer)]
+        assert cells[6] == f"{q['whole_process_time_peer_over_lorafit']:.2f}"
+        assert cells[7:9] == [f"{x['peak_memory_mb']:,.0f}" for x in (ours, peer)]
+        assert cells[9:11] == [f"{x['test_accuracy']:.3f}" for x in (ours, peer)]
 
 
 @pytest.mark.parametrize("doc, name, n", [("README.md", "default_compare", 3),
