@@ -66,10 +66,12 @@ def merged_vs_base(run: Path, data_args: dict, max_length: int, passes: int = 3)
     from lorafit.training import autocast
 
     _, loaded = load_trained(run)  # read once; the other forms are copies
+    pooling = json.loads((run / "final.json").read_text()).get("pooling", "cls")
     merged = copy.deepcopy(loaded.model)
     merge_lora(merged)
     models = {"unloaded": unload_lora(copy.deepcopy(loaded.model)), "merged": merged, "unmerged": loaded.model,
-              "base": load_model(None).model}
+              # the base model read as the run reads it (its pooling; cls turns on the first-token last layer)
+              "base": load_model(None, pooling=pooling).model}
     for m in models.values():
         m.eval()
     tok = loaded.tokenizer
