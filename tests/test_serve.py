@@ -238,6 +238,39 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_huge_body_413(runs):
         proc.kill()
 
 
+def test_a_failing_forward_answers_its_own_requests_with_500_and_serving_goes_on(runs):
+    """The app in this process (lorafit.serve.create_app), its engine's forward made to fail on
+    one batch: that batch's requests get a 500 that names the failure, the next batch is served."""
+    from starlette.testclient import TestClient
+
+    from lorafit.serve import ServeSettings, create_app
+    from lorafit.serve_models import Registry
+
+    registry = Registry()
+    registry.add("a", runs["a"])
+    engine = registry.served["a"].engine
+    real, calls = engine.forward, []
+
+    def flaky(names, rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("simulated out-of-memory in the forward")
+        return real(names, rows)
+
+    engine.forward = flaky
+    with TestClient(create_app(registry, ServeSettings(max_wait_ms=1))) as client:
+        failed = client.post("/predict", json={"inputs": TEXTS[:2], "adapter": "a"})
+        assert failed.status_code == 500
+        assert failed.json() == {"error": "the model failed on this batch: RuntimeError: simulated out-of-memory "
+                                          "in the forward", "error_type": "backend"}
+        ok = client.post("/predict", json={"inputs": TEXTS, "adapter": "a"})
+        assert ok.status_code == 200 and len(calls) == 2
+        got = [{p["label"]: p["score"] for p in row} for row in ok.json()]
+        for row, want in zip(got, expected(runs, "a", TEXTS)):
+            assert sorted(row) == sorted(want) and all(abs(row[k] - want[k]) < 1e-5 for k in want)
+        assert 'lorafit_requests_total{adapter="a",status="500"} 1.0' in client.get("/metrics").text
+
+
 def test_sigterm_answers_what_it_accepted_and_exits_0(server):
     """Last in this file: it stops the module's server."""
     url, proc = server
