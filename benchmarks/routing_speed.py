@@ -10,6 +10,9 @@ whose rows name the adapters in turn. Systems, each one forward of the batch in 
   merged     one adapter merged into the weights: the base model's forward (the ceiling)
   grouped    route_adapters(mode="grouped"): the base matmul once, then each adapter on its rows
   gathered   route_adapters(mode="gathered"): every row's A and B gathered, two batched matmuls
+  stacked    route_adapters(mode="stacked"): every adapter's A and B stacked, two dense matmuls, a row mask
+  peft       the same adapters saved by lorafit and loaded into one PEFT model (the peer of
+             `lorafit serve`'s load benchmark), its mixed-batch `adapter_names=` forward
 
 They take turns in each of `--rounds` rounds; each figure is the median texts/s, with the
 CPU, its matmul peak measured in the same process, and the precision (fp32, as `lorafit
@@ -37,6 +40,24 @@ from lorafit.machine import cpu_model  # noqa: E402
 from lorafit.models import load_model  # noqa: E402
 
 
+def peft_with(base: torch.nn.Module, model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """A PEFT model over `base` holding `model`'s adapters `names`, each saved by lorafit in
+    PEFT's format and loaded by PEFT (their logits are checked against lorafit's routing)."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from lorafit.adapter import save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in names:
+            save_adapter(model, Path(tmp) / n, adapter_name=n)
+        peft_model = PeftModel.from_pretrained(base, str(Path(tmp) / names[0]), adapter_name=names[0])
+        for n in names[1:]:
+            peft_model.load_adapter(str(Path(tmp) / n), adapter_name=n)
+    return peft_model.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=16)
@@ -48,6 +69,7 @@ def main() -> None:
 
     loaded = load_model(None, pooling="mean")
     model = loaded.model.eval()
+    base_copy = copy.deepcopy(model)  # PEFT's model wraps its own copy of the base
     torch.manual_seed(0)
     names = [f"a{i}" for i in range(args.adapters)]
     for n in names:
@@ -59,26 +81,37 @@ def main() -> None:
     merged = copy.deepcopy(model)
     set_active_adapter(merged, names[0])
     merge_lora(merged)
+    peft_model = peft_with(base_copy, model, names)
     texts = load_dataset(None).test.texts[:args.batch]
     batch = loaded.tokenizer(texts, truncation=True, max_length=256, padding=True, return_tensors="pt")
     rows = [names[i % len(names)] for i in range(len(texts))]
+
+    with torch.no_grad():  # every system computes the same logits before any is timed
+        with route_adapters(model, rows):
+            want = model(**batch).logits
+        for mode in ("gathered", "stacked"):
+            with route_adapters(model, rows, mode=mode):
+                torch.testing.assert_close(model(**batch).logits, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(peft_model(**batch, adapter_names=rows).logits, want, atol=1e-4, rtol=0)
 
     @torch.no_grad()
     def run(system: str) -> float:
         start = time.perf_counter()
         if system == "merged":
             merged(**batch)
+        elif system == "peft":
+            peft_model(**batch, adapter_names=rows)
         else:
             with route_adapters(model, rows, mode=system):
                 model(**batch)
         return len(texts) / (time.perf_counter() - start)
 
-    systems = ["merged", "grouped", "gathered"]
+    systems = ["merged", "grouped", "gathered", "stacked", "peft"]
     for s in systems:  # warm-up
         run(s)
     rates: dict[str, list[float]] = {s: [] for s in systems}
     for r in range(args.rounds):
-        for s in systems[r % 3:] + systems[:r % 3]:
+        for s in systems[r % len(systems):] + systems[:r % len(systems)]:
             rates[s].append(run(s))
         print(f"round {r + 1}: " + ", ".join(f"{s} {v[-1]:.1f}/s" for s, v in rates.items()), flush=True)
     peak = measure(trials=3, seconds=0.5)
