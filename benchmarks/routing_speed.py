@@ -10,7 +10,7 @@ whose rows name the adapters in turn. Systems, each one forward of the batch in 
   merged     one adapter merged into the weights: the base model's forward (the ceiling)
   grouped    route_adapters(mode="grouped"): the base matmul once, then each adapter on its rows
   gathered   route_adapters(mode="gathered"): every row's A and B gathered, two batched matmuls
-  stacked    route_adapters(mode="stacked"): every adapter's A and B stacked, two dense matmuls, a row mask
+  stacked    route_adapters(mode="stacked"): the named adapters' A and B stacked, two dense matmuls, a row mask
   peft       the same adapters saved by lorafit and loaded into one PEFT model (the peer of
              `lorafit serve`'s load benchmark), its mixed-batch `adapter_names=` forward
 

@@ -60,6 +60,22 @@ def test_each_row_gets_its_own_adapter(arch):
     assert len({tuple(r.round(decimals=4).tolist()) for r in want[[0, 1, 3]]}) == 3  # the adapters differ
 
 
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_a_batch_of_one_adapter_equals_that_adapter_active_and_leaves_the_weights(arch, batch):
+    """Every row naming one adapter takes the one-matmul path (its weight merged into a copy):
+    the same logits as the adapter active, for plain, DoRA and rsLoRA, and no weight changes."""
+    _, model = adapted(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for name in ADAPTERS:
+            with route_adapters(model, [name] * 3):
+                routed = model(**batch).logits
+            set_active_adapter(model, name)
+            torch.testing.assert_close(routed, model(**batch).logits, atol=1e-5, rtol=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_routing_refuses_unknown_names_and_merged_layers():
     base, model = adapted("bert")
     with pytest.raises(TargetError, match="no adapter 'z' in this model; its adapters: a, b, c"):

@@ -82,3 +82,23 @@ def test_one_adapter_alone_is_merged_and_routing_resumes_when_another_joins(runs
     torch.testing.assert_close(mixed[0::2], alone[0::2], atol=1e-5, rtol=0)
     want = torch.stack([torch.from_numpy(lorafit.load_run(runs["a"]).logits([t])[0]) for t in TEXTS])
     torch.testing.assert_close(alone, want, atol=1e-5, rtol=0)
+
+
+def test_plain_adapters_are_stacked_dora_grouped_and_a_batch_of_one_run_is_that_run(runs, monkeypatch):
+    """The routing each batch gets (stacked for plain LoRA, grouped where a row's adapter is
+    DoRA), and a batch whose rows all name one run: each row its run's own logits."""
+    import lorafit.served as served
+
+    group = ServedGroup.for_run(runs["a"])
+    for name in "abcd":
+        group.add_run(name, runs[name])
+    modes = []
+    real = served.ServedGroup._routing
+    monkeypatch.setattr(served.ServedGroup, "_routing", lambda self, routes: modes.append(real(self, routes))
+                        or modes[-1])
+    enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    for names in (["a", "c", "d", "a", "c", "d"], ["a", "b", "c", "d", "a", "b"], ["c"] * 6, ["b"] * 6):
+        got = torch.stack(group.logits(names, enc["input_ids"], enc["attention_mask"]))
+        want = torch.stack([torch.from_numpy(lorafit.load_run(runs[n]).logits([t])[0]) for n, t in zip(names, TEXTS)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert modes == ["stacked", "grouped", "stacked", "grouped"]

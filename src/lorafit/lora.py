@@ -400,6 +400,10 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.routes, dict) and len(self.routes) == 1 and not self.training and not self.merged:
+            (n, rows), = self.routes.items()
+            if rows.numel() == x.shape[0]:  # every row names one adapter: one matmul with its weight
+                return self._with_weight_of(n, x) if n in self.adapters else self.base(x)
         y = self.base(x)  # (..., out)
         if self.merged:
             if torch.is_grad_enabled() and self.training and any(
@@ -422,6 +426,13 @@ class LoRALinear(nn.Module):
             d = self.adapters[n].update(x, y, self.base)
             out = out + (d if weight == 1 else d * weight).to(y.dtype)
         return out  # (..., out)
+
+    def _with_weight_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x through the base layer with adapter `name` merged into a copy of its weight (the
+        base stays as it is): what that adapter alone gives, at the cost of one matmul."""
+        w = self.base.weight
+        merged = (w.float() + self.adapters[name].delta_weight(w)).to(w.dtype)
+        return F.linear(x, merged, self.base.bias)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={a.config.r}, alpha={a.config.alpha}, scaling={a.scaling:g}"
@@ -594,9 +605,9 @@ class _Stacked:
                     mask[i, cols[n][0]:cols[n][1]] = 1
             self._masks[here] = mask
         mask = self._masks[here].to(a.dtype)
-        h = x.to(a.dtype) @ a.T  # (B, ..., R)
+        h = F.linear(x.to(a.dtype), a)  # (B, ..., R)
         h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-        return h @ b.T  # (B, ..., out)
+        return F.linear(h, b)  # (B, ..., out)
 
 
 @contextlib.contextmanager
@@ -605,12 +616,14 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     """Within the block, row i of a batch (dim 0 of every LoRA layer's input, B rows) gets
     adapter `row_adapters[i]` alone (None: the base model), all in one forward. For a
     server holding many adapters of one base model; each layer runs its base matmul once
-    for the batch, then each adapter on its own rows.
+    for the batch, then each adapter on its own rows. Where every row names the same
+    adapter (a server's batch of one request), each layer runs once with that adapter
+    merged into a copy of its weight: the base model's cost (eval mode; the model is not
+    changed).
 
-    `mode`: `grouped` (each adapter's matmuls on its own rows), `gathered` (every row's A
-    and B gathered into two batched matmuls) or `stacked` (every named adapter's A and B
-    stacked into two dense matmuls, each row masked to its own rank's columns); the last
-    two for plain LoRA only, no dropout: DoRA rescales the whole weight per adapter.
+    `mode`: `grouped` (each adapter's matmuls on its own rows) or `gathered` (every row's A
+    and B gathered into two batched matmuls; plain LoRA only, no dropout: DoRA rescales the
+    whole weight per adapter).
 
     Raises:
         TargetError: a name no layer has, merged layers, a model without LoRA layers, or

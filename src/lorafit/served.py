@@ -216,6 +216,16 @@ class ServedGroup:
             unmerge_lora(self.model)
         return alone
 
+    def _routing(self, routes: list[str | None]) -> str:
+        """`stacked` (two dense matmuls per layer whatever the adapters: measured fastest for
+        mixed batches, docs/serve.md), or `grouped` where a routed adapter is DoRA's."""
+        from lorafit.lora import lora_modules
+
+        used = {n for n in routes if n is not None}
+        dora = any(a.config.use_dora for _, layer in lora_modules(self.model) for n, a in layer.adapters.items()
+                   if n in used)
+        return "grouped" if dora else "stacked"
+
     def _unmerge(self) -> None:
         from lorafit.lora import lora_modules, unmerge_lora
 
@@ -241,7 +251,7 @@ class ServedGroup:
             if self._merge_if_alone():  # one adapter: merged, the forward is the base model's
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
             elif any(True for _ in lora_modules(self.model)):
-                with route_adapters(self.model, routes):
+                with route_adapters(self.model, routes, mode=self._routing(routes)):
                     self.model(input_ids=input_ids, attention_mask=attention_mask)
             else:
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
