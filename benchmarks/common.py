@@ -1,5 +1,6 @@
 """What the benchmarks share: the full archive's path, the bench slice's flags, the check that
-records read back come from this CPU, and the training FLOPs a run computes.
+records read back come from this CPU, the commit recorded beside results, and the training
+FLOPs a run computes.
 
 The lasting tools (bench.py, peer.py, interleaved.py, peak.py, panel.py, panel_data.py) sit
 beside this module; one-off studies whose findings are now defaults or rejections are in
@@ -10,12 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 from pathlib import Path
 
 from peak import cpu_model
 
 ARCHIVE = os.environ.get("LORAFIT_IMDB_ARCHIVE", "../shared/data/aclImdb_v1_labeled.tar.gz")
 STRATEGIES = ("full", "last-two-layers", "lora")
+
+
+def commit() -> str:
+    """The short hash of the checked-out commit, recorded beside a benchmark's results."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def add_slice_args(ap: argparse.ArgumentParser) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import commit  # noqa: E402
 import lorafit  # noqa: E402
 from lorafit.data.text import clean_text  # noqa: E402
 from lorafit.machine import cpu_model  # noqa: E402
@@ -124,8 +125,7 @@ def main() -> None:
     med = {k: {b: statistics.median(v[b]) for b in v} for k, v in rounds.items()}
     record = {
         "command": "benchmarks/export_speed.py " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": commit(),
         "cpu": cpu_model(), "peak": peak, "run": str(run_dir), "test_examples": hf_eval["examples"],
         "export_seconds": export_seconds, "texts_b1": len(b1), "texts_b32": len(b32), "rounds": rounds,
         "median_texts_per_s": med, "ratio_to_" + base.replace(" ", "_"): {

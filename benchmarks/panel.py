@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import commit  # noqa: E402
 from panel_data import PANEL, build  # noqa: E402
 
 from lorafit.machine import cpu_model  # noqa: E402
@@ -250,10 +251,10 @@ def write_results(folder: str | None, records: list[dict]) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     command = "benchmarks/panel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    (out / "panel.json").write_text(json.dumps({"command": command, "commit": commit, "cpu": cpu_model(),
+    made_at = commit()
+    (out / "panel.json").write_text(json.dumps({"command": command, "commit": made_at, "cpu": cpu_model(),
                                                 "records": records}, indent=2) + "\n")
-    (out / "panel.md").write_text(f"# The dataset panel\n\n`{command}` at commit {commit}\n\nCPU: {cpu_model()}"
+    (out / "panel.md").write_text(f"# The dataset panel\n\n`{command}` at commit {made_at}\n\nCPU: {cpu_model()}"
                                   f"\n\n{table(records)}")
 
 

@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import commit  # noqa: E402
 from lorafit.data import load_dataset  # noqa: E402
 from lorafit.lora import LoRAConfig, apply_lora, merge_lora, route_adapters, set_active_adapter  # noqa: E402
 from lorafit.machine import cpu_model  # noqa: E402
@@ -117,8 +117,7 @@ def main() -> None:
     peak = measure(trials=3, seconds=0.5)
     med = {s: statistics.median(v) for s, v in rates.items()}
     record = {"command": "benchmarks/routing_speed.py " + " ".join(sys.argv[1:]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip(),
+              "commit": commit(),
               "cpu": cpu_model(), "peak": peak, "adapters": args.adapters, "batch": len(texts),
               "padded_tokens": int(batch["input_ids"].numel()), "precision": "fp32", "rounds": rates,
               "median_texts_per_s": med, "ratio_to_merged": {s: med[s] / med["merged"] for s in med}}

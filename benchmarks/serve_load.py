@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import commit  # noqa: E402
 from lorafit.data.text import clean_text  # noqa: E402
 from lorafit.machine import cpu_model  # noqa: E402
 
@@ -164,8 +165,7 @@ def main() -> None:
                 per_round = [r[a][c]["texts_per_s"] / r[b][c]["texts_per_s"] for r in rounds]
                 ratios[name][c] = {"median": statistics.median(per_round), "per_round": per_round}
     record = {"command": "benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip(),
+              "commit": commit(),
               "cpu": cpu_model(), "rounds": args.rounds, "requests": args.requests, "results": results,
               "ratios": ratios}
     out = Path(args.out)
