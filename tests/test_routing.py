@@ -64,14 +64,19 @@ def test_each_row_gets_its_own_adapter(arch):
 def test_a_batch_of_one_adapter_equals_that_adapter_active_and_leaves_the_weights(arch, batch):
     """Every row naming one adapter takes the one-matmul path (its weight merged into a copy):
     the same logits as the adapter active, for plain, DoRA and rsLoRA, and no weight changes."""
+    from lorafit.lora import lora_modules
+
     _, model = adapted(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for name in ADAPTERS:
-            with route_adapters(model, [name] * 3):
-                routed = model(**batch).logits
-            set_active_adapter(model, name)
-            torch.testing.assert_close(routed, model(**batch).logits, atol=1e-5, rtol=0)
+            # in every mode that takes the adapter (DoRA's "b": grouped only), the one-matmul path
+            for mode in ("grouped",) if name == "b" else ("grouped", "gathered", "stacked"):
+                with route_adapters(model, [name] * 3, mode=mode):
+                    assert all(isinstance(layer.routes, dict) for _, layer in lora_modules(model)), mode
+                    routed = model(**batch).logits
+                set_active_adapter(model, name)
+                torch.testing.assert_close(routed, model(**batch).logits, atol=1e-5, rtol=0)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

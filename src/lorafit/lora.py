@@ -556,9 +556,8 @@ class _Gathered:
     """Per-row adapters as gathered weights: row i's A and B (zero for a row without an
     adapter on the layer) stacked, so a layer's update is two batched matmuls."""
 
-    def __init__(self, row_adapters: Sequence[str | None], device: torch.device) -> None:
+    def __init__(self, row_adapters: Sequence[str | None]) -> None:
         self.names = list(row_adapters)
-        self.device = device
 
     def update(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
         """(B, ..., in) -> (B, ..., out): s_i B_i A_i x_i for each row i."""
@@ -581,10 +580,10 @@ class _Stacked:
     each row's own columns, so a layer's update is two dense matmuls whatever the number
     of adapters (R = the sum of their ranks)."""
 
-    def __init__(self, row_adapters: Sequence[str | None], device: torch.device) -> None:
+    def __init__(self, row_adapters: Sequence[str | None]) -> None:
         self.names = list(row_adapters)
-        self.device = device
-        self._masks: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[str, ...], torch.Tensor] = {}
+        """The (B, R) row mask per tuple of adapters a layer holds, built once per batch."""
 
     def update(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor | None:
         """(B, ..., in) -> (B, ..., out): s_i B_i A_i x_i for each row i (None: no row's
@@ -621,13 +620,14 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     merged into a copy of its weight: the base model's cost (eval mode; the model is not
     changed).
 
-    `mode`: `grouped` (each adapter's matmuls on its own rows) or `gathered` (every row's A
-    and B gathered into two batched matmuls; plain LoRA only, no dropout: DoRA rescales the
-    whole weight per adapter).
+    `mode`: `grouped` (each adapter's matmuls on its own rows), `gathered` (every row's A
+    and B gathered into two batched matmuls) or `stacked` (the A and B of every adapter the
+    batch names stacked into two dense matmuls, each row masked to its own columns); the
+    last two for plain LoRA only, no dropout: DoRA rescales the whole weight per adapter.
 
     Raises:
         TargetError: a name no layer has, merged layers, a model without LoRA layers, or
-            DoRA adapters with mode `gathered`.
+            DoRA adapters with mode `gathered` or `stacked`.
     """
     if mode not in ("grouped", "gathered", "stacked"):
         raise ConfigError(f"mode must be grouped, gathered or stacked, got {mode!r}")
@@ -645,7 +645,10 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
         used = {n for n in row_adapters if n is not None}
         if any(a.config.use_dora for layer in layers for n, a in layer.adapters.items() if n in used):
             raise TargetError("DoRA adapters rescale the whole weight; route them with mode='grouped'")
-        gathered = (_Gathered if mode == "gathered" else _Stacked)(row_adapters, device)
+    # every row naming one adapter takes each layer's one-matmul path (LoRALinear.forward) in any mode
+    one_adapter = len(set(row_adapters)) == 1 and row_adapters[0] is not None
+    if mode != "grouped" and not one_adapter:
+        gathered = (_Gathered if mode == "gathered" else _Stacked)(row_adapters)
         try:
             for layer in layers:
                 layer.routes = gathered

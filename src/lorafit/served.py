@@ -52,6 +52,8 @@ class Member:
     label_names: list[str]
     max_length: int
     run: Path
+    dora: bool = False
+    """Its adapter is DoRA's (rescales the whole weight): batches holding it are routed grouped."""
 
 
 def _plain(layer: nn.Module) -> nn.Linear:
@@ -144,7 +146,8 @@ class ServedGroup:
             self._unmerge()  # a merged base takes no further adapter
             self._join_adapter(name, layers)
         labels = list(loaded.model.config.id2label[i] for i in sorted(loaded.model.config.id2label))
-        member = Member(adapter_name, head, labels, cfg.max_length, run_dir)
+        member = Member(adapter_name, head, labels, cfg.max_length, run_dir,
+                        dora=adapter_name is not None and cfg.dora)
         self.members[name] = member
         return member
 
@@ -216,15 +219,10 @@ class ServedGroup:
             unmerge_lora(self.model)
         return alone
 
-    def _routing(self, routes: list[str | None]) -> str:
+    def _routing(self, names: list[str]) -> str:
         """`stacked` (two dense matmuls per layer whatever the adapters: measured fastest for
-        mixed batches, docs/serve.md), or `grouped` where a routed adapter is DoRA's."""
-        from lorafit.lora import lora_modules
-
-        used = {n for n in routes if n is not None}
-        dora = any(a.config.use_dora for _, layer in lora_modules(self.model) for n, a in layer.adapters.items()
-                   if n in used)
-        return "grouped" if dora else "stacked"
+        mixed batches, docs/serve.md), or `grouped` where a row's run has a DoRA adapter."""
+        return "grouped" if any(self.members[n].dora for n in set(names)) else "stacked"
 
     def _unmerge(self) -> None:
         from lorafit.lora import lora_modules, unmerge_lora
@@ -251,7 +249,7 @@ class ServedGroup:
             if self._merge_if_alone():  # one adapter: merged, the forward is the base model's
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
             elif any(True for _ in lora_modules(self.model)):
-                with route_adapters(self.model, routes, mode=self._routing(routes)):
+                with route_adapters(self.model, routes, mode=self._routing(names)):
                     self.model(input_ids=input_ids, attention_mask=attention_mask)
             else:
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
