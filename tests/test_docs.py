@@ -21,6 +21,26 @@ def test_recipe_panel_table_is_the_committed_panel():
         assert row in doc, f"docs/recipe.md lacks results/panel/panel.md row: {row}"
 
 
+def test_recipe_capacity_table_is_the_committed_lever_runs():
+    """Every lever run's macro-F1 per seed in results/recipe_rank/*/panel.md is in docs/recipe.md's table,
+    with the flags that made it."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    start, end = doc.index("**Capacity and rate, measured"), doc.index("**The classifier trains fully.**")
+    table = doc[start:end]
+    found = 0
+    for panel in sorted((ROOT / "results" / "recipe_rank").glob("*/panel.md")):
+        text = panel.read_text()
+        flags = re.search(r"'--extra=([^']+)'|--extra=(\S+)", text)
+        flags = (flags.group(1) or flags.group(2)).strip()
+        for dataset, per_seed in re.findall(r"^\| (\w+) \| lora-\w+ \|[^|]+\|[^|]+\| ([\d. /]+) \|", text, re.M):
+            row = next((line for line in table.splitlines() if line.startswith(f"| `{flags}` |")), None)
+            assert row, f"docs/recipe.md's capacity table has no row for {flags} ({panel})"
+            cell = per_seed.strip()
+            assert cell in row.replace("**", ""), f"{panel}: {dataset} {cell} not in the row {row}"
+            found += 1
+    assert found >= 8
+
+
 def test_performance_padding_table_matches_results():
     """Each row of the docs/performance.md's pad-multiple table is the measurement in results/padding/padding.json."""
     runs = json.loads((ROOT / "results" / "padding" / "padding.json").read_text())["runs"]
