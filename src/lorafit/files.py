@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,9 +26,13 @@ def umask_mode() -> int:
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary twins of `path` left by a writer that was killed before its rename."""
+    """Temporary twins of `path` (files, or the folders safetensors writes in) left by a writer
+    that was killed before its rename."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -51,11 +56,14 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
     """safetensors serialisation of `tensors`, written atomically (temporary file, fsync, rename).
 
     `save_file` writes straight from the tensors' memory, so a checkpoint of the full
-    model (weights, AdamW state, best weights) costs no second in-memory copy.
+    model (weights, AdamW state, best weights) costs no second in-memory copy. It writes
+    through a temporary file of its own (`.tmpXXXXXX`) beside its target, so the target is
+    inside a temporary folder named for `path`: a writer killed at any moment leaves only
+    that folder, which the next write of `path` removes.
     """
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = folder / path.name
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
@@ -63,9 +71,8 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
         os.chmod(tmp, umask_mode())
         fault_points.reached(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_json(path: Path, data: dict) -> None:
