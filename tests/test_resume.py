@@ -36,19 +36,20 @@ KILL_STAGES = [
     ("step@3:KILL", (2, 6)),  # resumed at step 4: steps 5, 6, validation, epoch-end checkpoint, killed after step 7
     (f"write:{CKPT}@2:KILL", (2, 8)),  # killed inside the write of step 10's checkpoint: step 8's stays
 ]
-# A shorter chain for the configurations whose checkpoint code is the same as lora's: killed in
-# epoch 1, then in epoch 2 after the first validation (where validation once rewrote frozen weights).
+# A shorter chain for the configurations whose checkpoint code is the same as lora's (every one: lora's
+# full chain covers the kills in validation and inside a write): killed in epoch 1, then in epoch 2 after
+# the first validation (where validation once rewrote frozen weights), then Ctrl-C.
 SHORT_KILL_STAGES = KILL_STAGES[:1] + KILL_STAGES[2:3]
 CTRL_C_IN_VALIDATION = ("validation@1:INT", (2, 12))  # Ctrl-C in epoch 2's validation: saved at its end
-CTRL_C_IN_WRITE = (f"write:{CKPT}@1:INT", (2, 10))  # Ctrl-C inside step 10's checkpoint write: the write completes
 CTRL_C_IN_WRITE_SHORT = (f"write:{CKPT}@1:INT", (2, 8))  # after the short chain (at step 6): step 8's write
 
 MATRIX = {  # name -> flags, kill stages, Ctrl-C stage
     "lora": (["--strategy", "lora"], KILL_STAGES, CTRL_C_IN_VALIDATION),
     "lora-keep-best": (["--strategy", "lora", "--keep", "best"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
-    "full": (["--strategy", "full"], KILL_STAGES, CTRL_C_IN_WRITE),
+    "full": (["--strategy", "full"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
     "last-two-layers-cache": (["--strategy", "last-two-layers", "--cache"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
-    "last-two-layers-no-cache": (["--strategy", "last-two-layers", "--no-cache"], KILL_STAGES, CTRL_C_IN_VALIDATION),
+    "last-two-layers-no-cache": (["--strategy", "last-two-layers", "--no-cache"], SHORT_KILL_STAGES,
+                                 CTRL_C_IN_VALIDATION),
 }
 
 
