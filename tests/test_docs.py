@@ -212,3 +212,22 @@ def test_every_link_and_cited_result_exists(doc):
 def test_readme_stays_short():
     """The README is the newcomer's page; measurements and references live in docs/."""
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_serve_load_table_and_goals_are_the_committed_run():
+    """docs/serve.md's load table and goal ratios are results/serve_load/serve_load.json's medians."""
+    doc = (ROOT / "docs" / "serve.md").read_text()
+    run = json.loads((ROOT / "results" / "serve_load" / "serve_load.json").read_text())
+    assert f"at {run['commit']}," in doc
+    labels = {"lorafit-1": "| lorafit | 1 |", "lorafit": "| lorafit | 16 |",
+              "peft": "| PEFT, `adapter_names=` mixed batches | 16 |", "merged": "| 16 merged models | 16 |"}
+    for system, label in labels.items():
+        r = run["results"][system]
+        by = r["by_concurrency"]
+        speeds = " / ".join(f"{by[c]['texts_per_s']:.1f}" for c in ("1", "8", "32"))
+        row = f"{label} {speeds} | {by['32']['p99_ms']:,.0f} | {r['peak_rss_mb']:,.0f} |"
+        assert row in doc, f"docs/serve.md lacks {row}"
+    for key, words in (("lorafit_16_over_1", "against one adapter: "), ("lorafit_16_over_peft", "against PEFT: ")):
+        ratios = " / ".join(f"{run['ratios'][key][c]['median']:.2f}x" for c in ("1", "8", "32"))
+        assert f"{words}{ratios}" in doc, (key, ratios)
+
