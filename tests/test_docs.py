@@ -231,3 +231,21 @@ def test_serve_load_table_and_goals_are_the_committed_run():
         ratios = " / ".join(f"{run['ratios'][key][c]['median']:.2f}x" for c in ("1", "8", "32"))
         assert f"{words}{ratios}" in doc, (key, ratios)
 
+
+
+def test_second_encoder_table_is_the_committed_runs():
+    """docs/recipe.md's MPNet table: every cell is results/panel_mpnet's or results/panel's seed-0 record."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+
+    def seed0(folder):
+        return {(r["dataset"], r["method"]): r for r in json.loads(
+            (ROOT / "results" / folder / "panel.json").read_text())["records"] if r["seed"] == 0}
+
+    mpnet, minilm = seed0("panel_mpnet"), seed0("panel")
+    columns = [(mpnet, "lora"), (mpnet, "full"), (minilm, "lora"), (minilm, "full"), (minilm, "tfidf-lr"),
+               (minilm, "probe"), (minilm, "majority")]
+    for dataset in ("drugs", "spam"):
+        for label, key in (("accuracy", "accuracy"), ("macro-F1", "macro_f1")):
+            cells = " | ".join(f"{records[(dataset, method)][key]:.3f}" for records, method in columns)
+            row = next(line for line in doc.splitlines() if line.startswith(f"| {dataset}: {label} |"))
+            assert row.replace("**", "") == f"| {dataset}: {label} | {cells} |"
