@@ -10,7 +10,8 @@ keeps `concurrency` requests in flight for `--requests` requests, the adapters n
 All servers run at once; each round measures every system at every concurrency, one after
 another, the order rotating from round to round, so a ratio compares systems measured minutes
 apart. Per system and concurrency: texts/s (median of the rounds, and each round's), p50
-and p99 latency, and the server's peak RSS (VmHWM); the goals' ratios per round.
+and p99 latency, and the server's peak RSS (VmHWM); the goals' ratios per round; the CPU's
+matmul peak (benchmarks/peak.py), measured first in the same run.
 Systems: lorafit with 1 adapter, lorafit with all, PEFT with all (mixed batches
 through `adapter_names=`), and one merged model per adapter.
 """
@@ -123,6 +124,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     adapters = make_adapters(Path(args.run), args.adapters, work)
     texts = [clean_text(t) for t in load_data(lorafit.load_run(args.run).config).test.texts]
+    from peak import measure
+
+    peak = measure(trials=3, seconds=0.5)  # this CPU's matmul peak, before any server shares it
     systems = args.systems.split(",")
     concurrency = [int(x) for x in args.concurrency.split(",")]
     chosen = {s: dict(list(adapters.items())[:1]) if s == "lorafit-1" else adapters for s in systems}
@@ -166,13 +170,15 @@ def main() -> None:
                 ratios[name][c] = {"median": statistics.median(per_round), "per_round": per_round}
     record = {"command": "benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
               "commit": commit(),
-              "cpu": cpu_model(), "rounds": args.rounds, "requests": args.requests, "results": results,
+              "cpu": cpu_model(), "peak": peak, "rounds": args.rounds, "requests": args.requests, "results": results,
               "ratios": ratios}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# Load on lorafit serve and its peers\n\n`{record['command']}` at commit {record['commit']}\n",
-             f"CPU: {record['cpu']}. Medians over {args.rounds} interleaved rounds of {args.requests} requests "
+             f"CPU: {record['cpu']}; matmul peak measured in this run: bf16 "
+             f"{peak['bfloat16']['peak_tflops']:.2f}, fp32 {peak['float32']['peak_tflops']:.2f} TFLOP/s. "
+             f"Medians over {args.rounds} interleaved rounds of {args.requests} requests "
              "per system and concurrency.\n", "| system | adapters | concurrency | texts/s | texts/s per round | "
              "p50 ms | p99 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for system, r in results.items():
