@@ -125,7 +125,8 @@ def test_config_file_and_flag_override(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["train", "--strategy", "bogus"], "invalid choice: 'bogus'"),
     (["train", "--rank", "0"], r"rank (--rank) must be an integer >= 1"),
-    (["train", "--lr", "5"], r"lr (--lr) must be a number in (0, 1]"),
+    (["train", "--lr", "5"], r"lr (--lr) must be a number in (0, 1] or auto"),
+    (["train", "--lr", "fast"], "argument --lr: 'fast' is neither a number (such as 2e-3) nor auto"),
     (["train", "--keep", "middle"], "argument --keep: invalid choice: 'middle'"),
     (["train", "--max-length", "4096"], "above this model's 512 positions"),
     (["train", "--targets", "nothing_here"], "'nothing_here' matches no module"),

@@ -350,3 +350,29 @@ def test_skewed_run_killed_in_a_later_epoch_resumes_with_its_recorded_recipe(tmp
     assert r.returncode == 0 and "resumed at epoch 3" in r.stdout, r.stderr[-2000:]
     assert json.loads((run / "final.json").read_text())["epochs"] == 4
     _assert_same(run, ref)
+
+
+def test_lr_auto_run_killed_after_its_search_resumes_without_searching_again(tmp_path, tiny_model_dir):
+    """`--lr auto`: a run killed in epoch 2 of its training (after the three trials) resumes
+    with the rate it recorded, runs no trial again, and equals the uninterrupted run bit for
+    bit; a run killed inside the search has no checkpoint yet, and its resume says so."""
+    common = ["--strategy", "lora", "--model", str(tiny_model_dir), "--lr", "auto", "--checkpoint-every", "2",
+              "--train-size", "40", "--val-size", "8", "--test-size", "8", "--max-length", "64", "--batch-size", "8",
+              "--epochs", "3", "--precision", "fp32", "--no-progress"]
+    ref, run, early = tmp_path / "ref", tmp_path / "run", tmp_path / "early"
+    r = lorafit("train", *common, "--out", str(ref))
+    assert r.returncode == 0 and r.stdout.count("lr auto: trial") == 3, r.stderr[-2000:]
+    recorded = json.loads((ref / "config.json").read_text())
+    assert len(recorded["lr_search"]["trials"]) == 3 and recorded["lr"] == "auto"
+    # 5 steps an epoch; each trial trains 1 of the 3 epochs: 15 trial steps, then the run's own (a checkpoint every 2)
+    r = _signalled("train", *common, "--out", str(run), plan="step@22:KILL")
+    assert r.returncode == -signal.SIGKILL and _position(run) == (2, 6), r.stderr[-2000:]  # step 7: kept 6
+    r = lorafit("train", "--resume", str(run), "--no-progress")
+    assert r.returncode == 0 and "resumed at epoch 2" in r.stdout and "lr auto: trial" not in r.stdout, r.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["lr_resolved"] == recorded["lr_resolved"]
+    _assert_same(run, ref)
+    r = _signalled("train", *common, "--out", str(early), plan="step@7:KILL")  # inside the second trial
+    assert r.returncode == -signal.SIGKILL and json.loads((early / "config.json").read_text())["lr_resolved"] is None
+    r = lorafit("train", "--resume", str(early), "--no-progress")
+    assert r.returncode == 2 and "no complete checkpoint to resume from; start it again with --overwrite" in r.stderr
+    assert "Traceback" not in r.stderr

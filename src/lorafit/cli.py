@@ -19,6 +19,16 @@ from lorafit.strategies import STRATEGY_NAMES
 from lorafit.errors import ConfigError, Interrupted, LorafitError
 
 
+def _lr_value(text: str) -> float | str:
+    """--lr: a number, or auto (`lorafit.lr_search`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number (such as 2e-3) nor auto") from None
+
+
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     types_ = field_types()
     for f in dataclasses.fields(RunConfig):
@@ -35,7 +45,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             continue
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        kw["type"] = {int: int, float: float}.get(tp, str)
+        kw["type"] = _lr_value if f.name == "lr" else {int: int, float: float}.get(tp, str)
         kw["metavar"] = f.name.upper() if tp is not list else "NAMES"
         p.add_argument(flag, **kw)
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings; flags override it")

@@ -52,8 +52,10 @@ class RunConfig:
                           ".csv/.jsonl/.parquet table (default: the embedded IMDb sample)")
     epochs: int | None = _f(None, f"training epochs (default: {DEFAULT_EPOCHS}, or more where that many give fewer "
                             "than --min-steps optimizer steps; given, exactly that many)")
-    lr: float | None = _f(None, "peak learning rate (default: the strategy's: " + ", ".join(
-        f"{s.name} {s.default_lr:g}" for s in STRATEGIES.values()) + ")")
+    lr: float | str | None = _f(None, "peak learning rate, or auto: the strategy's default times 1/2, 1 and 2, "
+                                "each tried on the run's first third of epochs and judged on validation loss "
+                                "(about one more run's time; docs/recipe.md). Default: the strategy's: " + ", ".join(
+                                    f"{s.name} {s.default_lr:g}" for s in STRATEGIES.values()))
     batch_size: int = _f(16, "examples per optimizer step (before accumulation)")
     grad_accum: int = _f(1, "batches per optimizer step (gradient accumulation)")
     max_length: int = _f(256, "tokens per example; longer texts are truncated")
@@ -138,7 +140,8 @@ class RunConfig:
             (self.init in INITS, "init", f"one of {', '.join(INITS)}"),
             (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0, "lora_plus_ratio", "a number > 0"),
             (self.epochs is None or self.epochs >= 1, "epochs", "an integer >= 1"),
-            (self.lr is None or (math.isfinite(self.lr) and 0 < self.lr <= 1), "lr", "a number in (0, 1]"),
+            (self.lr is None or self.lr == "auto" or (isinstance(self.lr, (int, float)) and not isinstance(
+                self.lr, bool) and math.isfinite(self.lr) and 0 < self.lr <= 1), "lr", "a number in (0, 1] or auto"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
             (self.pad_multiple is None or self.pad_multiple >= 1, "pad_multiple", "an integer >= 1"),
@@ -191,6 +194,8 @@ def field_types() -> dict[str, tuple[type, bool]]:
 def _coerce(name: str, value, tp: type, optional: bool, where: str):
     if value is None and optional:
         return None
+    if name == "lr" and value == "auto":
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value

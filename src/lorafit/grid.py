@@ -36,7 +36,7 @@ def _convert(name: str, text: str, tp: type, optional: bool):
         if tp is int:
             return int(text)
         if tp is float:
-            return float(text)
+            return "auto" if name == "lr" and text.lower() == "auto" else float(text)
     except ValueError:
         kind = "true or false" if tp is bool else f"a {'whole ' if tp is int else ''}number"
         raise ConfigError(f"{flag}: {text!r} is not {kind}; give one value or a comma-separated list") from None

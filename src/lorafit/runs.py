@@ -19,7 +19,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -232,11 +232,14 @@ def _prepare(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool
     if not resume and distributed.is_main():
         prepare_out_dir(out, overwrite)
     trainable, total = count_parameters(model)
-    lr = learning_rate(cfg)
+    lr = learning_rate(cfg)  # with --lr auto: the rate the search tries around, or what a resumed run chose
+    if cfg.lr == "auto" and recorded is not None:
+        lr = recorded["lr_resolved"]
     world = distributed.world_size()
+    lr_text = f"auto (search around {lr:g})" if cfg.lr == "auto" and not resume else f"{lr:g}"
     _log(f"lorafit train | strategy {cfg.strategy} | model {cfg.model} | {loaded.pooling} pooling | "
          f"{device.type} {settings.precision} | attention {settings.attention} | last layer {settings.last_layer} | "
-         f"lr {lr:g}" + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
+         f"lr {lr_text}" + (f" | {world} processes (global batch {cfg.batch_size} shared out)" if world > 1 else ""))
     _log(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
     _log(f"data: {splits.source} | train {len(splits.train):,} | validation {len(splits.validation):,} | "
          f"test {len(splits.test):,}")
@@ -247,8 +250,9 @@ def _prepare(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool
     if recipe["class_weights_resolved"] is not None:
         _log("class weights (skewed classes, --class-weights " + cfg.class_weights + "): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(label_names, recipe["class_weights_resolved"])))
-    config = {**cfg.to_dict(), "lr_resolved": lr, **settings.as_config(), "label_names": label_names,
-              **{k: v for k, v in recipe.items() if k != "steps_per_epoch"}}
+    searching = cfg.lr == "auto" and not resume  # the rate is recorded once chosen (_search_lr)
+    config = {**cfg.to_dict(), "lr_resolved": None if searching else lr, **settings.as_config(),
+              "label_names": label_names, **{k: v for k, v in recipe.items() if k != "steps_per_epoch"}}
     if not resume and distributed.is_main():
         write_json(out / "config.json", config)
     return _Prepared(loaded=loaded, strategy=strategy, fresh=fresh, splits=splits, settings=settings, recipe=recipe,
@@ -285,6 +289,10 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
                              eval_batch_size=cfg.eval_batch_size, keep=cfg.keep, select_on=run.recipe["select_on"],
                              class_weights=run.recipe["class_weights_resolved"])
     metrics_path = out / "metrics.jsonl"
+    train_model, sets, cache_seconds = run.strategy.training_view(run.loaded.model, encs, cfg, pad_id=pad_id,
+                                                                  device=device, precision=precision, log=_log)
+    if cfg.lr == "auto" and not resume:
+        settings = _search_lr(run, cfg, out, settings, train_model, sets, pad_id, device)
     if main:  # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
         history = state[1]["history"] if state else []
         atomic_write_bytes(metrics_path, "".join(json.dumps(row) + "\n" for row in history).encode())
@@ -299,8 +307,6 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
     def save_state(tensors: dict, meta: dict) -> None:
         save_checkpoint(out, tensors, {**meta, "peak_memory_mb": max(peak_rss_mb(), earlier_peak), "processes": world})
 
-    train_model, sets, cache_seconds = run.strategy.training_view(run.loaded.model, encs, cfg, pad_id=pad_id,
-                                                                  device=device, precision=precision, log=_log)
     torch.manual_seed(cfg.seed)
     try:
         result = train(train_model, sets["train"], sets["validation"], settings, pad_id=pad_id, device=device,
@@ -316,6 +322,26 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
         raise
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
     return _Trained(result=result, model=train_model, sets=sets, cache_seconds=cache_seconds, tracker=tracker)
+
+
+def _search_lr(run: _Prepared, cfg: RunConfig, out: Path, settings: TrainSettings, train_model: nn.Module,
+               sets: dict, pad_id: int, device: torch.device) -> TrainSettings:
+    """--lr auto: choose the rate (`lorafit.lr_search`), record it and its trials in `run` and
+    config.json; returns `settings` at that rate."""
+    from lorafit.lr_search import search_lr
+
+    chosen, trials, seconds = search_lr(
+        train_model, sets["train"], sets["validation"], settings, run.lr,
+        lambda lr: run.strategy.param_groups(train_model, cfg, lr), pad_id=pad_id, device=device, log=_log)
+    _log(f"lr auto: {chosen:g}, the lowest validation loss of {len(trials)} trials ({seconds:.1f}s)")
+    run.lr = chosen
+    run.config.update(lr_resolved=chosen, lr_search={
+        "trials": [t.as_record() for t in trials], "seconds": seconds,
+        "rule": "the strategy's default times 1/2, 1, 2; each trains the run's first third of epochs; "
+                "lowest validation loss (class-weighted where the run weights classes) wins"})
+    if distributed.is_main():
+        write_json(out / "config.json", run.config)
+    return replace(settings, lr=chosen)
 
 
 def _test_and_record(run: _Prepared, trained: _Trained, cfg: RunConfig, out: Path, device: torch.device,
@@ -358,7 +384,8 @@ def _test_and_record(run: _Prepared, trained: _Trained, cfg: RunConfig, out: Pat
         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "saved_bytes": saved, "padding_efficiency": result.padding_efficiency,
         "precision": s.precision, "device": device.type, "cpu": cpu_model(), "processes": distributed.world_size(),
-        "lr": run.lr, "pooling": s.pooling, "attention": s.attention, "last_layer": s.last_layer,
+        "lr": run.lr, "lr_search": run.config.get("lr_search"),
+        "pooling": s.pooling, "attention": s.attention, "last_layer": s.last_layer,
         "sizes": run.splits.sizes(), "label_names": label_names, "resumed": resume,
     }
     write_json(out / "final.json", final)
@@ -402,7 +429,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
             "pad_multiple_resolved", "label_names", "num_labels_resolved", "class_weights_resolved", "epochs_resolved",
-            "select_on")
+            "select_on", "lr_search")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 

@@ -43,7 +43,7 @@ class StrategySettings(Protocol):
 
     strategy: str
     model: str
-    lr: float | None
+    lr: float | str | None
     weight_decay: float
     eval_batch_size: int
     cache: bool
@@ -234,8 +234,9 @@ STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 def learning_rate(cfg: StrategySettings) -> float:
     """--lr, or the strategy's default; for LoRA+ (`lora_plus_ratio` > 1) the default divided
     by sqrt(ratio), so B's rate (ratio times A's) grows with sqrt(ratio) rather than ratio:
-    at ratio 16, A 5e-4 and B 8e-3 instead of 2e-3 and 3.2e-2, which diverged (docs/recipe.md)."""
-    if cfg.lr is not None:
+    at ratio 16, A 5e-4 and B 8e-3 instead of 2e-3 and 3.2e-2, which diverged (docs/recipe.md).
+    With `--lr auto`, this default is the rate `lorafit.lr_search` tries around."""
+    if cfg.lr is not None and cfg.lr != "auto":
         return cfg.lr
     lr = STRATEGIES[cfg.strategy].default_lr
     if cfg.strategy == "lora" and cfg.lora_plus_ratio > 1:

@@ -104,6 +104,9 @@ class TrainSettings:
     """The validation metric that picks the best epoch: accuracy or macro_f1."""
     class_weights: list[float] | None = None
     """Loss weight per class (`metrics.class_weights`); None: the plain mean loss."""
+    stop_after: int | None = None
+    """Train only epochs 1..stop_after of the `epochs`-long schedule (its warm-up and decay
+    unchanged; `lorafit.lr_search`'s trials); None: every epoch."""
 
 
 @dataclass
@@ -245,7 +248,8 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                                       forward_sync_buffers=False)
     loop = _Loop(fwd, params, opt, sched, train_enc, s, pad_id, device, state, progress, on_step, checkpoint_every)
     eval_kw = dict(batch_size=s.eval_batch_size, pad_id=pad_id, device=device, precision=s.precision)
-    for epoch in range(state.pos.epoch, s.epochs + 1):
+    last = min(s.stop_after or s.epochs, s.epochs)
+    for epoch in range(state.pos.epoch, last + 1):
         try:
             run, seconds = loop.epoch(epoch)
             val = evaluate(model, val_enc, **eval_kw, progress=progress, desc="validation")
@@ -263,7 +267,7 @@ def train(model: nn.Module, train_enc: Encoded, val_enc: Encoded, s: TrainSettin
                 state.save()
         except KeyboardInterrupt:
             raise state.interrupted() from None
-    result.kept_epoch = state.restore_best(s.keep == "best") or s.epochs
+    result.kept_epoch = state.restore_best(s.keep == "best") or last
     return result
 
 
