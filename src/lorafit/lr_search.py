@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lorafit.data.encoding import Encoded
+from lorafit.errors import Interrupted
 from lorafit.metrics import metrics_from_logits, weighted_cross_entropy
 from lorafit.training import TrainingDiverged, TrainSettings, predict_logits, train
 
@@ -89,6 +90,10 @@ def search_lr(model: nn.Module, train_enc: Encoded, val_enc: Encoded, settings: 
                 f1 = metrics_from_logits(logits.numpy(), val_enc.labels)["macro_f1"]
             except TrainingDiverged:
                 loss, f1 = math.inf, 0.0
+            except Interrupted:  # Ctrl-C: a trial saves nothing, so there is nothing to resume
+                raise Interrupted(f"interrupted in --lr auto's trial {len(trials) + 1} of {len(MULTIPLIERS)} "
+                                  f"(lr {lr:g}), before the run's own training: nothing to resume; start the run "
+                                  "again (--overwrite)") from None
             trials.append(LrTrial(lr=lr, epochs=epochs, val_loss=loss if math.isfinite(loss) else math.inf,
                                   val_macro_f1=f1))
             log(f"lr auto: trial {len(trials)}/{len(MULTIPLIERS)} | lr {lr:g} | {epochs} of {settings.epochs} "
