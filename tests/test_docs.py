@@ -41,6 +41,36 @@ def test_recipe_capacity_table_is_the_committed_lever_runs():
     assert found >= 8
 
 
+LR_AUTO_FLAGS = {"lrauto": "--lr auto", "r16a16-lrauto": "--rank 16 --alpha 16 --lr auto"}
+"""The panel tag of each `--lr auto` study in results/recipe_lrauto/chosen.json, and its flags."""
+
+
+def test_lr_auto_table_is_the_committed_runs():
+    """docs/recipe.md's `--lr auto` table: each row's macro-F1 per seed, mean, rates chosen and
+    search cost are results/recipe_lrauto/chosen.json's; the default's mean is results/panel's."""
+    import statistics
+
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    records = json.loads((ROOT / "results" / "recipe_lrauto" / "chosen.json").read_text())["records"]
+    panel = json.loads((ROOT / "results" / "panel" / "panel.json").read_text())["records"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        groups.setdefault((r["tag"], r["dataset"]), []).append(r)
+    for (tag, dataset), runs in groups.items():
+        f1 = [r["test_macro_f1"] for r in runs]
+        head = (f"| `{LR_AUTO_FLAGS[tag]}` | {dataset} | {' / '.join(f'{x:.3f}' for x in f1)} | "
+                f"{statistics.mean(f1):.3f} |")
+        line = next((line for line in doc.splitlines() if line.startswith(head)), None)
+        assert line, f"docs/recipe.md's --lr auto table lacks {head}"
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[5] == " / ".join(f"{r['lr_chosen']:g}" for r in runs), line
+        assert cells[6] == f"{statistics.median(r['search_over_train'] for r in runs):.2f}x", line
+        if tag == "lrauto":
+            seeds = [r["macro_f1"] for r in panel if r["method"] == "lora" and r["dataset"] == dataset]
+            assert cells[4] == f"{statistics.mean(seeds):.3f}", line
+    assert len(groups) >= 5
+
+
 def test_performance_padding_table_matches_results():
     """Each row of the docs/performance.md's pad-multiple table is the measurement in results/padding/padding.json."""
     runs = json.loads((ROOT / "results" / "padding" / "padding.json").read_text())["runs"]

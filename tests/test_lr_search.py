@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from lorafit.training import TrainingDiverged, TrainSettings, train
 from safetensors.torch import load_file
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +143,9 @@ def test_lr_auto_is_a_setting_and_other_words_are_errors(tmp_path):
 
 def test_a_run_with_lr_auto_records_its_trials_and_trains_as_the_chosen_rate_would(tmp_path):
     common = dict(train_size=24, val_size=8, test_size=8, max_length=64, epochs=1, precision="fp32")
-    auto = run_training(RunConfig(lr="auto", **common), tmp_path / "auto", progress=False)
-    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    auto_dir = tmp_path / "panel" / "imdb" / "seed0" / "lora-lrauto"  # as benchmarks/panel.py lays runs out
+    auto = run_training(RunConfig(lr="auto", **common), auto_dir, progress=False)
+    config = json.loads((auto_dir / "config.json").read_text())
     trials = config["lr_search"]["trials"]
     assert [t["lr"] for t in trials] == pytest.approx([1e-3, 2e-3, 4e-3])
     chosen = config["lr_resolved"]
@@ -148,6 +153,15 @@ def test_a_run_with_lr_auto_records_its_trials_and_trains_as_the_chosen_rate_wou
     assert auto["lr_search"] == config["lr_search"]
     fixed = run_training(RunConfig(lr=chosen, **common), tmp_path / "fixed", progress=False)
     assert fixed["test_accuracy"] == auto["test_accuracy"]
-    a = load_file(tmp_path / "auto" / "adapter" / "adapter_model.safetensors")
+    a = load_file(auto_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "fixed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # benchmarks/studies/lr_auto.py gathers what the search chose from such a folder
+    out = tmp_path / "chosen.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "studies" / "lr_auto.py"), "--runs",
+                        str(tmp_path / "panel"), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(out.read_text())["records"]
+    assert (rec["dataset"], rec["seed"], rec["tag"], rec["lr_chosen"]) == ("imdb", 0, "lrauto", chosen)
+    assert rec["trials"] == trials and rec["test_macro_f1"] == auto["test_macro_f1"]
+    assert rec["search_over_train"] == pytest.approx(config["lr_search"]["seconds"] / auto["train_seconds"])
