@@ -82,3 +82,19 @@ def tiny_model_dir(tmp_path_factory):
         k: v for k, v in TINY.items() if k != "vocab_size"})).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def minilm_data(tmp_path_factory):
+    """The embedded all-MiniLM-L6-v2's encodings of a tiny IMDb slice (16 train, 8 validation,
+    8 test, 64 tokens), and its pad id: what loop-level tests train on."""
+    from lorafit.data import load_dataset
+    from lorafit.data.encoding import encode_split
+    from lorafit.models import load_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    loaded = load_model(None, seed=0)
+    d = load_dataset(None, train_size=16, val_size=8, test_size=8)
+    enc = {n: encode_split(getattr(d, n), loaded.tokenizer, 64, cache_dir=cache)
+           for n in ("train", "validation", "test")}
+    return enc, loaded.tokenizer.pad_token_id

@@ -14,8 +14,6 @@ import torch
 
 import lorafit.lr_search as search_mod
 from lorafit.config import RunConfig
-from lorafit.data import load_dataset
-from lorafit.data.encoding import encode_split
 from lorafit.errors import ConfigError
 from lorafit.lr_search import LrTrial, pick, search_lr, trial_epochs
 from lorafit.models import load_model
@@ -26,16 +24,6 @@ from safetensors.torch import load_file
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def minilm_data(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    loaded = load_model(None, seed=0)
-    d = load_dataset(None, train_size=16, val_size=8, test_size=8)
-    enc = {n: encode_split(getattr(d, n), loaded.tokenizer, 64, cache_dir=cache)
-           for n in ("train", "validation", "test")}
-    return enc, loaded.tokenizer.pad_token_id
 
 
 def _lora_model():

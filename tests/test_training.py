@@ -19,16 +19,6 @@ from lorafit.strategies import STRATEGIES
 from lorafit.training import TrainSettings, f1_score, train
 
 
-@pytest.fixture(scope="module")
-def minilm_data(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    loaded = load_model(None, seed=0)
-    d = load_dataset(None, train_size=16, val_size=8, test_size=8)
-    enc = {n: encode_split(getattr(d, n), loaded.tokenizer, 64, cache_dir=cache)
-           for n in ("train", "validation", "test")}
-    return enc, loaded.tokenizer.pad_token_id
-
-
 def _model(strategy: str):
     loaded = load_model(None, seed=0)
     torch.manual_seed(0)
