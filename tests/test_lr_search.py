@@ -117,12 +117,19 @@ def test_a_diverging_trial_loses(minilm_data, monkeypatch):
 
 
 def test_lr_auto_is_a_setting_and_other_words_are_errors(tmp_path):
-    assert RunConfig(lr="auto").lr == "auto"
+    """auto in any case, spaces around it ignored, from the API, a config file, a flag or a sweep."""
+    from lorafit.cli import _lr_value
+    from lorafit.grid import parse_grid
+
+    for text in ("auto", " Auto ", "AUTO"):
+        assert RunConfig(lr=text).lr == "auto"
+        assert _lr_value(text) == "auto"
+        assert parse_grid({"lr": [f"{text},1e-3"]})[1] == {"lr": ["auto", 1e-3]}
     with pytest.raises(ConfigError, match="--lr"):
         RunConfig(lr="fast")
     from lorafit.config import read_config_file
     f = tmp_path / "c.toml"
-    f.write_text('lr = "auto"\n')
+    f.write_text('lr = " Auto"\n')
     assert read_config_file(f)["lr"] == "auto"
     f.write_text('lr = "quick"\n')
     with pytest.raises(ConfigError, match="lr"):

@@ -14,14 +14,14 @@ import signal
 import sys
 from pathlib import Path
 
-from lorafit.config import RunConfig, field_types, make_config
+from lorafit.config import RunConfig, field_types, is_auto_lr, make_config
 from lorafit.strategies import STRATEGY_NAMES
 from lorafit.errors import ConfigError, Interrupted, LorafitError
 
 
 def _lr_value(text: str) -> float | str:
     """--lr: a number, or auto (`lorafit.lr_search`)."""
-    if text.strip().lower() == "auto":
+    if is_auto_lr(text):
         return "auto"
     try:
         return float(text)

@@ -29,6 +29,12 @@ KEEPS = ("last", "best")
 DEFAULT_EPOCHS = 3
 
 
+def is_auto_lr(value: object) -> bool:
+    """Whether an --lr value asks for `lorafit.lr_search`: the word auto in any case, spaces
+    around it ignored, wherever it comes from (a flag, a config file, a sweep, the Python API)."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def _f(default, help: str, **kw):
     """A dataclass field with its CLI help text."""
     if isinstance(default, list):
@@ -123,6 +129,8 @@ class RunConfig:
                                     "the model's own, 0.1 for BERT). 0 lets attention run as one fused kernel")
 
     def __post_init__(self) -> None:
+        if is_auto_lr(self.lr):
+            self.lr = "auto"
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if isinstance(self.report_to, str):
@@ -194,8 +202,8 @@ def field_types() -> dict[str, tuple[type, bool]]:
 def _coerce(name: str, value, tp: type, optional: bool, where: str):
     if value is None and optional:
         return None
-    if name == "lr" and value == "auto":
-        return value
+    if name == "lr" and is_auto_lr(value):
+        return "auto"
     if tp is bool:
         if isinstance(value, bool):
             return value

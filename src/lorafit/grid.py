@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from lorafit.config import field_types
+from lorafit.config import field_types, is_auto_lr
 from lorafit.errors import ConfigError
 
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
@@ -36,7 +36,7 @@ def _convert(name: str, text: str, tp: type, optional: bool):
         if tp is int:
             return int(text)
         if tp is float:
-            return "auto" if name == "lr" and text.lower() == "auto" else float(text)
+            return "auto" if name == "lr" and is_auto_lr(text) else float(text)
     except ValueError:
         kind = "true or false" if tp is bool else f"a {'whole ' if tp is int else ''}number"
         raise ConfigError(f"{flag}: {text!r} is not {kind}; give one value or a comma-separated list") from None
