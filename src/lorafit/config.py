@@ -26,6 +26,7 @@ from lorafit.tracking import TRACKERS
 from lorafit.strategies import STRATEGIES, STRATEGY_NAMES
 
 KEEPS = ("last", "best")
+HEAD_INITS = ("random", "probe")
 DEFAULT_EPOCHS = 3
 
 
@@ -75,6 +76,10 @@ class RunConfig:
                       choices=("standard", "rslora"))
     targets: list[str] = _f(["key", "value", "classifier"], "LoRA targets, comma-separated: roles (query, key, "
                             "value, output, ffn, classifier, head), module-name suffixes or regexes")
+    head_init: str = _f("random", "the classifier layer's start: random (the architecture's initialisation) or "
+                        "probe (a logistic regression on the frozen model's features at that layer, fitted on "
+                        "the training split, its L2 strength chosen on validation; lorafit.head_init)",
+                        choices=HEAD_INITS)
     train_head: bool = _f(True, "lora: train the classifier layer (newly initialised for the task) fully next to "
                           "the adapters; --no-train-head puts a LoRA adapter on it instead, as the seed experiment did")
     dora: bool = _f(False, "lora: DoRA (Liu et al. 2024), a learned magnitude per output row next to the low-rank "

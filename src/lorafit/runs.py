@@ -291,6 +291,8 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
     metrics_path = out / "metrics.jsonl"
     train_model, sets, cache_seconds = run.strategy.training_view(run.loaded.model, encs, cfg, pad_id=pad_id,
                                                                   device=device, precision=precision, log=_log)
+    if cfg.head_init == "probe" and not resume:
+        _init_head(run, cfg, out, encs, pad_id, device)
     if cfg.lr == "auto" and not resume:
         settings = _search_lr(run, cfg, out, settings, train_model, sets, pad_id, device)
     if main:  # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
@@ -322,6 +324,35 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
         raise
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
     return _Trained(result=result, model=train_model, sets=sets, cache_seconds=cache_seconds, tracker=tracker)
+
+
+def _init_head(run: _Prepared, cfg: RunConfig, out: Path, encs: dict, pad_id: int, device: torch.device) -> None:
+    """--head-init probe: the classifier layer starts as a logistic regression on its frozen
+    inputs (`lorafit.head_init`); what was fitted is recorded in config.json."""
+    from lorafit.feature_cache import extract_features
+    from lorafit.head_init import init_head_from_probe
+    from lorafit.strategies import head_layers
+
+    model = run.loaded.model
+    name = head_layers(model)[1]
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear) or not layer.weight.requires_grad:
+        raise ConfigError(f"--head-init probe fits the classifier layer ({name}) and needs it to train; "
+                          "with --strategy lora give --train-head, or use --head-init random")
+    t0 = time.perf_counter()
+
+    def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        fs = extract_features(model, name, encs[split], batch_size=cfg.eval_batch_size, pad_id=pad_id,
+                              device=device, precision=run.settings.precision)
+        return fs.features, torch.as_tensor(fs.labels)
+
+    fit = init_head_from_probe(layer, features, run.recipe["class_weights_resolved"])
+    seconds = time.perf_counter() - t0
+    _log(f"head init: logistic regression on {name}'s frozen inputs, l2 {fit.l2:g}, validation loss "
+         f"{fit.val_loss:.4f} ({seconds:.1f}s)")
+    run.config.update(head_init_probe={"l2": fit.l2, "val_loss": fit.val_loss, "seconds": seconds})
+    if distributed.is_main():
+        write_json(out / "config.json", run.config)
 
 
 def _search_lr(run: _Prepared, cfg: RunConfig, out: Path, settings: TrainSettings, train_model: nn.Module,
@@ -429,7 +460,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
             "pad_multiple_resolved", "label_names", "num_labels_resolved", "class_weights_resolved", "epochs_resolved",
-            "select_on", "lr_search")
+            "select_on", "lr_search", "head_init_probe")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 

@@ -1,0 +1,79 @@
+"""`--head-init probe`: start the new classifier layer from a logistic regression on the
+frozen model's features, then fine-tune (linear probing, then fine-tuning; Kumar et al.
+2022, "Fine-Tuning can Distort Pretrained Features").
+
+A random classifier sends random gradients into the layers below it for the first steps;
+a classifier fitted on the features those layers already give starts the run at the
+probe's loss, so the first steps refine the features instead of undoing them.
+
+The fit: multinomial logistic regression on the classifier layer's input over the
+training split (the model in eval mode, so no dropout), loss `weighted_cross_entropy`
+with the run's class weights plus `l2 / 2 · ||W||²`, solved by L-BFGS. The strength `l2`
+is chosen on the validation split's (weighted) loss from `L2_GRID`; a tie goes to the
+stronger one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorafit.metrics import weighted_cross_entropy
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class ProbeFit:
+    """One fitted classifier: weight (K, H), bias (K,), its strength and validation loss."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    l2: float
+    val_loss: float
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float,
+                 class_weights: torch.Tensor | None, *, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (K, H) and bias (K,) minimising weighted CE + l2/2 ||W||² on x (N, H), y (N,)."""
+    w = torch.zeros(num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
+    x64, cw = x.double(), None if class_weights is None else class_weights.double()
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = weighted_cross_entropy(x64 @ w.T + b, y, cw) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+def fit_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_labels: int,
+              class_weights: list[float] | None) -> ProbeFit:
+    """The L2_GRID fit with the lowest validation loss; features (N, H), labels (N,)."""
+    cw = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float64)
+    best = None
+    for l2 in sorted(L2_GRID, reverse=True):  # strongest first: a tie keeps it
+        w, b = fit_logistic(*train, num_labels, l2, cw)
+        with torch.no_grad():
+            loss = float(weighted_cross_entropy(val[0].double() @ w.T.double() + b.double(), val[1], cw))
+        if best is None or loss < best.val_loss - 1e-9:
+            best = ProbeFit(w, b, l2, loss)
+    return best
+
+
+def init_head_from_probe(classifier: nn.Linear, features: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+                         class_weights: list[float] | None) -> ProbeFit:
+    """Fit on features("train"), choose on features("validation"), copy into `classifier`."""
+    fit = fit_probe(features("train"), features("validation"), classifier.out_features, class_weights)
+    with torch.no_grad():
+        classifier.weight.copy_(fit.weight.to(classifier.weight.dtype))
+        classifier.bias.copy_(fit.bias.to(classifier.bias.dtype))
+    return fit
