@@ -21,8 +21,16 @@ STRATEGIES = ("full", "last-two-layers", "lora")
 
 
 def commit() -> str:
-    """The short hash of the checked-out commit, recorded beside a benchmark's results."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """The short hash of the commit whose lorafit runs, recorded beside a benchmark's results:
+    the checkout that holds the imported package (PYTHONPATH may point at another worktree
+    than the current folder's), with "-dirty" where its package has uncommitted changes."""
+    import lorafit
+
+    where = str(Path(lorafit.__file__).resolve().parent)
+    git = ["git", "-C", where]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True).stdout.strip()
+    return head + ("-dirty" if head and dirty else "")
 
 
 def add_slice_args(ap: argparse.ArgumentParser) -> None:

@@ -50,3 +50,20 @@ def test_bench_reads_back_only_records_made_on_this_cpu(tmp_path):
     for other in ("AMD EPYC", None):  # a Zen 4 record, named before family/model were recorded; none at all
         with pytest.raises(SystemExit, match=r"lora-seed1 was made on .*pass a new --out"):
             same_cpu(other, record)
+
+
+def test_results_record_the_commit_of_the_code_that_runs(tmp_path, monkeypatch):
+    """The commit beside a result is that of the checkout holding the imported lorafit, from any
+    folder (a study may run one worktree's code from another's folder, or from outside git)."""
+    import subprocess
+
+    import lorafit
+    from common import commit
+
+    package = Path(lorafit.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True,
+                           text=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    assert head and commit() == head + ("-dirty" if dirty else "")

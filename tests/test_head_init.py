@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import signal
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from cli_helpers import lorafit
-from lorafit.head_init import L2_GRID, fit_logistic, fit_probe, init_head_from_probe
+from conftest import ARCHS, tiny_model
+from lorafit.head_init import L2_GRID, classifier_inputs, fit_logistic, fit_probe, init_head_from_probe
 from lorafit.metrics import weighted_cross_entropy
 
 
@@ -75,29 +72,37 @@ def test_the_fitted_head_beats_chance_and_lands_in_the_layer():
     assert acc > 0.8 and fit.val_loss < np.log(3) - 0.3
 
 
-def test_a_run_starts_from_the_probe_records_it_and_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
-    """The real CLI: config.json records the fit; a run killed in epoch 2 resumes (without
-    fitting again) to the uninterrupted run's weights, bit for bit; --no-train-head is a
-    clear error."""
-    args = ["train", "--model", str(tiny_model_dir), "--precision", "fp32", "--train-size", "48", "--val-size", "16",
-            "--test-size", "16", "--max-length", "64", "--batch-size", "8", "--epochs", "2", "--no-progress",
-            "--strategy", "lora", "--head-init", "probe"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    r = lorafit(*args, "--out", str(ref))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "head init: logistic regression on classifier's frozen inputs" in r.stdout
-    rec = json.loads((ref / "config.json").read_text())
-    assert rec["head_init"] == "probe" and rec["head_init_probe"]["l2"] in L2_GRID
-    assert 0 < rec["head_init_probe"]["val_loss"] < 10
-    killed = lorafit(*args, "--out", str(run), env={"LORAFIT_SIGNAL_AT": "step@8:KILL"})
-    assert killed.returncode == -signal.SIGKILL and not (run / "final.json").exists()
-    resumed = lorafit("train", "--resume", str(run), "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed at epoch 2" in resumed.stdout and "head init" not in resumed.stdout
-    for path in sorted(ref.rglob("*.safetensors")):
-        a, b = load_file(path), load_file(run / path.relative_to(ref))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path.name
-    fitted = json.loads((run / "config.json").read_text())["head_init_probe"]
-    assert {k: fitted[k] for k in ("l2", "val_loss")} == {k: rec["head_init_probe"][k] for k in ("l2", "val_loss")}
-    bad = lorafit(*args, "--no-train-head", "--out", str(tmp_path / "bad"))
-    assert bad.returncode == 2 and "needs it to train" in bad.stderr and "Traceback" not in bad.stderr
+def test_head_init_settings_are_checked_before_anything_loads():
+    from lorafit.config import RunConfig
+    from lorafit.errors import ConfigError
+
+    assert RunConfig(head_init="probe").head_init == "probe"
+    with pytest.raises(ConfigError, match=r"head_init \(--head-init\) must be one of random, probe"):
+        RunConfig(head_init="zeros")
+    with pytest.raises(ConfigError, match="give --train-head"):
+        RunConfig(head_init="probe", train_head=False)
+    RunConfig(head_init="probe", train_head=False, strategy="full")  # full trains its classifier anyway
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_and_plain_views_give_the_classifier_the_same_inputs(arch):
+    """last-two-layers with --cache computes the classifier's inputs from the cached encoder
+    output (only the head's first layer and activation run); the plain view runs the whole
+    model and grabs them: the two agree, on every architecture's head."""
+    from lorafit.config import RunConfig
+    from lorafit.feature_cache import HeadOnCache, extract_features
+    from lorafit.strategies import STRATEGIES, head_layers
+    from test_feature_cache import _encoded
+
+    model = tiny_model(arch)
+    STRATEGIES["last-two-layers"].setup(model, RunConfig(strategy="last-two-layers"))
+    head = head_layers(model)
+    enc = _encoded(n=12)
+    kw = dict(batch_size=4, pad_id=0, device=torch.device("cpu"), precision="fp32")
+    cached = extract_features(model, head[0], enc, **kw)
+    x_plain, y_plain = classifier_inputs(model, head[1], model, enc, **kw)
+    x_cached, y_cached = classifier_inputs(model, head[1], HeadOnCache(model, *head), cached, **kw)
+    assert x_plain.shape == (12, model.get_submodule(head[1]).in_features)
+    torch.testing.assert_close(x_cached, x_plain, atol=1e-6, rtol=0)
+    assert torch.equal(y_cached, y_plain) and torch.equal(y_plain, torch.as_tensor(enc.labels))
+    assert x_plain.std(0).max() > 1e-3  # the texts give different inputs

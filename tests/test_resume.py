@@ -45,11 +45,12 @@ CTRL_C_IN_WRITE_SHORT = (f"write:{CKPT}@1:INT", (2, 8))  # after the short chain
 
 MATRIX = {  # name -> flags, kill stages, Ctrl-C stage
     "lora": (["--strategy", "lora"], KILL_STAGES, CTRL_C_IN_VALIDATION),
-    "lora-keep-best": (["--strategy", "lora", "--keep", "best"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
+    "lora-keep-best-probe-head": (["--strategy", "lora", "--keep", "best", "--head-init", "probe"], SHORT_KILL_STAGES,
+                                  CTRL_C_IN_WRITE_SHORT),
     "full": (["--strategy", "full"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
     "last-two-layers-cache": (["--strategy", "last-two-layers", "--cache"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
-    "last-two-layers-no-cache": (["--strategy", "last-two-layers", "--no-cache"], SHORT_KILL_STAGES,
-                                 CTRL_C_IN_VALIDATION),
+    "last-two-layers-no-cache-probe-head": (["--strategy", "last-two-layers", "--no-cache", "--head-init", "probe"],
+                                           SHORT_KILL_STAGES, CTRL_C_IN_VALIDATION),
 }
 
 
@@ -152,6 +153,15 @@ def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
     assert json.loads((c["run"] / "config.json").read_text())["last_layer_resolved"] == "first-token"
     assert json.loads((c["run"] / "final.json").read_text())["peak_memory_mb"] == 123_456.0
     assert json.loads((c["ref"] / "final.json").read_text())["peak_memory_mb"] < 123_456.0
+    # --head-init probe: fitted once, by the run's first process, and the same fit as the reference's
+    probe = "--head-init" in MATRIX[name][0]
+    assert ("head init:" in c["stages"][0]["stdout"]) == probe
+    assert not any("head init:" in stage["stdout"] for stage in c["stages"][1:]) and "head init:" not in c["last"][
+        "stdout"]
+    fits = [json.loads((run / "config.json").read_text()).get("head_init_probe") for run in (c["run"], c["ref"])]
+    assert (fits[0] is not None) == probe and (probe or fits == [None, None])
+    if probe:
+        assert fits[0]["l2"] == fits[1]["l2"] and fits[0]["val_loss"] == fits[1]["val_loss"]
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="--precision auto measures only on a CPU with bf16 instructions")

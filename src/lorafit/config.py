@@ -149,6 +149,7 @@ class RunConfig:
             (self.attention in ATTENTIONS, "attention", f"one of {', '.join(ATTENTIONS)}"),
             (self.last_layer in LAST_LAYERS, "last_layer", f"one of {', '.join(LAST_LAYERS)}"),
             (self.keep in KEEPS, "keep", f"one of {', '.join(KEEPS)}"),
+            (self.head_init in HEAD_INITS, "head_init", f"one of {', '.join(HEAD_INITS)}"),
             (self.scaling in ("standard", "rslora"), "scaling", "standard or rslora"),
             (self.init in INITS, "init", f"one of {', '.join(INITS)}"),
             (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0, "lora_plus_ratio", "a number > 0"),
@@ -183,6 +184,9 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, "
                                   f"got {getattr(self, name)!r}")
+        if self.head_init == "probe" and self.strategy == "lora" and not self.train_head:
+            raise ConfigError("--head-init probe fits the classifier layer, which --no-train-head leaves frozen "
+                              "under a LoRA adapter: give --train-head (the default), or --head-init random")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

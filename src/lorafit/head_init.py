@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafit.feature_cache import FeatureSet, HeadOnCache, extract_features
 from lorafit.metrics import weighted_cross_entropy
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -77,3 +78,20 @@ def init_head_from_probe(classifier: nn.Linear, features: Callable[[str], tuple[
         classifier.weight.copy_(fit.weight.to(classifier.weight.dtype))
         classifier.bias.copy_(fit.bias.to(classifier.bias.dtype))
     return fit
+
+
+def classifier_inputs(model: nn.Module, name: str, train_model: nn.Module, split, *, batch_size: int, pad_id: int,
+                      device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) inputs of the classifier layer `name` in eval mode, and (N,) labels, of one split.
+
+    `train_model` is the strategy's training view: the model itself, with `split` an
+    `Encoded`, or a `HeadOnCache` on the encoder's cached output, with `split` its
+    `FeatureSet`; then only the head's first layer and activation run."""
+    if isinstance(train_model, HeadOnCache):
+        assert isinstance(split, FeatureSet)
+        with torch.no_grad():
+            x = train_model.act(train_model.first(split.features.to(device))).float().cpu()  # (N, H)
+        return x, torch.as_tensor(split.labels)
+    fs = extract_features(model, name, split, batch_size=batch_size, pad_id=pad_id, device=device,
+                          precision=precision)
+    return fs.features, torch.as_tensor(fs.labels)

@@ -292,7 +292,7 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
     train_model, sets, cache_seconds = run.strategy.training_view(run.loaded.model, encs, cfg, pad_id=pad_id,
                                                                   device=device, precision=precision, log=_log)
     if cfg.head_init == "probe" and not resume:
-        _init_head(run, cfg, out, encs, pad_id, device)
+        _init_head(run, cfg, out, train_model, sets, pad_id, device)
     if cfg.lr == "auto" and not resume:
         settings = _search_lr(run, cfg, out, settings, train_model, sets, pad_id, device)
     if main:  # on resume, metrics.jsonl holds exactly the epochs the checkpoint has finished
@@ -326,11 +326,12 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
     return _Trained(result=result, model=train_model, sets=sets, cache_seconds=cache_seconds, tracker=tracker)
 
 
-def _init_head(run: _Prepared, cfg: RunConfig, out: Path, encs: dict, pad_id: int, device: torch.device) -> None:
+def _init_head(run: _Prepared, cfg: RunConfig, out: Path, train_model: nn.Module, sets: dict, pad_id: int,
+               device: torch.device) -> None:
     """--head-init probe: the classifier layer starts as a logistic regression on its frozen
-    inputs (`lorafit.head_init`); what was fitted is recorded in config.json."""
-    from lorafit.feature_cache import extract_features
-    from lorafit.head_init import init_head_from_probe
+    inputs (`lorafit.head_init`), fitted before any training step (and before --lr auto's
+    trials, which start from it); what was fitted is recorded in config.json."""
+    from lorafit.head_init import classifier_inputs, init_head_from_probe
     from lorafit.strategies import head_layers
 
     model = run.loaded.model
@@ -338,13 +339,12 @@ def _init_head(run: _Prepared, cfg: RunConfig, out: Path, encs: dict, pad_id: in
     layer = model.get_submodule(name)
     if not isinstance(layer, nn.Linear) or not layer.weight.requires_grad:
         raise ConfigError(f"--head-init probe fits the classifier layer ({name}) and needs it to train; "
-                          "with --strategy lora give --train-head, or use --head-init random")
+                          "use --head-init random")
     t0 = time.perf_counter()
 
     def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        fs = extract_features(model, name, encs[split], batch_size=cfg.eval_batch_size, pad_id=pad_id,
-                              device=device, precision=run.settings.precision)
-        return fs.features, torch.as_tensor(fs.labels)
+        return classifier_inputs(model, name, train_model, sets[split], batch_size=cfg.eval_batch_size,
+                                 pad_id=pad_id, device=device, precision=run.settings.precision)
 
     fit = init_head_from_probe(layer, features, run.recipe["class_weights_resolved"])
     seconds = time.perf_counter() - t0
