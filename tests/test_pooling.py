@@ -68,8 +68,9 @@ def test_a_deepcopy_pools_on_its_own(tiny_model_dir, batch):
 def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
     """--pooling mean: recorded in config.json and final.json; `evaluate` reproduces the test
     numbers (so it pools as the run did); `merge` writes a sentence-transformers folder (mean
-    pooling built in; tests/test_export.py checks its logits); auto on a plain BERT folder
-    resolves to cls."""
+    pooling built in; tests/test_export.py checks its logits). That auto resolves to cls on a
+    plain BERT folder: test_auto_follows_the_sentence_transformers_config, and every tiny-model
+    run of tests/test_resume.py records the first-token last layer, which cls gives."""
     run = tmp_path / "mean"
     r = lorafit("train", "--model", str(tiny_model_dir), "--pooling", "mean", *TINY, "--out", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -86,10 +87,6 @@ def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
     assert r.returncode == 0 and "sentence-transformers" in r.stdout, r.stderr[-2000:]
     pooling = json.loads((tmp_path / "merged" / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
-    auto = tmp_path / "auto"
-    r = lorafit("train", "--model", str(tiny_model_dir), *TINY, "--out", str(auto))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((auto / "config.json").read_text())["pooling_resolved"] == "cls"
 
 
 def test_runs_from_before_pooling_read_the_first_token(tmp_path):

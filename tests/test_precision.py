@@ -79,10 +79,11 @@ def test_model_dims_read_bert_and_distilbert_configs():
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="--precision auto measures only on a CPU with bf16 instructions")
-def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_dir, tmp_path):
+def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_dir, tmp_path, monkeypatch):
     """The cache says bf16 for the run's shapes: the run trains and tests in bf16 and records
     it; after the cache flips to fp32, `lorafit evaluate` still computes in bf16 and gives
-    the run's test numbers exactly (fp32 would not), and a new run reads the flip."""
+    the run's test numbers exactly (fp32 would not), while a new run's resolution, for the
+    same shapes, reads the flip."""
     from transformers import AutoConfig
 
     from lorafit.api import load_run
@@ -90,7 +91,8 @@ def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_
     cache = tmp_path / "cache"
     cache.mkdir()
     env = {"LORAFIT_CACHE": str(cache)}
-    key = machine_key("linears " + "x".join(map(str, model_dims(AutoConfig.from_pretrained(tiny_model_dir), 16, 64))))
+    dims = model_dims(AutoConfig.from_pretrained(tiny_model_dir), 16, 64)  # the run's batch size and max_length
+    key = machine_key("linears " + "x".join(map(str, dims)))
     (cache / "precision.json").write_text(json.dumps({key: {"choice": "bf16"}}))
     run = tmp_path / "run"
     r = lorafit("train", "--model", str(tiny_model_dir), *TINY, "--out", str(run), env=env)
@@ -106,8 +108,8 @@ def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_
     fp32 = load_run(run)
     fp32.precision = "fp32"  # the control: in the flipped cache's precision the numbers differ
     assert fp32.evaluate()["test_loss"] != final["test_loss"]
-    fresh = lorafit("train", "--model", str(tiny_model_dir), *TINY, "--out", str(tmp_path / "fresh"), env=env)
-    assert fresh.returncode == 0 and "cpu fp32" in fresh.stdout, fresh.stderr[-2000:]
+    monkeypatch.setenv("LORAFIT_CACHE", str(cache))
+    assert resolve_precision("auto", CPU, dims) == "fp32"
 
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
