@@ -71,6 +71,33 @@ def test_lr_auto_table_is_the_committed_runs():
     assert len(groups) >= 5
 
 
+HEAD_INIT_METHODS = {"lora-headinit": ("lora", "--head-init probe"),
+                     "last-two-layers-headinit": ("last-two-layers", "--head-init probe"),
+                     "lora-headinit-lr4e-3": ("lora", "--head-init probe --lr 4e-3")}
+"""The panel method of each `--head-init` study in results/recipe_headinit/, its strategy and flags."""
+
+
+def test_head_init_table_is_the_committed_runs():
+    """docs/recipe.md's `--head-init probe` table: each row's macro-F1 per seed and mean are
+    results/recipe_headinit's, and the default's mean beside it is results/panel's."""
+    import statistics
+
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    panel = json.loads((ROOT / "results" / "panel" / "panel.json").read_text())["records"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted((ROOT / "results" / "recipe_headinit").glob("*/panel.json")):
+        for r in json.loads(path.read_text())["records"]:
+            groups.setdefault((r["method"], r["dataset"]), []).append(r)
+    for (method, dataset), runs in groups.items():
+        strategy, flags = HEAD_INIT_METHODS[method]
+        f1 = [r["macro_f1"] for r in sorted(runs, key=lambda r: r["seed"])]
+        default = [r["macro_f1"] for r in panel if r["method"] == strategy and r["dataset"] == dataset]
+        row = (f"| `{flags}` | {strategy} | {dataset} | {' / '.join(f'{x:.3f}' for x in f1)} | "
+               f"{statistics.mean(f1):.3f} | {statistics.mean(default):.3f} |")
+        assert row in doc, f"docs/recipe.md's --head-init table lacks {row}"
+    assert len(groups) >= 7
+
+
 def test_performance_padding_table_matches_results():
     """Each row of the docs/performance.md's pad-multiple table is the measurement in results/padding/padding.json."""
     runs = json.loads((ROOT / "results" / "padding" / "padding.json").read_text())["runs"]
