@@ -106,3 +106,32 @@ def test_cached_and_plain_views_give_the_classifier_the_same_inputs(arch):
     torch.testing.assert_close(x_cached, x_plain, atol=1e-6, rtol=0)
     assert torch.equal(y_cached, y_plain) and torch.equal(y_plain, torch.as_tensor(enc.labels))
     assert x_plain.std(0).max() > 1e-3  # the texts give different inputs
+
+
+def test_the_study_script_reads_back_what_each_run_fitted(tmp_path):
+    """benchmarks/studies/head_init.py: one record per finished run whose config.json records a
+    fit, laid out as benchmarks/panel.py lays runs out; runs without one, or unfinished, are
+    left out; nothing found is exit status 2."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
+    from head_init import main, records
+
+    def run(path, fit, final=True):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"head_init_probe": fit} if fit else {}))
+        if final:
+            (path / "final.json").write_text(json.dumps({"train_seconds": 40.0, "test_macro_f1": 0.5,
+                                                         "test_accuracy": 0.6, "cpu": "x", "precision": "fp32"}))
+
+    fit = {"l2": 0.01, "val_loss": 0.9, "seconds": 4.0}
+    run(tmp_path / "drugs" / "seed2" / "lora-headinit", fit)
+    run(tmp_path / "drugs" / "seed0" / "lora", None)  # a default run: no fit
+    run(tmp_path / "rt" / "seed1" / "lora-headinit", fit, final=False)  # unfinished
+    assert [(r["dataset"], r["seed"], r["run"], r["l2"], r["fit_over_train"]) for r in records(tmp_path)] == [
+        ("drugs", 2, "lora-headinit", 0.01, 0.1)]
+    assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "fits.json")]) == 0
+    assert len(json.loads((tmp_path / "fits.json").read_text())["records"]) == 1
+    assert main(["--runs", str(tmp_path / "drugs" / "seed0"), "--out", str(tmp_path / "none.json")]) == 2
