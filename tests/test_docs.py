@@ -291,16 +291,16 @@ def test_serve_load_table_and_goals_are_the_committed_run():
 
 
 def test_second_encoder_table_is_the_committed_runs():
-    """docs/recipe.md's MPNet table: every cell is a results/panel_mpnet (or its drugs-seed1/) record
+    """docs/recipe.md's MPNet table: every cell is a record of a results/panel_mpnet panel.json (one per subset run)
     or results/panel's record of the same dataset and seed, and every MPNet run committed is in it."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
 
     def records(*files):
         return {(r["dataset"], r["seed"], r["method"]): r for f in files
-                for r in json.loads((ROOT / "results" / f).read_text())["records"]}
+                for r in json.loads(f.read_text())["records"]}
 
-    mpnet = records("panel_mpnet/panel.json", "panel_mpnet/drugs-seed1/panel.json")
-    minilm = records("panel/panel.json")
+    mpnet = records(*sorted((ROOT / "results" / "panel_mpnet").rglob("panel.json")))
+    minilm = records(ROOT / "results" / "panel" / "panel.json")
     pairs = sorted({(d, seed) for d, seed, _ in mpnet})
     assert ("drugs", 1) in pairs and ("spam", 0) in pairs
     columns = [(mpnet, "lora"), (mpnet, "full"), (minilm, "lora"), (minilm, "full"), (minilm, "tfidf-lr"),
