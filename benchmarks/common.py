@@ -10,8 +10,10 @@ studies/ and import it the same way.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from peak import cpu_model
@@ -66,3 +68,23 @@ def train_flops_per_token(strategy: str, cfg, avg_len: float, first_token: bool 
     dense = full_layers * (4 * h * h + 2 * h * inter) + (2 * h * h if first_token else 0)
     attention = 12 * full_layers * avg_len * h  # QK^T and AV, forward x3 for training
     return {"full": 6 * dense + attention, "lora": 4 * dense + attention}.get(strategy, 0.0)
+
+
+def study_main(argv: list[str] | None, doc: str, script: str, records, what: str, line) -> int:
+    """A read-back study's command line: `--runs` (a benchmarks/panel.py --out folder) and
+    `--out` (the JSON file); writes {"command", "records": records(runs)} and prints
+    line(record) per record; exit status 2, naming `what`, where no run was found."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--runs", type=Path, required=True, help="a benchmarks/panel.py --out folder")
+    ap.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    args = ap.parse_args(argv)
+    rows = records(args.runs)
+    if not rows:
+        print(f"no finished {what} run under {args.runs}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": f"{script} " + " ".join(argv or sys.argv[1:]),
+                                    "records": rows}, indent=2) + "\n")
+    for r in rows:
+        print(line(r))
+    return 0

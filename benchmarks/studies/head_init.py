@@ -11,10 +11,12 @@ seconds beside the run's training seconds, the test macro-F1, and the CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import study_main  # noqa: E402
 
 
 def records(runs: Path) -> list[dict]:
@@ -34,23 +36,14 @@ def records(runs: Path) -> list[dict]:
     return out
 
 
+def line(r: dict) -> str:
+    return (f"{r['dataset']} seed {r['seed']} {r['run']}: l2 {r['l2']:g}, probe validation loss "
+            f"{r['probe_val_loss']:.3f} | test macro-F1 {r['test_macro_f1']:.3f} | fit {r['fit_seconds']:.1f}s, "
+            f"{r['fit_over_train']:.2f}x the run's training")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, required=True, help="a benchmarks/panel.py --out folder")
-    ap.add_argument("--out", type=Path, required=True, help="the JSON file to write")
-    args = ap.parse_args(argv)
-    rows = records(args.runs)
-    if not rows:
-        print(f"no finished --head-init probe run under {args.runs}", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "benchmarks/studies/head_init.py " + " ".join(argv or sys.argv[1:]),
-                                    "records": rows}, indent=2) + "\n")
-    for r in rows:
-        print(f"{r['dataset']} seed {r['seed']} {r['run']}: l2 {r['l2']:g}, probe validation loss "
-              f"{r['probe_val_loss']:.3f} | test macro-F1 {r['test_macro_f1']:.3f} | fit {r['fit_seconds']:.1f}s, "
-              f"{r['fit_over_train']:.2f}x the run's training")
-    return 0
+    return study_main(argv, __doc__, "benchmarks/studies/head_init.py", records, "--head-init probe", line)
 
 
 if __name__ == "__main__":

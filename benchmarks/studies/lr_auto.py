@@ -11,10 +11,12 @@ test macro-F1, and the CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import study_main  # noqa: E402
 
 
 def records(runs: Path) -> list[dict]:
@@ -35,25 +37,16 @@ def records(runs: Path) -> list[dict]:
     return out
 
 
+def line(r: dict) -> str:
+    trials = ", ".join(f"{t['lr']:g}: {t['val_loss'] if t['val_loss'] is None else round(t['val_loss'], 4)}"
+                       for t in r["trials"])
+    return (f"{r['dataset']} seed {r['seed']} {r['tag']}: lr {r['lr_chosen']:g} ({trials}) | test macro-F1 "
+            f"{r['test_macro_f1']:.3f} | search {r['search_seconds']:.0f}s, {r['search_over_train']:.2f}x the "
+            "run's training")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, required=True, help="a benchmarks/panel.py --out folder")
-    ap.add_argument("--out", type=Path, required=True, help="the JSON file to write")
-    args = ap.parse_args(argv)
-    rows = records(args.runs)
-    if not rows:
-        print(f"no finished --lr auto run under {args.runs}", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "benchmarks/studies/lr_auto.py " + " ".join(argv or sys.argv[1:]),
-                                    "records": rows}, indent=2) + "\n")
-    for r in rows:
-        trials = ", ".join(f"{t['lr']:g}: {t['val_loss'] if t['val_loss'] is None else round(t['val_loss'], 4)}"
-                           for t in r["trials"])
-        print(f"{r['dataset']} seed {r['seed']} {r['tag']}: lr {r['lr_chosen']:g} ({trials}) | test macro-F1 "
-              f"{r['test_macro_f1']:.3f} | search {r['search_seconds']:.0f}s, {r['search_over_train']:.2f}x the "
-              "run's training")
-    return 0
+    return study_main(argv, __doc__, "benchmarks/studies/lr_auto.py", records, "--lr auto", line)
 
 
 if __name__ == "__main__":
