@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lorafit.attention as attention_mod
-from cli_helpers import TINY, lorafit
+from cli_helpers import TINY, lorafit, lorafit_here
 from conftest import ARCHS, tiny_model
 from lorafit.attention import _sdpa_fp32, attention_of, resolve_attention, set_attention
 from lorafit.runs import load_trained
@@ -97,5 +97,6 @@ def test_a_run_records_its_attention_and_loading_it_uses_the_same(tiny_model_dir
     assert json.loads((run / "final.json").read_text())["attention"] == "sdpa-fp32"
     _, loaded = load_trained(run)
     assert attention_of(loaded.model) == "sdpa-fp32"
-    bad = lorafit("train", "--model", str(tiny_model_dir), "--attention", "flash", *TINY, "--out", str(tmp_path / "x"))
+    bad = lorafit_here("train", "--model", str(tiny_model_dir), "--attention", "flash", *TINY,
+                       "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "attention" in bad.stderr and "Traceback" not in bad.stderr

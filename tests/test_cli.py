@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cli_helpers import TINY, lorafit
+from cli_helpers import TINY, lorafit, lorafit_here
 
 from lorafit.machine import cpu_model
 
@@ -137,7 +137,7 @@ def test_config_file_and_flag_override(tmp_path):
     (["predict", "/no/such/run", "hi"], "run folder /no/such/run does not exist"),
 ])
 def test_cli_errors_are_one_clean_line(args, message, tmp_path):
-    r = lorafit(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else lorafit(*args)
+    r = lorafit_here(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else lorafit_here(*args)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -145,13 +145,22 @@ def test_cli_errors_are_one_clean_line(args, message, tmp_path):
         not (tmp_path / "o" / "final.json").exists()
 
 
+def test_a_refusal_is_one_line_from_the_real_process(tmp_path):
+    """The tests above call `main` in-process; here the user's whole process: the refusal is
+    the one line on stderr, whatever the imports print."""
+    r = lorafit("train", "--data", "/no/such/path", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: data source /no/such/path")
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_file_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"epochs": 2, "learning_rate": 0.1}')
-    r = lorafit("train", "--config", str(bad))
+    r = lorafit_here("train", "--config", str(bad))
     assert r.returncode == 2 and "unknown key 'learning_rate'" in r.stderr and "Traceback" not in r.stderr
     bad.write_text('{"epochs": "three"}')
-    r = lorafit("train", "--config", str(bad))
+    r = lorafit_here("train", "--config", str(bad))
     assert r.returncode == 2 and "key 'epochs' must be int" in r.stderr
 
 
@@ -160,12 +169,12 @@ def test_data_errors_end_to_end(tmp_path):
 
     good = write_imdb_tar(tmp_path / "good.tar.gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(good[: len(good) // 2])
-    r = lorafit("train", "--data", str(tmp_path / "cut.tar.gz"), "--out", str(tmp_path / "run"))
+    r = lorafit_here("train", "--data", str(tmp_path / "cut.tar.gz"), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{tmp_path / 'cut.tar.gz'} is not a readable tar archive" in r.stderr and "download it again" in r.stderr
     assert not (tmp_path / "run").exists()  # nothing half-written
     (tmp_path / "t.csv").write_text("body,label\nhi,1\n")
-    r = lorafit("compare", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cmp"))
+    r = lorafit_here("compare", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "cmp"))
     assert r.returncode == 2 and "--text-column" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -173,9 +182,9 @@ def test_out_dir_refused_before_any_work(tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    r = lorafit("train", "--out", str(out))
+    r = lorafit_here("train", "--out", str(out))
     assert r.returncode == 2 and "is not empty; pass another --out" in r.stderr
-    r = lorafit("train", "--out", str(out), "--overwrite")
+    r = lorafit_here("train", "--out", str(out), "--overwrite")
     assert r.returncode == 2 and "is not a lorafit run; refusing to overwrite" in r.stderr
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -188,11 +197,11 @@ def test_broken_run_folders_are_refused(compare_dir, tmp_path):
     weights = run / "adapter" / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 3])
-    r = lorafit("evaluate", str(run), "--no-progress")
+    r = lorafit_here("evaluate", str(run), "--no-progress")
     assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
     weights.unlink()
     (run / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
-    r = lorafit("predict", str(run), "hello")
+    r = lorafit_here("predict", str(run), "hello")
     assert r.returncode == 2 and "pickle" in r.stderr and "safetensors only" in r.stderr
 
 
@@ -201,7 +210,7 @@ def test_model_without_classification_head(tmp_path):
 
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=16)).save_pretrained(tmp_path / "vit")
-    r = lorafit("train", "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "run"))
+    r = lorafit_here("train", "--model", str(tmp_path / "vit"), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no sequence-classification head" in r.stderr
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cli_helpers import TINY, lorafit
+from cli_helpers import TINY, lorafit, lorafit_here
 
 pytest.importorskip("tensorboard", reason="the tracking extra is not installed (pip install 'lorafit[tracking]')")
 pytest.importorskip("mlflow", reason="the tracking extra is not installed (pip install 'lorafit[tracking]')")
@@ -69,7 +69,7 @@ def test_a_missing_tracker_fails_before_training(tiny_model_dir, tmp_path):
 
 
 def test_unknown_tracker_is_a_config_error(tmp_path):
-    r = lorafit("train", "--report-to", "wandb", "--out", str(tmp_path / "run"))
+    r = lorafit_here("train", "--report-to", "wandb", "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "report_to (--report-to) must be a comma list of tensorboard, mlflow" in r.stderr
 
 

@@ -238,7 +238,7 @@ def test_variants_through_the_cli_and_a_run_folder_with_several_adapters(tiny_mo
     in the run's adapter folder is picked by `--adapter NAME` in evaluate, predict and merge."""
     import shutil
 
-    from cli_helpers import lorafit
+    from cli_helpers import lorafit, lorafit_here
     from lorafit.runs import load_trained
 
     args = ["--model", str(tiny_model_dir), "--train-size", "32", "--val-size", "8", "--test-size", "16",
@@ -250,20 +250,20 @@ def test_variants_through_the_cli_and_a_run_folder_with_several_adapters(tiny_mo
     adapter_cfg = json.loads((tmp_path / "v" / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["use_dora"] and adapter_cfg["r"] == 8  # PiSSA saved as the plain rank-2r LoRA
     final = json.loads((tmp_path / "v" / "final.json").read_text())
-    r = lorafit("evaluate", str(tmp_path / "v"), "--no-progress")
+    r = lorafit_here("evaluate", str(tmp_path / "v"), "--no-progress")
     assert r.returncode == 0 and json.loads(r.stdout)["test_accuracy"] == final["test_accuracy"]
 
     r = lorafit("train", *args, "--out", str(tmp_path / "plain"))  # same seed: the same fresh head
     assert r.returncode == 0, r.stderr[-2000:]
     shutil.copytree(tmp_path / "plain" / "adapter", tmp_path / "v" / "adapter" / "plain")
-    r = lorafit("evaluate", str(tmp_path / "v"), "--adapter", "plain", "--no-progress")
+    r = lorafit_here("evaluate", str(tmp_path / "v"), "--adapter", "plain", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     plain_final = json.loads((tmp_path / "plain" / "final.json").read_text())
     assert (json.loads(r.stdout)["test_accuracy"], json.loads(r.stdout)["test_loss"]) == (
         plain_final["test_accuracy"], plain_final["test_loss"])
-    r = lorafit("predict", str(tmp_path / "v"), "A film.", "--adapter", "nope")
+    r = lorafit_here("predict", str(tmp_path / "v"), "A film.", "--adapter", "nope")
     assert r.returncode == 2 and "has no adapter 'nope'; it holds: default, plain" in r.stderr
-    r = lorafit("merge", str(tmp_path / "v"), str(tmp_path / "merged"), "--adapter", "plain")
+    r = lorafit_here("merge", str(tmp_path / "v"), str(tmp_path / "merged"), "--adapter", "plain")
     assert r.returncode == 0, r.stderr[-2000:]
     from transformers import AutoModelForSequenceClassification
 
