@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import lorafit
+from cli_helpers import lorafit, lorafit_here
 from lorafit import distributed
 from lorafit.checkpoint import load_checkpoint
 from lorafit.data.sources import read_embedded
@@ -29,7 +29,9 @@ CKPT = "checkpoint.safetensors"
 COMMON = ["--precision", "fp32", "--train-size", "41", "--val-size", "13", "--max-length", "96", "--batch-size", "8",
           "--grad-accum", "2", "--epochs", "2", "--lora-dropout", "0", "--checkpoint-every", "1", "--no-progress"]
 STRATEGIES = {"lora": ["--strategy", "lora", "--lr", "0.05"],
-              "last-two-layers-cache": ["--strategy", "last-two-layers", "--lr", "0.05", "--cache"]}
+              # the classifier fitted on the cached features first: every rank fits the same one
+              "last-two-layers-cache": ["--strategy", "last-two-layers", "--lr", "0.05", "--cache",
+                                        "--head-init", "probe"]}
 VOLATILE = {"seconds", "tokens_per_s", "samples_per_s"}
 
 
@@ -127,6 +129,9 @@ def test_two_processes_train_what_one_does(reference_runs, strategy):
     assert final["processes"] == 2 and final_one["processes"] == 1
     # the tiny BERT's head reads the first token: every rank ran the first-token last layer (lorafit.first_token)
     assert final["last_layer"] == final_one["last_layer"] == "first-token"
+    if "probe" in STRATEGIES[strategy]:  # fitted once per process, on the whole training split, alike
+        fits = [json.loads((run / "config.json").read_text())["head_init_probe"] for run in (two, one)]
+        assert fits[0]["l2"] == fits[1]["l2"] and fits[0]["val_loss"] == pytest.approx(fits[1]["val_loss"], abs=1e-6)
 
 
 def test_killed_distributed_run_resumes_to_the_uninterrupted_one(setup, reference_runs, tmp_path):
@@ -190,14 +195,16 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(setup, reference_runs, tmp_pa
     _assert_close(run, two)
 
 
-def test_a_job_of_several_processes_needs_out(setup):
-    r = lorafit(*_args(setup, "lora"), env={"WORLD_SIZE": "2", "RANK": "1"})
+def test_a_job_of_several_processes_needs_out(setup, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = lorafit_here(*_args(setup, "lora"))
     assert r.returncode == 2
     assert "[rank 1] error: a job of several processes needs --out" in r.stderr
 
 
 def test_nproc_must_be_positive(setup):
-    r = lorafit(*_args(setup, "lora"), "--nproc", "0")
+    r = lorafit_here(*_args(setup, "lora"), "--nproc", "0")
     assert r.returncode == 2 and "expected a number of processes, 1 or more" in r.stderr
 
 
