@@ -169,7 +169,7 @@ def test_a_run_records_its_last_layer_and_loading_it_uses_the_record(tiny_model_
     import json
 
     from cli_helpers import TINY as TINY_RUN
-    from cli_helpers import lorafit
+    from cli_helpers import lorafit, lorafit_here
 
     from lorafit.api import load_run
     from lorafit.first_token import last_layer_of
@@ -180,7 +180,7 @@ def test_a_run_records_its_last_layer_and_loading_it_uses_the_record(tiny_model_
     final = json.loads((run / "final.json").read_text())
     config = json.loads((run / "config.json").read_text())
     assert config["last_layer_resolved"] == final["last_layer"] == "first-token"
-    r = lorafit("evaluate", str(run), "--no-progress")
+    r = lorafit_here("evaluate", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     assert (got["test_accuracy"], got["test_loss"]) == (final["test_accuracy"], final["test_loss"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import TINY, lorafit
+from cli_helpers import TINY, lorafit, lorafit_here
 from conftest import ARCHS, tiny_model
 from lorafit.models import load_model, resolve_model_path
 from lorafit.pooling import apply_pooling, masked_mean, pooling_of, resolve_pooling
@@ -78,12 +78,12 @@ def test_a_mean_pooled_run_end_to_end(tiny_model_dir, tmp_path):
     assert json.loads((run / "config.json").read_text())["pooling_resolved"] == "mean"
     final = json.loads((run / "final.json").read_text())
     assert final["pooling"] == "mean"
-    r = lorafit("evaluate", str(run), "--no-progress")
+    r = lorafit_here("evaluate", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads(r.stdout[r.stdout.index("{"):])
     assert again["test_accuracy"] == final["test_accuracy"] and again["test_loss"] == pytest.approx(
         final["test_loss"], abs=1e-6)
-    r = lorafit("merge", str(run), str(tmp_path / "merged"))
+    r = lorafit_here("merge", str(run), str(tmp_path / "merged"))
     assert r.returncode == 0 and "sentence-transformers" in r.stdout, r.stderr[-2000:]
     pooling = json.loads((tmp_path / "merged" / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]

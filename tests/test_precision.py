@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorafit.precision as precision_mod
-from cli_helpers import TINY, lorafit
+from cli_helpers import TINY, lorafit, lorafit_here
 from lorafit.measured import machine_key
 from lorafit.precision import BF16_MARGIN, cpu_has_bf16, model_dims, resolve_precision, time_linears
 
@@ -100,7 +100,7 @@ def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_
     final = json.loads((run / "final.json").read_text())
     assert json.loads((run / "config.json").read_text())["precision_resolved"] == final["precision"] == "bf16"
     (cache / "precision.json").write_text(json.dumps({key: {"choice": "fp32"}}))
-    r = lorafit("evaluate", str(run), "--no-progress", env=env)
+    r = lorafit_here("evaluate", str(run), "--no-progress", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     assert (got["test_accuracy"], got["test_loss"]) == (final["test_accuracy"], final["test_loss"])
