@@ -73,7 +73,8 @@ def test_lr_auto_table_is_the_committed_runs():
 
 HEAD_INIT_METHODS = {"lora-headinit": ("lora", "--head-init probe"),
                      "last-two-layers-headinit": ("last-two-layers", "--head-init probe"),
-                     "lora-headinit-lr4e-3": ("lora", "--head-init probe --lr 4e-3")}
+                     "lora-headinit-lr4e-3": ("lora", "--head-init probe --lr 4e-3"),
+                     "lora-r16a32probe": ("lora", "--head-init probe --rank 16 --alpha 32")}
 """The panel method of each `--head-init` study in results/recipe_headinit/, its strategy and flags."""
 
 
