@@ -47,7 +47,7 @@ MATRIX = {  # name -> flags, kill stages, Ctrl-C stage
     "lora": (["--strategy", "lora"], KILL_STAGES, CTRL_C_IN_VALIDATION),
     "lora-keep-best-probe-head": (["--strategy", "lora", "--keep", "best", "--head-init", "probe"], SHORT_KILL_STAGES,
                                   CTRL_C_IN_WRITE_SHORT),
-    "full": (["--strategy", "full"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
+    "full-probe-head": (["--strategy", "full", "--head-init", "probe"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
     "last-two-layers-cache": (["--strategy", "last-two-layers", "--cache"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
     "last-two-layers-no-cache-probe-head": (["--strategy", "last-two-layers", "--no-cache", "--head-init", "probe"],
                                            SHORT_KILL_STAGES, CTRL_C_IN_VALIDATION),
