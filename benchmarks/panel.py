@@ -231,6 +231,7 @@ def main() -> None:
                                 "macro_f1": r["macro_f1"], "majority_share": r["majority_share"]})
             for strategy in [] if args.strategies == "none" else args.strategies.split(","):
                 run_name = strategy + (f"-{args.tag}" if args.tag else "")
+                t_run = time.perf_counter()
                 f = lorafit_run(data, strategy, seed, Path(args.out) / dataset / f"seed{seed}" / run_name, extra,
                                 args.model)
                 records.append({"dataset": dataset, "method": run_name, "seed": seed, "accuracy": f["test_accuracy"],
@@ -238,7 +239,8 @@ def main() -> None:
                                 "epochs": f["epochs"], "train_seconds": f["train_seconds"],
                                 "collapse_warning": f["collapse_warning"], "lr": f["lr"]})
                 print(f"{dataset} seed {seed} {run_name}: acc {f['test_accuracy']:.4f} macro-F1 "
-                      f"{f['test_macro_f1']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                      f"{f['test_macro_f1']:.4f} (this run {time.perf_counter() - t_run:.0f} s, "
+                      f"the panel so far {time.perf_counter() - t0:.0f} s)", flush=True)
                 write_results(args.results, records)  # after every run: a cut-off panel keeps what it has
     write_results(args.results, records)
     print(table(records))
