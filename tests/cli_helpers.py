@@ -21,30 +21,16 @@ def lorafit(*args: str, cwd=None, stdin: str | None = None, env: dict | None = N
                           capture_output=True, env=full_env, timeout=timeout)
 
 
-@contextlib.contextmanager
-def _environ(env: dict | None):
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def lorafit_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`lorafit ARGS` through `lorafit.cli.main` in this process, its output captured, with
-    `env` set in os.environ for the call.
+def lorafit_here(*args: str) -> subprocess.CompletedProcess:
+    """`lorafit ARGS` through `lorafit.cli.main` in this process, its output captured (a
+    test sets environment variables with pytest's monkeypatch).
 
     An exception that escapes `main` propagates (the test fails, as a traceback would);
     argparse's exit becomes the return code, as in a process."""
     from lorafit.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with _environ(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
         except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0

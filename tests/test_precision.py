@@ -100,7 +100,8 @@ def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_
     final = json.loads((run / "final.json").read_text())
     assert json.loads((run / "config.json").read_text())["precision_resolved"] == final["precision"] == "bf16"
     (cache / "precision.json").write_text(json.dumps({key: {"choice": "fp32"}}))
-    r = lorafit_here("evaluate", str(run), "--no-progress", env=env)
+    monkeypatch.setenv("LORAFIT_CACHE", str(cache))  # for the in-process evaluate and what follows
+    r = lorafit_here("evaluate", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     assert (got["test_accuracy"], got["test_loss"]) == (final["test_accuracy"], final["test_loss"])
@@ -108,7 +109,6 @@ def test_a_run_records_its_precision_and_evaluating_it_uses_the_same(tiny_model_
     fp32 = load_run(run)
     fp32.precision = "fp32"  # the control: in the flipped cache's precision the numbers differ
     assert fp32.evaluate()["test_loss"] != final["test_loss"]
-    monkeypatch.setenv("LORAFIT_CACHE", str(cache))
     assert resolve_precision("auto", CPU, dims) == "fp32"
 
 
