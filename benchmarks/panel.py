@@ -173,10 +173,14 @@ def table(records: list[dict]) -> str:
 
 
 def check(records: list[dict]) -> list[tuple[bool, str]]:
-    """Issue 31's criteria on the panel's records: (holds, what) per criterion and dataset."""
+    """Issue 31's criteria on the panel's records: (holds, what) per criterion and dataset.
+
+    Each line names the seeds its means are over, so a partial panel (one seed of a second
+    encoder's runs) reads as what it is."""
     out = []
     for dataset in dict.fromkeys(r["dataset"] for r in records):
-        rs = [r for r in records if r["dataset"] == dataset]
+        rs = sorted((r for r in records if r["dataset"] == dataset), key=lambda r: r["seed"])
+        seeds = ",".join(map(str, sorted({r["seed"] for r in rs})))
 
         def mean(method: str) -> float | None:
             vals = [r["macro_f1"] for r in rs if r["method"] == method]
@@ -190,15 +194,28 @@ def check(records: list[dict]) -> list[tuple[bool, str]]:
                             f"majority class's {majority[r['seed']]:.3f}"))
         lora, full, tfidf = mean("lora"), mean("full"), mean("tfidf-lr")
         last2, probe = mean("last-two-layers"), mean("probe")
+        where = f"{dataset} (seeds {seeds})"
         if lora is not None and tfidf is not None:
-            out.append((lora >= tfidf, f"{dataset}: lora's mean macro-F1 {lora:.3f} at least TF-IDF's {tfidf:.3f}"))
+            out.append((lora >= tfidf, f"{where}: lora's mean macro-F1 {lora:.3f} at least TF-IDF's {tfidf:.3f}"))
         if lora is not None and full is not None:
-            out.append((lora >= full - 0.02, f"{dataset}: lora's mean macro-F1 {lora:.3f} within 2 points of "
+            out.append((lora >= full - 0.02, f"{where}: lora's mean macro-F1 {lora:.3f} within 2 points of "
                         f"full's {full:.3f}"))
         if last2 is not None and probe is not None:
-            out.append((last2 >= probe, f"{dataset}: last-two-layers' mean macro-F1 {last2:.3f} at least the "
+            out.append((last2 >= probe, f"{where}: last-two-layers' mean macro-F1 {last2:.3f} at least the "
                         f"probe's {probe:.3f}"))
     return out
+
+
+def checked_records(panels: list[Path], references: Path | None) -> list[dict]:
+    """The runs of every `panels` file, and from `references` (another encoder's panel) the reference rows
+    (majority, TF-IDF, probe) of the same datasets and seeds: those rows do not depend on the encoder
+    fine-tuned, except the probe, which is left out where the references come from another file."""
+    records = [r for p in panels for r in json.loads(p.read_text())["records"]]
+    seen = {(r["dataset"], r["seed"]) for r in records}
+    if references is not None:
+        records += [r for r in json.loads(references.read_text())["records"]
+                    if r["method"] in ("majority", "tfidf-lr") and (r["dataset"], r["seed"]) in seen]
+    return records
 
 
 def main() -> None:
@@ -213,10 +230,14 @@ def main() -> None:
     ap.add_argument("--data-dir", default="runs/panel_data")
     ap.add_argument("--out", default="runs/panel")
     ap.add_argument("--results", default=None, help="folder for panel.json and panel.md (default: none written)")
-    ap.add_argument("--check", metavar="PANEL_JSON", help="only print issue 31's criteria on a written panel.json")
+    ap.add_argument("--check", metavar="PANEL_JSON", nargs="+", type=Path,
+                    help="only print issue 31's criteria on written panel.json files (their runs together)")
+    ap.add_argument("--check-references", metavar="PANEL_JSON", type=Path,
+                    help="with --check: the majority and TF-IDF rows of the same datasets and seeds from this panel "
+                         "(a second encoder's runs against the references of results/panel)")
     args = ap.parse_args()
     if args.check:
-        for ok, what in check(json.loads(Path(args.check).read_text())["records"]):
+        for ok, what in check(checked_records(args.check, args.check_references)):
             print(("holds   " if ok else "FAILS   ") + what)
         return
     extra = shlex.split(args.extra)

@@ -67,3 +67,38 @@ def test_results_record_the_commit_of_the_code_that_runs(tmp_path, monkeypatch):
                            text=True).stdout.strip()
     monkeypatch.chdir(tmp_path)  # not a git checkout
     assert head and commit() == head + ("-dirty" if dirty else "")
+
+
+def _rec(dataset, method, seed, f1):
+    return {"dataset": dataset, "method": method, "seed": seed, "accuracy": f1, "macro_f1": f1,
+            "majority_share": 0.5}
+
+
+def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
+    """`panel.py --check`: a second encoder's runs are judged against the references of the same
+    datasets and seeds only (another seed's TF-IDF does not enter the mean), each line names its
+    seeds, and the probe of another encoder is not borrowed."""
+    import json
+
+    from panel import check, checked_records
+
+    runs = tmp_path / "mpnet.json"
+    runs.write_text(json.dumps({"records": [
+        _rec("rt", "lora", 1, 0.80), _rec("rt", "full", 1, 0.86),  # lora 3 points under full: fails
+        _rec("rt", "lora", 0, 0.90), _rec("rt", "full", 0, 0.90)]}))
+    refs = tmp_path / "panel.json"
+    refs.write_text(json.dumps({"records": [
+        _rec("rt", "majority", s, 0.2) for s in (0, 1, 2)] + [
+        _rec("rt", "tfidf-lr", 0, 0.83), _rec("rt", "tfidf-lr", 1, 0.85), _rec("rt", "tfidf-lr", 2, 0.10),
+        _rec("rt", "probe", 0, 0.99), _rec("drugs", "tfidf-lr", 0, 0.5)]}))
+    lines = check(checked_records([runs], refs))
+    assert lines == [
+        (True, "rt seed 0 lora: macro-F1 0.900 above the majority class's 0.200"),
+        (True, "rt seed 0 full: macro-F1 0.900 above the majority class's 0.200"),
+        (True, "rt seed 1 lora: macro-F1 0.800 above the majority class's 0.200"),
+        (True, "rt seed 1 full: macro-F1 0.860 above the majority class's 0.200"),
+        (True, "rt (seeds 0,1): lora's mean macro-F1 0.850 at least TF-IDF's 0.840"),
+        (False, "rt (seeds 0,1): lora's mean macro-F1 0.850 within 2 points of full's 0.880"),
+    ]
+    # without references: only the lora-against-full criterion can be judged
+    assert [ok for ok, _ in check(checked_records([runs], None))] == [False]

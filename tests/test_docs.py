@@ -291,6 +291,30 @@ def test_serve_load_table_and_goals_are_the_committed_run():
 
 
 
+def _criteria_lines(*panels, references=None):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from panel import check, checked_records
+
+    lines = [("holds   " if ok else "FAILS   ") + what for ok, what in check(checked_records(list(panels), references))]
+    majority = [line for line in lines if "above the majority" in line]
+    held = sum(line.startswith("holds") for line in majority)
+    return [line for line in lines if line not in majority], f"{held} of {len(majority)} lines of the form"
+
+
+def test_recipe_criteria_blocks_are_what_panel_check_prints():
+    """The criteria docs/recipe.md prints for the panel and for the second encoder are `panel.py --check`'s
+    lines on the committed results, every one of them."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    panel = ROOT / "results" / "panel" / "panel.json"
+    mpnet = sorted((ROOT / "results" / "panel_mpnet").rglob("panel.json"))
+    for lines, majority in (_criteria_lines(panel), _criteria_lines(*mpnet, references=panel)):
+        assert lines
+        block = "```\n" + "\n".join(lines) + "\n```\n\nand " + majority
+        assert block in doc, f"docs/recipe.md lacks the block:\n{block}"
+
+
 def test_second_encoder_table_is_the_committed_runs():
     """docs/recipe.md's MPNet table: every cell is a record of a results/panel_mpnet panel.json (one per subset run)
     or results/panel's record of the same dataset and seed, and every MPNet run committed is in it."""
