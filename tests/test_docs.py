@@ -315,6 +315,23 @@ def test_recipe_criteria_blocks_are_what_panel_check_prints():
         assert block in doc, f"docs/recipe.md lacks the block:\n{block}"
 
 
+def test_second_encoder_readme_lists_every_subset_with_its_commit():
+    """results/panel_mpnet/README.md has a row per committed subset folder, naming the commit its panel.json
+    records and the datasets and seeds it holds."""
+    folder = ROOT / "results" / "panel_mpnet"
+    rows = (folder / "README.md").read_text().splitlines()
+    for panel in sorted(folder.rglob("panel.json")):
+        made = json.loads(panel.read_text())
+        name = "`.`" if panel.parent == folder else f"`{panel.parent.name}/`"
+        row = next((line for line in rows if line.startswith(f"| {name}")), None)
+        assert row, f"results/panel_mpnet/README.md has no row for {name}"
+        assert made["commit"] in row, (name, made["commit"], row)
+        for dataset in {r["dataset"] for r in made["records"]}:
+            assert dataset in row, (name, dataset, row)
+        seeds = sorted({r["seed"] for r in made["records"]})
+        assert f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" in row, (name, seeds, row)
+
+
 def test_second_encoder_table_is_the_committed_runs():
     """docs/recipe.md's MPNet table: every cell is a record of a results/panel_mpnet panel.json (one per subset run)
     or results/panel's record of the same dataset and seed, and every MPNet run committed is in it."""
