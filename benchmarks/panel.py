@@ -19,6 +19,10 @@ runs with none) and `--tag` names such a study's runs apart.
 
 Writes `--results`/panel.json (every run and reference) and panel.md (per dataset and
 method: accuracy and macro-F1, mean and spread over the seeds, and each seed's macro-F1).
+
+`--check PANEL_JSON...` prints issue 31's criteria on written results instead;
+`--check-references results/panel/panel.json` judges a second encoder's runs against the
+majority and TF-IDF rows of the same datasets and seeds.
 """
 
 from __future__ import annotations
@@ -207,10 +211,16 @@ def check(records: list[dict]) -> list[tuple[bool, str]]:
 
 
 def checked_records(panels: list[Path], references: Path | None) -> list[dict]:
-    """The runs of every `panels` file, and from `references` (another encoder's panel) the reference rows
-    (majority, TF-IDF, probe) of the same datasets and seeds: those rows do not depend on the encoder
-    fine-tuned, except the probe, which is left out where the references come from another file."""
+    """The records of every `panels` file, and from `references` (another panel, such as results/panel
+    for a second encoder's runs) its majority and TF-IDF rows of the same datasets and seeds. Neither of
+    those depends on the encoder fine-tuned; the probe does, so it is not taken. A run that two files
+    both hold would count twice in a mean, so it stops the check."""
     records = [r for p in panels for r in json.loads(p.read_text())["records"]]
+    keys = [(r["dataset"], r["seed"], r["method"]) for r in records]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SystemExit(f"--check: {', '.join(f'{d} seed {s} {m}' for d, s, m in twice)} in more than one file; "
+                         f"pass each run's panel.json once")
     seen = {(r["dataset"], r["seed"]) for r in records}
     if references is not None:
         records += [r for r in json.loads(references.read_text())["records"]
