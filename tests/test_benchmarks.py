@@ -103,5 +103,6 @@ def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
     # without references: only the lora-against-full criterion can be judged
     assert [ok for ok, _ in check(checked_records([runs], None))] == [False]
     # the same run in two files would count twice in a mean: refused, naming it
-    with pytest.raises(SystemExit, match=r"rt seed 0 full, rt seed 0 lora, rt seed 1 full, rt seed 1 lora in more than one file"):
+    twice = r"rt seed 0 full, rt seed 0 lora, rt seed 1 full, rt seed 1 lora in more than one file"
+    with pytest.raises(SystemExit, match=twice):
         checked_records([runs, runs], refs)
