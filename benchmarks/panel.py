@@ -28,6 +28,7 @@ majority and TF-IDF rows of the same datasets and seeds.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shlex
 import statistics
@@ -213,19 +214,24 @@ def check(records: list[dict]) -> list[tuple[bool, str]]:
 def checked_records(panels: list[Path], references: Path | None) -> list[dict]:
     """The records of every `panels` file, and from `references` (another panel, such as results/panel
     for a second encoder's runs) its majority and TF-IDF rows of the same datasets and seeds. Neither of
-    those depends on the encoder fine-tuned; the probe does, so it is not taken. A run that two files
+    those depends on the encoder fine-tuned; the probe does, so it is not taken. A record that two files
     both hold would count twice in a mean, so it stops the check."""
     records = [r for p in panels for r in json.loads(p.read_text())["records"]]
-    keys = [(r["dataset"], r["seed"], r["method"]) for r in records]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if references is not None:
+        seen = {(r["dataset"], r["seed"]) for r in records}
+        records += [r for r in json.loads(references.read_text())["records"]
+                    if r["method"] in ("majority", "tfidf-lr") and (r["dataset"], r["seed"]) in seen]
+    counts = collections.Counter((r["dataset"], r["seed"], r["method"]) for r in records)
+    twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
         raise SystemExit(f"--check: {', '.join(f'{d} seed {s} {m}' for d, s, m in twice)} in more than one file; "
                          f"pass each run's panel.json once")
-    seen = {(r["dataset"], r["seed"]) for r in records}
-    if references is not None:
-        records += [r for r in json.loads(references.read_text())["records"]
-                    if r["method"] in ("majority", "tfidf-lr") and (r["dataset"], r["seed"]) in seen]
     return records
+
+
+def criteria_lines(records: list[dict]) -> list[str]:
+    """`check`'s verdicts as `--check` prints them: "holds   " or "FAILS   ", then the criterion."""
+    return [("holds   " if ok else "FAILS   ") + what for ok, what in check(records)]
 
 
 def main() -> None:
@@ -247,8 +253,7 @@ def main() -> None:
                          "(a second encoder's runs against the references of results/panel)")
     args = ap.parse_args()
     if args.check:
-        for ok, what in check(checked_records(args.check, args.check_references)):
-            print(("holds   " if ok else "FAILS   ") + what)
+        print("\n".join(criteria_lines(checked_records(args.check, args.check_references))))
         return
     extra = shlex.split(args.extra)
     refs = [] if args.references == "none" else args.references.split(",")
