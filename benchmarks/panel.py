@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import shlex
 import statistics
@@ -76,18 +77,48 @@ def _same_settings(run: Path, request: list) -> None:
     against the run's config.json."""
     from lorafit.cli import _config, build_parser
     from lorafit.config import RunConfig
+    from lorafit.strategies import learning_rate
 
     data, strategy, seed, extra, model = request
     argv = ["train", "--data", data, "--strategy", strategy, "--seed", str(seed), *extra,
             *(["--model", model] if model else [])]
-    want = _config(build_parser().parse_args(argv)).to_dict()
+    cfg = _config(build_parser().parse_args(argv))
+    want = _effective(cfg.to_dict(), learning_rate(cfg) if cfg.lr != "auto" else "auto")
     saved = json.loads((run / "config.json").read_text())
+    saved = _effective(saved, saved.get("lr_resolved") if saved.get("lr") != "auto" else "auto")
     ignored = LORA_ONLY if strategy != "lora" else set()  # settings that do not touch this strategy's run
     differ = sorted(k for k in want if k in RunConfig.__dataclass_fields__ and k not in ignored
                     and saved.get(k) != want[k])
     if differ:
         raise SystemExit(f"{run} was trained with other settings than this request makes now ({', '.join(differ)}: "
                          f"{[saved.get(k) for k in differ]} against {[want[k] for k in differ]}); pass a new --out")
+
+
+def _effective(config: dict, lr) -> dict:
+    """A run's settings as training used them: the rate it trained at (a default that moved
+    since is a difference; `--lr 1e-3` and a default of 1e-3 are not), and for lora the modules
+    its adapters sit on (`encoder` and the five roles it spans are the same run; `classifier`
+    is no adapter where the classifier trains fully, `train_head`)."""
+    out = {**config, "lr": lr}
+    if out.get("strategy") == "lora":
+        targets = [t for t in out.get("targets") or [] if not (out.get("train_head") and t == "classifier")]
+        out["targets"] = _adapted_modules(out.get("model"), tuple(targets or ["encoder"]))
+    return out
+
+
+@functools.cache
+def _adapted_modules(model: str | None, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The module names `targets` select on `model`, built from its config on the meta device
+    (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lorafit.models import resolve_model_path
+    from lorafit.targets import resolve_targets
+
+    with torch.device("meta"):
+        net = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    return tuple(resolve_targets(net, targets))
 
 
 def _splits(data: Path, seed: int):
@@ -211,16 +242,23 @@ def check(records: list[dict]) -> list[tuple[bool, str]]:
     return out
 
 
-def checked_records(panels: list[Path], references: Path | None) -> list[dict]:
-    """The records of every `panels` file, and from `references` (another panel, such as results/panel
-    for a second encoder's runs) its majority and TF-IDF rows of the same datasets and seeds. Neither of
-    those depends on the encoder fine-tuned; the probe does, so it is not taken. A record that two files
-    both hold would count twice in a mean, so it stops the check."""
+ENCODER_FREE = ("majority", "tfidf-lr")
+"""The references that do not depend on the encoder: another encoder's check may borrow them."""
+
+
+def checked_records(panels: list[Path], references: Path | None,
+                    methods: tuple[str, ...] = ENCODER_FREE) -> list[dict]:
+    """The records of every `panels` file, and from `references` (another panel) its rows of
+    `methods` on the same datasets and seeds. By default those are the majority and TF-IDF rows,
+    which do not depend on the encoder fine-tuned (a second encoder's runs against results/panel);
+    the probe and the strategies' rows do, so they are taken only where named (lora's rows at a
+    new default against the other rows of the same encoder's panel). A record that two files both
+    hold would count twice in a mean, so it stops the check."""
     records = [r for p in panels for r in json.loads(p.read_text())["records"]]
     if references is not None:
         seen = {(r["dataset"], r["seed"]) for r in records}
         records += [r for r in json.loads(references.read_text())["records"]
-                    if r["method"] in ("majority", "tfidf-lr") and (r["dataset"], r["seed"]) in seen]
+                    if r["method"] in methods and (r["dataset"], r["seed"]) in seen]
     counts = collections.Counter((r["dataset"], r["seed"], r["method"]) for r in records)
     twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
@@ -251,9 +289,13 @@ def main() -> None:
     ap.add_argument("--check-references", metavar="PANEL_JSON", type=Path,
                     help="with --check: the majority and TF-IDF rows of the same datasets and seeds from this panel "
                          "(a second encoder's runs against the references of results/panel)")
+    ap.add_argument("--reference-methods", default=",".join(ENCODER_FREE),
+                    help="with --check-references: the methods taken from it (default: the two that do not depend "
+                         "on the encoder; name probe, full, last-two-layers only for runs of the same encoder)")
     args = ap.parse_args()
     if args.check:
-        print("\n".join(criteria_lines(checked_records(args.check, args.check_references))))
+        methods = tuple(args.reference_methods.split(","))
+        print("\n".join(criteria_lines(checked_records(args.check, args.check_references, methods))))
         return
     extra = shlex.split(args.extra)
     refs = [] if args.references == "none" else args.references.split(",")

@@ -5,6 +5,9 @@ then check each thing the entry claims against the real transformers model."""
 
 from __future__ import annotations
 
+import collections
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -111,3 +114,22 @@ def test_unknown_architecture_gets_the_fallbacks():
     arch = architecture("gpt2")
     assert arch.roles is None and arch.head is None and arch.first_token is None and arch.position_offset == 0
     assert architecture(tiny("bert")) is ARCHITECTURES["bert"]
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_encoder_role_is_every_linear_layer_of_the_encoder_layers(kind):
+    """`encoder` (lora's default targets) holds, on every architecture, listed roles or not, the
+    same Linear layers in each encoder layer, six or more per layer, none of the pooler or head;
+    where the entry names the five roles it is exactly their union."""
+    model, arch = tiny(kind), ARCHITECTURES[kind]
+    presets = target_presets(model)
+    encoder = presets["encoder"]
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in encoder)
+    assert not set(encoder) & (set(presets.get("head", [])) | set(presets["classifier"]) | {"bert.pooler.dense"})
+    layers = model.config.num_hidden_layers if kind != "distilbert" else model.config.n_layers
+    per_layer = collections.Counter(re.search(r"\.(\d+)\.", n).group(1) for n in encoder)
+    assert sorted(per_layer) == [str(i) for i in range(layers)] and len(set(per_layer.values())) == 1
+    assert len(encoder) >= 6 * layers
+    if arch.roles:
+        five = {n for role in ("query", "key", "value", "output", "ffn") for n in presets[role]}
+        assert set(encoder) == five and len(encoder) == 6 * layers

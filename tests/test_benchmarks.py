@@ -106,3 +106,66 @@ def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
     twice = r"rt seed 0 full, rt seed 0 lora, rt seed 1 full, rt seed 1 lora in more than one file"
     with pytest.raises(SystemExit, match=twice):
         checked_records([runs, runs], refs)
+
+
+def test_panel_reads_back_a_run_only_where_it_trained_as_the_request_would(tmp_path):
+    """`panel.py` reads a run back by the settings it trained with: a run made with `--lr 1e-3`
+    and the targets without the fully trained classifier is today's default run; a run left
+    at an earlier default rate (config `lr` None, trained at 2e-3) is not, though its `lr`
+    field equals the request's."""
+    import json
+
+    from panel import _same_settings
+
+    from lorafit.cli import _config, build_parser
+    from lorafit.strategies import learning_rate
+
+    def saved(run, **changes):
+        cfg = _config(build_parser().parse_args(["train", "--data", "d.csv", "--strategy", "lora", "--seed", "0"]))
+        rec = {**cfg.to_dict(), "lr_resolved": learning_rate(cfg), **changes}
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(rec))
+        return run
+
+    request = ["d.csv", "lora", 0, [], None]
+    _same_settings(saved(tmp_path / "default"), request)  # the default run itself
+    explicit = saved(tmp_path / "explicit", lr=learning_rate(_config(build_parser().parse_args(["train"]))),
+                     targets=["query", "key", "value", "output", "ffn"])
+    _same_settings(explicit, request)
+    with pytest.raises(SystemExit, match=r"\(lr: \[0.002\] against \[0.001\]\)"):
+        _same_settings(saved(tmp_path / "earlier", lr_resolved=2e-3), request)
+    with pytest.raises(SystemExit, match=r"targets"):
+        _same_settings(saved(tmp_path / "kv", targets=["key", "value", "classifier"]), request)
+    # the classifier's adapter matters where it is an adapter (--no-train-head)
+    no_head = saved(tmp_path / "nohead", train_head=False, targets=["query", "key", "value", "output", "ffn"])
+    with pytest.raises(SystemExit, match=r"targets"):
+        _same_settings(no_head, ["d.csv", "lora", 0, ["--no-train-head"], None])
+
+
+def test_panel_check_takes_named_methods_from_the_references():
+    """lora's rows at a new default, checked against the other rows of the same encoder's panel:
+    the named methods come from the references, the references' own lora rows do not, and naming
+    lora there too is a run counted twice."""
+    import json
+    import tempfile
+
+    from panel import check, checked_records
+
+    with tempfile.TemporaryDirectory() as tmp:
+        new, old = Path(tmp) / "new.json", Path(tmp) / "old.json"
+        new.write_text(json.dumps({"records": [_rec("rt", "lora", 0, 0.85)]}))
+        old.write_text(json.dumps({"records": [
+            _rec("rt", "majority", 0, 0.2), _rec("rt", "tfidf-lr", 0, 0.7), _rec("rt", "probe", 0, 0.78),
+            _rec("rt", "full", 0, 0.86), _rec("rt", "last-two-layers", 0, 0.77), _rec("rt", "lora", 0, 0.10),
+            _rec("rt", "full", 1, 0.99)]}))
+        methods = ("majority", "tfidf-lr", "probe", "full", "last-two-layers")
+        assert [what for _, what in check(checked_records([new], old, methods))] == [
+            "rt seed 0 lora: macro-F1 0.850 above the majority class's 0.200",
+            "rt seed 0 full: macro-F1 0.860 above the majority class's 0.200",
+            "rt seed 0 last-two-layers: macro-F1 0.770 above the majority class's 0.200",
+            "rt (seeds 0): lora's mean macro-F1 0.850 at least TF-IDF's 0.700",
+            "rt (seeds 0): lora's mean macro-F1 0.850 within 2 points of full's 0.860",
+            "rt (seeds 0): last-two-layers' mean macro-F1 0.770 at least the probe's 0.780",
+        ]
+        with pytest.raises(SystemExit, match="rt seed 0 lora in more than one file"):
+            checked_records([new], old, (*methods, "lora"))

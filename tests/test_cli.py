@@ -41,8 +41,10 @@ def test_compare_leaves_every_artifact(compare_dir):
     lora = json.loads((compare_dir / "lora" / "final.json").read_text())
     full = json.loads((compare_dir / "full" / "final.json").read_text())
     last2 = json.loads((compare_dir / "last-two-layers" / "final.json").read_text())
-    # adapters on key and value (6 layers x 2 x 4 x (384 + 384)) and the classifier trained fully (384 x 2 + 2)
-    assert lora["trainable_params"] == 6 * 2 * 4 * (384 + 384) + 384 * 2 + 2 == 37_634
+    # adapters on every linear layer of the 6 encoder layers (query, key, value and the attention output,
+    # 4 x (384 + 384) each; the two feed-forward layers, 4 x (384 + 1536) each) and the classifier trained
+    # fully (384 x 2 + 2)
+    assert lora["trainable_params"] == 6 * (4 * 4 * (384 + 384) + 2 * 4 * (384 + 1536)) + 384 * 2 + 2 == 166_658
     assert full["trainable_params"] == full["total_params"] == 22_713_986
     assert last2["trainable_params"] == 384 * 384 + 384 + 384 * 2 + 2  # pooler.dense + classifier
     assert sorted(p.name for p in (compare_dir / "lora" / "adapter").iterdir()) == [
@@ -51,7 +53,7 @@ def test_compare_leaves_every_artifact(compare_dir):
     report = json.loads((compare_dir / "report.json").read_text())
     assert [r["strategy"] for r in report["rows"]] == ["full", "last-two-layers", "lora"]
     md = (compare_dir / "report.md").read_text()
-    assert "| lora |" in md and "37,634" in md
+    assert "| lora |" in md and "166,658" in md
     assert (compare_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -13,12 +13,22 @@ PERF = ROOT / "docs" / "performance.md"
 
 
 def test_recipe_panel_table_is_the_committed_panel():
+    """The panel table is results/panel's rows, lora's from results/panel_lora (today's default);
+    results/panel's own lora rows (the earlier default) are not in it."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
-    panel = (ROOT / "results" / "panel" / "panel.md").read_text()
-    rows = [line for line in panel.splitlines() if re.match(r"\| \w+ \| [\w-]+ \|", line)]
-    assert len(rows) >= 12  # at least two datasets with six methods each
-    for row in rows:
-        assert row in doc, f"docs/recipe.md lacks results/panel/panel.md row: {row}"
+    table = doc[doc.index("### The panel's results"):doc.index("--check results/panel_lora/panel.json")]
+
+    def rows(folder):
+        text = (ROOT / "results" / folder / "panel.md").read_text()
+        return [line for line in text.splitlines()
+                if re.match(r"\| \w+ \| [\w-]+ \|", line) and not line.startswith("| dataset |")]
+
+    panel, lora = rows("panel"), rows("panel_lora")
+    assert len(panel) >= 12 and len(lora) == 4 and all("| lora |" in row for row in lora)
+    for row in [r for r in panel if "| lora |" not in r] + lora:
+        assert row in table, f"docs/recipe.md's panel table lacks the row: {row}"
+    for row in (r for r in panel if "| lora |" in r):
+        assert row not in table, f"docs/recipe.md's panel table shows the earlier default's row: {row}"
 
 
 def test_recipe_capacity_table_is_the_committed_lever_runs():
@@ -291,14 +301,14 @@ def test_serve_load_table_and_goals_are_the_committed_run():
 
 
 
-def _criteria_lines(*panels, references=None):
+def _criteria_lines(*panels, references=None, methods=("majority", "tfidf-lr")):
     import sys
 
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     from panel import checked_records, criteria_lines
 
-    lines = criteria_lines(checked_records(list(panels), references))
+    lines = criteria_lines(checked_records(list(panels), references, methods))
     majority = [line for line in lines if "above the majority" in line]
     held = sum(line.startswith("holds") for line in majority)
     return [line for line in lines if line not in majority], f"{held} of {len(majority)} lines of the form"
@@ -309,8 +319,11 @@ def test_recipe_criteria_blocks_are_what_panel_check_prints():
     lines on the committed results, every one of them."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
     panel = ROOT / "results" / "panel" / "panel.json"
+    lora = ROOT / "results" / "panel_lora" / "panel.json"
     mpnet = sorted((ROOT / "results" / "panel_mpnet").rglob("panel.json"))
-    for lines, majority in (_criteria_lines(panel), _criteria_lines(*mpnet, references=panel)):
+    others = ("majority", "tfidf-lr", "probe", "full", "last-two-layers")
+    for lines, majority in (_criteria_lines(lora, references=panel, methods=others),
+                            _criteria_lines(*mpnet, references=panel)):
         assert lines
         block = "```\n" + "\n".join(lines) + "\n```\n\nand " + majority
         assert block in doc, f"docs/recipe.md lacks the block:\n{block}"

@@ -160,13 +160,19 @@ def test_lora_plus_gives_b_its_rate_and_keeps_biases_at_the_base_rate():
     assert len(STRATEGIES["lora"].param_groups(model, RunConfig(), lr=1e-3)) == 2  # ratio 1: LoRA+ off
 
 
-def test_lora_plus_default_rate_is_loras_over_sqrt_ratio_and_an_explicit_lr_wins():
+def test_variant_default_rates_and_an_explicit_lr_wins():
+    """LoRA+ at lora's rate over sqrt(ratio), rsLoRA at half of it (its scale at rank 4 is
+    twice the standard one), both rules together; --lr as given; other strategies untouched."""
     from lorafit.strategies import learning_rate
 
-    assert learning_rate(RunConfig()) == pytest.approx(2e-3)
-    assert learning_rate(RunConfig(lora_plus_ratio=16.0)) == pytest.approx(5e-4)  # B at 8e-3
-    assert learning_rate(RunConfig(lora_plus_ratio=16.0, lr=1e-3)) == 1e-3
-    assert learning_rate(RunConfig(strategy="full", lora_plus_ratio=16.0)) == pytest.approx(5e-5)
+    assert learning_rate(RunConfig()) == pytest.approx(1e-3)
+    assert learning_rate(RunConfig(lora_plus_ratio=16.0)) == pytest.approx(2.5e-4)  # B at 4e-3
+    assert learning_rate(RunConfig(scaling="rslora")) == pytest.approx(5e-4)
+    assert learning_rate(RunConfig(scaling="rslora", rank=16)) == pytest.approx(5e-4)
+    assert learning_rate(RunConfig(scaling="rslora", lora_plus_ratio=4.0)) == pytest.approx(2.5e-4)
+    for flags in ({"lora_plus_ratio": 16.0}, {"scaling": "rslora"}):
+        assert learning_rate(RunConfig(lr=1e-3, **flags)) == 1e-3
+        assert learning_rate(RunConfig(strategy="full", **flags)) == pytest.approx(5e-5)
 
 
 def test_variant_config_errors_name_the_flag():

@@ -72,10 +72,13 @@ class RunConfig:
     rank: int = _f(4, "LoRA rank r")
     alpha: float = _f(8.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input")
-    scaling: str = _f("standard", "LoRA scaling: standard (alpha/r) or rslora (alpha/sqrt r)",
+    scaling: str = _f("standard", "LoRA scaling: standard (alpha/r) or rslora (alpha/sqrt r; without --lr, "
+                      "at half lora's default rate)",
                       choices=("standard", "rslora"))
-    targets: list[str] = _f(["key", "value", "classifier"], "LoRA targets, comma-separated: roles (query, key, "
-                            "value, output, ffn, classifier, head), module-name suffixes or regexes")
+    targets: list[str] = _f(["encoder", "classifier"],
+                            "LoRA targets, comma-separated: roles (query, key, value, output, ffn, encoder: every "
+                            "linear layer of the encoder, classifier, head), module-name suffixes or regexes "
+                            "(default: encoder and the classifier, which --train-head trains fully instead)")
     head_init: str = _f("random", "the classifier layer's start: random (the architecture's initialisation) or "
                         "probe (a logistic regression on the frozen model's features at that layer, fitted on "
                         "the training split, its L2 strength chosen on validation; lorafit.head_init)",

@@ -11,7 +11,8 @@ and the CLI's help text come from `STRATEGIES`.
 - `last-two-layers`: everything frozen but the two last Linear layers of the
   classification head (DistilBERT: pre_classifier, classifier; BERT/MiniLM: pooler.dense,
   classifier; RoBERTa/MPNet: classifier.dense, classifier.out_proj).
-- `lora`: LoRA adapters (default r=4, alpha=8 on key and value) and the last classifier
+- `lora`: LoRA adapters (default r=4, alpha=8 on every linear layer of the encoder:
+  query, key, value, the attention output and both feed-forward layers) and the last classifier
   layer, which starts from random weights, trained fully (`train_head`; off, it gets an
   adapter like the rest, as in the seed experiment); nothing else trains. Its
   variants (DoRA, PiSSA, LoRA+) are settings of this one strategy.
@@ -170,13 +171,13 @@ class LastTwoLayers(Strategy):
 def lora_config(cfg: StrategySettings) -> LoRAConfig:
     """The LoRAConfig a run's settings describe (`train_head` moves the classifier to train_modules)."""
     targets = [t for t in cfg.targets if not (cfg.train_head and t == "classifier")]
-    return LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets or ["key", "value"],
+    return LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets or ["encoder"],
                       scaling=cfg.scaling, train_modules=["classifier"] if cfg.train_head else [],
                       use_dora=cfg.dora, init=cfg.init)
 
 
 class LoRA(Strategy):
-    name, default_lr = "lora", 2e-3
+    name, default_lr = "lora", 1e-3
     description = "LoRA adapters train; the pretrained weights stay frozen"
 
     def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
@@ -231,14 +232,25 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Full(), LastTwoLayers(), 
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 
 
+RSLORA_RATE_DIVISOR = 2.0
+"""rsLoRA's scale over the standard one at the default rank 4: sqrt(4)."""
+
+
 def learning_rate(cfg: StrategySettings) -> float:
-    """--lr, or the strategy's default; for LoRA+ (`lora_plus_ratio` > 1) the default divided
-    by sqrt(ratio), so B's rate (ratio times A's) grows with sqrt(ratio) rather than ratio:
-    at ratio 16, A 5e-4 and B 8e-3 instead of 2e-3 and 3.2e-2, which diverged (docs/recipe.md).
+    """--lr, or the strategy's default, with two rules for lora's variants (docs/recipe.md):
+
+    - LoRA+ (`lora_plus_ratio` > 1): the default divided by sqrt(ratio), so B's rate (ratio
+      times A's) grows with sqrt(ratio) rather than ratio: at ratio 16, A 2.5e-4 and B 4e-3;
+    - rsLoRA (`scaling` rslora): the default halved, since at the default rank 4 its scale
+      alpha / sqrt(r) is twice the standard alpha / r; at higher ranks its larger steps, the
+      point of rsLoRA, remain.
+
     With `--lr auto`, this default is the rate `lorafit.lr_search` tries around."""
     if cfg.lr is not None and cfg.lr != "auto":
         return cfg.lr
     lr = STRATEGIES[cfg.strategy].default_lr
     if cfg.strategy == "lora" and cfg.lora_plus_ratio > 1:
         lr /= cfg.lora_plus_ratio ** 0.5
+    if cfg.strategy == "lora" and cfg.scaling == "rslora":
+        lr /= RSLORA_RATE_DIVISOR
     return lr

@@ -2,7 +2,10 @@
 
 A target is one of
 - a *role* (`query`, `key`, `value`, `output`, `ffn`, `classifier`, `head`), looked up
-  in the architecture's preset below;
+  in the architecture's preset below, or `encoder`: every `nn.Linear` inside the encoder's
+  layers (the attention's projections and the feed-forward layers; not the pooler or the
+  head), found by where the encoder sits rather than by name, so it holds for an
+  architecture the table does not list;
 - a *module-name suffix* (`key`, `attention.self.key`, `classifier`): matches a module
   whose dotted name equals it or ends with `.` + it, as PEFT matches `target_modules`;
 - a *regex* (any string holding one of ``*+?[](){}|^$\\``), matched against the whole
@@ -19,7 +22,7 @@ from torch import nn
 from lorafit.architectures import GENERIC_ROLES, architecture
 from lorafit.errors import TargetError
 
-ROLES = ("query", "key", "value", "output", "ffn", "classifier", "head")
+ROLES = ("query", "key", "value", "output", "ffn", "encoder", "classifier", "head")
 
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
@@ -48,6 +51,20 @@ def _classifier_fallback(model: nn.Module) -> list[str]:
     return candidates[-1:]
 
 
+def encoder_linears(model: nn.Module) -> list[str]:
+    """Dotted names of every `nn.Linear` under the model's encoder (`Architecture.encoder`,
+    else `encoder` or `transformer` of its base model), in module order; [] where it has none."""
+    base = getattr(model, "base_model", model)
+    for attr in (architecture(model).encoder, "encoder", "transformer"):
+        encoder = getattr(base, attr, None)
+        if isinstance(encoder, nn.Module):
+            break
+    else:
+        return []
+    inside = {id(m) for m in encoder.modules()}
+    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and id(m) in inside]
+
+
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
     """Role name -> dotted module names for `model`'s architecture.
 
@@ -61,6 +78,7 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
     if "classifier" not in patterns:
         presets["classifier"] = _classifier_fallback(model)
         presets["head"] = presets["classifier"]
+    presets["encoder"] = encoder_linears(model)
     return {role: found for role, found in presets.items() if found}
 
 
