@@ -367,3 +367,23 @@ def test_second_encoder_table_is_the_committed_runs():
             head = f"| {dataset} seed {seed}: {label} |"
             row = next((line for line in doc.splitlines() if line.startswith(head)), None)
             assert row and row.replace("**", "") == f"{head} {cells} |", (head, cells)
+
+
+def test_recipe_default_variants_table_is_the_committed_read_backs():
+    """docs/recipe.md's table of the LoRA variants at today's defaults: per folder of
+    results/variants_default (a read-back that refuses runs not made at the defaults), its
+    seeds' macro-F1 and how many are over 5 points above the majority class's."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    section = doc[doc.index("**The LoRA variants on the defaults**"):doc.index("**The LoRA variants on the earlier")]
+    majority = {r["dataset"]: r["macro_f1"] for r in json.loads((ROOT / "results" / "panel" / "panel.json").read_text())
+                ["records"] if r["method"] == "majority"}
+    folders = sorted((ROOT / "results" / "variants_default").glob("*/panel.json"))
+    assert len(folders) == 8  # four variants on spam and on imdb
+    for path in folders:
+        dataset, variant = path.parent.name.split("-")
+        records = sorted(json.loads(path.read_text())["records"], key=lambda r: r["seed"])
+        f1 = [r["macro_f1"] for r in records]
+        learns = sum(x > majority[dataset] + 0.05 for x in f1)
+        row = next((line for line in section.splitlines() if line.startswith(f"| {dataset} | {variant} |")), None)
+        assert row, f"no row for {dataset} {variant}"
+        assert " / ".join(f"{x:.3f}" for x in f1) in row and f"| {learns} of {len(f1)} |" in row, row
