@@ -40,9 +40,11 @@ from lorafit.machine import cpu_has_bf16
 
 
 def make_model(strategy: str, tuned: bool, attn_dropout: float = 0.0):
-    """The peer's model for `strategy` (the default model; PEFT LoRA r 4, alpha 8 on key,
-    value and classifier for lora; pooler and classifier trainable for last-two-layers)
-    and its tokenizer. `tuned`: attention dropout `attn_dropout`, else the model's own."""
+    """The peer's model for `strategy` (the default model; for lora, PEFT LoRA with lorafit's
+    default rank, alpha and adapted modules, every linear layer of the encoder, and the
+    classifier trained fully as PEFT's `modules_to_save`; pooler and classifier trainable for
+    last-two-layers) and its tokenizer. `tuned`: attention dropout `attn_dropout`, else the
+    model's own."""
     path = resolve_model_path(None)
     tok = AutoTokenizer.from_pretrained(path)
     extra = {"attention_probs_dropout_prob": attn_dropout} if tuned else {}
@@ -50,7 +52,14 @@ def make_model(strategy: str, tuned: bool, attn_dropout: float = 0.0):
     if strategy == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key", "value", "classifier"]))
+        from lorafit.config import RunConfig
+        from lorafit.strategies import lora_config
+        from lorafit.targets import resolve_targets
+
+        ours = lora_config(RunConfig())  # the modules lorafit's default adapts, named for PEFT
+        model = get_peft_model(model, LoraConfig(r=ours.r, lora_alpha=ours.alpha,
+                                                 target_modules=resolve_targets(model, ours.targets),
+                                                 modules_to_save=ours.train_modules or None))
     elif strategy == "last-two-layers":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("bert.pooler.dense.", "classifier."))

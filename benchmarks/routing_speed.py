@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/routing_speed.py --out results/routing_speed
 
 all-MiniLM-L6-v2 (mean pooling, as lorafit trains it) with `--adapters` plain LoRA adapters
-(rank 4 on key and value, lorafit's default targets; B drawn at random so every update is
+(rank 4 on key and value, lorafit's default targets until 2026-12-04; B drawn at random so every update is
 real), a batch of `--batch` IMDb reviews (the embedded sample's test split, max_length 256)
 whose rows name the adapters in turn. Systems, each one forward of the batch in eval mode:
 
