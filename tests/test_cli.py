@@ -49,7 +49,7 @@ def test_compare_leaves_every_artifact(compare_dir):
     assert last2["trainable_params"] == 384 * 384 + 384 + 384 * 2 + 2  # pooler.dense + classifier
     assert sorted(p.name for p in (compare_dir / "lora" / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
-    assert lora["saved_bytes"] < 300_000
+    assert lora["saved_bytes"] < 4 * 1.05 * lora["trainable_params"]  # the adapter in fp32, and little else
     report = json.loads((compare_dir / "report.json").read_text())
     assert [r["strategy"] for r in report["rows"]] == ["full", "last-two-layers", "lora"]
     md = (compare_dir / "report.md").read_text()

@@ -99,7 +99,7 @@ def _saved(run) -> dict[str, torch.Tensor]:
     return out
 
 
-def _assert_close(run, reference, tol: float = 1e-5) -> None:
+def _assert_close(run, reference, tol: float = 1e-5, weight_tol: float | None = None) -> None:
     a, b = _metrics(run), _metrics(reference)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
@@ -112,13 +112,18 @@ def _assert_close(run, reference, tol: float = 1e-5) -> None:
     wa, wb = _saved(run), _saved(reference)
     assert wa.keys() == wb.keys() and wa
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], atol=weight_tol or tol, rtol=0, msg=k)
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_two_processes_train_what_one_does(reference_runs, strategy):
     one, two = reference_runs[strategy]
-    _assert_close(two, one)
+    # two ranks sum the gradients in another order than one process: fp32 rounding, which Adam's
+    # normalised step turns into up to about 2e-5 on a weight after 6 steps at lr 0.05 where a
+    # gradient is near zero (the last layer's key, with adapters on every linear layer); the
+    # metrics still agree to 1e-5, and a resumed run against its uninterrupted twin (same order)
+    # is held to 1e-5 below
+    _assert_close(two, one, weight_tol=5e-5)
     # the weights moved (the loss over the same reviews changed between epochs), so the
     # comparison above is not of two untouched models
     first, last = _metrics(one)

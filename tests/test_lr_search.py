@@ -18,7 +18,7 @@ from lorafit.errors import ConfigError
 from lorafit.lr_search import LrTrial, pick, search_lr, trial_epochs
 from lorafit.models import load_model
 from lorafit.runs import run_training
-from lorafit.strategies import STRATEGIES
+from lorafit.strategies import STRATEGIES, learning_rate
 from lorafit.training import TrainingDiverged, TrainSettings, train
 from safetensors.torch import load_file
 
@@ -142,7 +142,8 @@ def test_a_run_with_lr_auto_records_its_trials_and_trains_as_the_chosen_rate_wou
     auto = run_training(RunConfig(lr="auto", **common), auto_dir, progress=False)
     config = json.loads((auto_dir / "config.json").read_text())
     trials = config["lr_search"]["trials"]
-    assert [t["lr"] for t in trials] == pytest.approx([1e-3, 2e-3, 4e-3])
+    default = learning_rate(RunConfig())  # lora's: the search tries half, it and twice it
+    assert [t["lr"] for t in trials] == pytest.approx([default / 2, default, 2 * default])
     chosen = config["lr_resolved"]
     assert chosen == min(trials, key=lambda t: t["val_loss"])["lr"] and auto["lr"] == chosen
     assert auto["lr_search"] == config["lr_search"]

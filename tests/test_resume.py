@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import lorafit
+from lorafit.config import RunConfig
 from lorafit.precision import cpu_has_bf16
+from lorafit.strategies import learning_rate
 
 # 48 examples / batch 8 = 6 optimizer steps per epoch, 12 in all; a checkpoint every 2 steps
 BASE = ["--precision", "fp32", "--train-size", "48", "--val-size", "16", "--test-size", "16", "--max-length", "64",
@@ -385,7 +387,8 @@ def test_lr_auto_run_killed_after_its_search_resumes_without_searching_again(tmp
     r = _signalled("train", *common, "--out", str(early), plan="step@12:INT")  # Ctrl-C in trial 3
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert json.loads((early / "config.json").read_text())["lr_resolved"] is None
-    assert "interrupted in --lr auto's trial 3 of 3 (lr 0.004), before the run's own training" in r.stderr
+    top = 2 * learning_rate(RunConfig())  # trial 3 tries twice lora's default rate
+    assert f"interrupted in --lr auto's trial 3 of 3 (lr {top:g}), before the run's own training" in r.stderr
     r = lorafit("train", "--resume", str(early), "--no-progress")
     assert r.returncode == 2 and "no complete checkpoint to resume from; start it again with --overwrite" in r.stderr
     assert "Traceback" not in r.stderr
