@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/routing_speed.py --out results/routing_speed
 
 all-MiniLM-L6-v2 (mean pooling, as lorafit trains it) with `--adapters` plain LoRA adapters
-(rank 4 on key and value, lorafit's default targets until 2026-12-04; B drawn at random so every update is
-real), a batch of `--batch` IMDb reviews (the embedded sample's test split, max_length 256)
-whose rows name the adapters in turn. Systems, each one forward of the batch in eval mode:
+(rank 4 on lorafit's default targets, every linear layer of the encoder, or `--targets`; B
+drawn at random so every update is real), a batch of `--batch` IMDb reviews (the embedded
+sample's test split, max_length 256) whose rows name the adapters in turn. Systems, each one
+forward of the batch in eval mode:
 
   merged     one adapter merged into the weights: the base model's forward (the ceiling)
   grouped    route_adapters(mode="grouped"): the base matmul once, then each adapter on its rows
@@ -13,6 +14,10 @@ whose rows name the adapters in turn. Systems, each one forward of the batch in 
   stacked    route_adapters(mode="stacked"): the named adapters' A and B stacked, two dense matmuls, a row mask
   peft       the same adapters saved by lorafit and loaded into one PEFT model (the peer of
              `lorafit serve`'s load benchmark), its mixed-batch `adapter_names=` forward
+  one        every row naming one adapter (a server's batch of one request): lorafit merges
+             that adapter into a copy of each weight, then one matmul
+  one-unmerged  the same batch the other way: each layer's base matmul and the adapter's two
+             small ones
 
 They take turns in each of `--rounds` rounds; each figure is the median texts/s, with the
 CPU, its matmul peak measured in the same process, and the precision (fp32, as `lorafit
@@ -22,6 +27,7 @@ serve` computes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -35,7 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import commit  # noqa: E402
 from lorafit.data import load_dataset  # noqa: E402
-from lorafit.lora import LoRAConfig, apply_lora, merge_lora, route_adapters, set_active_adapter  # noqa: E402
+from lorafit.config import RunConfig  # noqa: E402
+from lorafit.lora import (  # noqa: E402
+    LoRAConfig, LoRALinear, apply_lora, merge_lora, route_adapters, set_active_adapter)
+from lorafit.strategies import lora_config  # noqa: E402
 from lorafit.machine import cpu_model  # noqa: E402
 from lorafit.models import load_model  # noqa: E402
 
@@ -58,11 +67,29 @@ def peft_with(base: torch.nn.Module, model: torch.nn.Module, names: list[str]) -
     return peft_model.eval()
 
 
+@contextlib.contextmanager
+def _unmerged_alone():
+    """Within the block, a one-adapter batch runs each layer's base matmul and the adapter's two
+    small matmuls beside it, instead of lorafit's adapter merged into a copy of the weight."""
+    def alone(layer: LoRALinear, name: str, x: torch.Tensor) -> torch.Tensor:
+        y = layer.base(x)
+        return y + layer.adapters[name].update(x, y, layer.base).to(y.dtype)
+
+    saved = LoRALinear._with_weight_of
+    LoRALinear._with_weight_of = alone
+    try:
+        yield
+    finally:
+        LoRALinear._with_weight_of = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--targets", default=None,
+                    help="comma-separated LoRA targets (default: lorafit's default, every linear layer of the encoder)")
     ap.add_argument("--out", default="results/routing_speed")
     args = ap.parse_args()
     from peak import measure
@@ -72,8 +99,9 @@ def main() -> None:
     base_copy = copy.deepcopy(model)  # PEFT's model wraps its own copy of the base
     torch.manual_seed(0)
     names = [f"a{i}" for i in range(args.adapters)]
+    targets = args.targets.split(",") if args.targets else lora_config(RunConfig()).targets
     for n in names:
-        apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["key", "value"]), adapter_name=n)
+        apply_lora(model, LoRAConfig(r=4, alpha=8, targets=targets), adapter_name=n)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "lora_B" in pname:
@@ -85,6 +113,7 @@ def main() -> None:
     texts = load_dataset(None).test.texts[:args.batch]
     batch = loaded.tokenizer(texts, truncation=True, max_length=256, padding=True, return_tensors="pt")
     rows = [names[i % len(names)] for i in range(len(texts))]
+    alone = [names[0]] * len(texts)  # a batch whose rows all name one adapter (a request's batch)
 
     with torch.no_grad():  # every system computes the same logits before any is timed
         with route_adapters(model, rows):
@@ -93,6 +122,8 @@ def main() -> None:
             with route_adapters(model, rows, mode=mode):
                 torch.testing.assert_close(model(**batch).logits, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(peft_model(**batch, adapter_names=rows).logits, want, atol=1e-4, rtol=0)
+        with route_adapters(model, alone):
+            torch.testing.assert_close(model(**batch).logits, merged(**batch).logits, atol=1e-4, rtol=0)
 
     @torch.no_grad()
     def run(system: str) -> float:
@@ -101,12 +132,18 @@ def main() -> None:
             merged(**batch)
         elif system == "peft":
             peft_model(**batch, adapter_names=rows)
+        elif system == "one":
+            with route_adapters(model, alone):
+                model(**batch)
+        elif system == "one-unmerged":  # the alternative: the base matmul and the adapter's two small ones
+            with route_adapters(model, alone), _unmerged_alone():
+                model(**batch)
         else:
             with route_adapters(model, rows, mode=system):
                 model(**batch)
         return len(texts) / (time.perf_counter() - start)
 
-    systems = ["merged", "grouped", "gathered", "stacked", "peft"]
+    systems = ["merged", "grouped", "gathered", "stacked", "peft", "one", "one-unmerged"]
     for s in systems:  # warm-up
         run(s)
     rates: dict[str, list[float]] = {s: [] for s in systems}

@@ -65,3 +65,21 @@ def test_error_lists_linear_names_collapsed():
     msg = str(info.value)
     assert "distilbert.transformer.layer.<i>.attention.q_lin" in msg and "pre_classifier" in msg
     assert "layer.0" not in msg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encoder_role_names_the_same_layers_once_lora_wraps_them(arch):
+    """A second adapter on `encoder` (lora's default) goes on the layers the first one wraps,
+    side by side, never inside the wrapper: the role names a wrapped layer by its wrapper."""
+    from lorafit.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules
+
+    model = tiny_model(arch)
+    before = resolve_targets(model, ["encoder"])
+    assert len(before) == 12  # six Linear layers in each of 2 layers
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=["encoder"]), adapter_name="a")
+    assert resolve_targets(model, ["encoder"]) == before
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=["encoder"]), adapter_name="b")
+    layers = dict(lora_modules(model))
+    assert sorted(layers) == sorted(before)
+    assert all(set(layer.adapters) == {"a", "b"} and not isinstance(layer.base, LoRALinear)
+               for layer in layers.values())

@@ -62,7 +62,14 @@ def encoder_linears(model: nn.Module) -> list[str]:
     else:
         return []
     inside = {id(m) for m in encoder.modules()}
-    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and id(m) in inside]
+    modules = dict(model.named_modules())
+    out = []
+    for n, m in modules.items():
+        if n and isinstance(m, nn.Linear) and id(m) in inside:
+            parent, _, leaf = n.rpartition(".")
+            # a layer LoRA already wraps is named by its wrapper (whose `base` this is), as the roles name it
+            out.append(parent if leaf == "base" and hasattr(modules.get(parent), "adapters") else n)
+    return out
 
 
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
