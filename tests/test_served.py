@@ -84,8 +84,8 @@ def test_one_adapter_alone_is_merged_and_routing_resumes_when_another_joins(runs
     torch.testing.assert_close(alone, want, atol=1e-5, rtol=0)
 
 
-def test_plain_adapters_are_gathered_dora_grouped_and_a_batch_of_one_run_is_that_run(runs, monkeypatch):
-    """The routing each batch gets (gathered for plain LoRA, grouped where a row's adapter is
+def test_plain_adapters_are_stacked_dora_grouped_and_a_batch_of_one_run_is_that_run(runs, monkeypatch):
+    """The routing each batch gets (stacked for plain LoRA, grouped where a row's adapter is
     DoRA), and a batch whose rows all name one run: each row its run's own logits."""
     import lorafit.served as served
 
@@ -101,4 +101,4 @@ def test_plain_adapters_are_gathered_dora_grouped_and_a_batch_of_one_run_is_that
         got = torch.stack(group.logits(names, enc["input_ids"], enc["attention_mask"]))
         want = torch.stack([torch.from_numpy(lorafit.load_run(runs[n]).logits([t])[0]) for n, t in zip(names, TEXTS)])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert modes == ["gathered", "grouped", "gathered", "grouped"]
+    assert modes == ["stacked", "grouped", "stacked", "grouped"]

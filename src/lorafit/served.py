@@ -220,10 +220,11 @@ class ServedGroup:
         return alone
 
     def _routing(self, names: list[str]) -> str:
-        """`gathered` (every row's A and B gathered, two batched matmuls per layer: measured
-        fastest for mixed batches of adapters on every linear layer, lora's default,
-        docs/serve.md), or `grouped` where a row's run has a DoRA adapter."""
-        return "grouped" if any(self.members[n].dora for n in set(names)) else "gathered"
+        """`stacked` (two dense matmuls per layer whatever the adapters: measured fastest for
+        mixed batches of key-and-value adapters; on every linear layer `gathered` ran one
+        forward faster but took more memory under load, docs/serve.md), or `grouped` where a
+        row's run has a DoRA adapter."""
+        return "grouped" if any(self.members[n].dora for n in set(names)) else "stacked"
 
     def _unmerge(self) -> None:
         from lorafit.lora import lora_modules, unmerge_lora
