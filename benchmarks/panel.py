@@ -99,10 +99,13 @@ def _effective(config: dict, lr) -> dict:
     since is a difference; `--lr 1e-3` and a default of 1e-3 are not), and for lora the modules
     its adapters sit on (`encoder` and the five roles it spans are the same run; `classifier`
     is no adapter where the classifier trains fully, `train_head`)."""
+    from lorafit.config import RunConfig
+    from lorafit.strategies import lora_config
+
     out = {**config, "lr": lr}
     if out.get("strategy") == "lora":
-        targets = [t for t in out.get("targets") or [] if not (out.get("train_head") and t == "classifier")]
-        out["targets"] = _adapted_modules(out.get("model"), tuple(targets or ["encoder"]))
+        fields = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__}
+        out["targets"] = _adapted_modules(out.get("model"), tuple(lora_config(RunConfig(**fields)).targets))
     return out
 
 
