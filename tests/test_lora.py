@@ -128,6 +128,23 @@ def test_model_init_equals_base_and_merge_roundtrip(arch, batch):
     assert type(plain.classifier if arch != "roberta" and arch != "mpnet" else plain.classifier.out_proj) is nn.Linear
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_adapters_take_the_mode_of_the_model_they_join(mode):
+    """Wrapping a layer, or adding an adapter to one, leaves the model in its mode: an
+    adapter added to a model in eval mode applies no dropout (and a server's one-adapter
+    batch takes the merged path, which eval mode gates)."""
+    model = tiny_model("bert").train(mode == "train")
+    apply_lora(model, LoRAConfig(targets=["key", "value"], dropout=0.5))
+    apply_lora(model, LoRAConfig(targets=["query", "value"], dropout=0.5), adapter_name="second")
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 2 * 3 and all(len(layer.adapters) in (1, 2) for layer in layers)
+    assert {m.training for m in model.modules()} == {mode == "train"}
+    if mode == "eval":
+        x = torch.randn(3, 5, layers[0].in_features)
+        with torch.no_grad():
+            assert torch.equal(layers[0](x), layers[0](x))  # no dropout
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 def test_only_lora_and_train_modules_change_after_three_steps(arch, batch):
     model = tiny_model(arch)

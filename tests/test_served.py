@@ -27,6 +27,7 @@ def runs(tiny_model_dir, tmp_path_factory):
         "c": lorafit.train(strategy="lora", model=model, seed=2, train_head=False, out=root / "c", **SMALL).path,
         "d": lorafit.train(strategy="last-two-layers", model=model, seed=3, out=root / "d", **SMALL).path,
         "full": lorafit.train(strategy="full", model=model, seed=4, out=root / "full", **SMALL).path,
+        "e": lorafit.train(strategy="lora", model=model, seed=5, lora_dropout=0.3, out=root / "e", **SMALL).path,
     }
 
 
@@ -102,3 +103,25 @@ def test_plain_adapters_are_stacked_dora_grouped_and_a_batch_of_one_run_is_that_
         want = torch.stack([torch.from_numpy(lorafit.load_run(runs[n]).logits([t])[0]) for n, t in zip(names, TEXTS)])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert modes == ["stacked", "grouped", "stacked", "grouped"]
+
+
+def test_adapters_serve_in_eval_mode_and_a_batch_of_one_run_takes_the_merged_path(runs, monkeypatch):
+    """A run trained with LoRA dropout serves without it (every module of the group in eval
+    mode, also after a hot add), and a batch whose rows all name one of several runs runs each
+    layer once with that adapter merged into a copy of its weight."""
+    from lorafit.lora import LoRALinear
+
+    group = ServedGroup.for_run(runs["e"])
+    group.add_run("e", runs["e"])
+    group.add_run("a", runs["a"])
+    assert not any(m.training for m in group.model.modules())
+    calls = []
+    real = LoRALinear._with_weight_of
+    monkeypatch.setattr(LoRALinear, "_with_weight_of", lambda self, n, x: calls.append(n) or real(self, n, x))
+    enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    want = torch.stack([torch.from_numpy(lorafit.load_run(runs["e"]).logits([t])[0]) for t in TEXTS])
+    for _ in range(2):
+        got = torch.stack(group.logits(["e"] * len(TEXTS), enc["input_ids"], enc["attention_mask"]))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    layers = sum(1 for m in group.model.modules() if isinstance(m, LoRALinear))
+    assert calls == ["e"] * (2 * layers)

@@ -289,6 +289,7 @@ class LoRALinear(nn.Module):
         rows no name lists get the base layer only. None: every row gets the active adapters.
         Set by `route_adapters`."""
         self.add_adapter(adapter_name, config or LoRAConfig(r=r, alpha=alpha, dropout=dropout, scaling=scaling))
+        self.train(base.training)  # wrapping a layer keeps its mode: a model in eval mode stays in eval mode
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> "LoRALinear":
@@ -309,6 +310,7 @@ class LoRALinear(nn.Module):
             raise TargetError("PiSSA rewrites the base weight, so it must be the layer's only adapter; "
                               "load other adapters into a model without PiSSA")
         adapter = LoRAAdapter.create(self.base, config)
+        adapter.train(self.training)  # the layer's mode: no dropout, and one-adapter batches merged, in eval mode
         self.adapters[name] = adapter
         if not self.active:
             self.active = {name: 1.0}
