@@ -10,6 +10,8 @@ forward of the batch in eval mode:
 
   merged     one adapter merged into the weights: the base model's forward (the ceiling)
   grouped    route_adapters(mode="grouped"): the base matmul once, then each adapter on its rows
+  sorted     the same with the batch's rows sorted by adapter, as `lorafit serve` sorts them: each
+             adapter's rows a view of the batch, its update added in place (no copies)
   gathered   route_adapters(mode="gathered"): every row's A and B gathered, two batched matmuls
   stacked    route_adapters(mode="stacked"): the named adapters' A and B stacked, two dense matmuls, a row mask
   peft       the same adapters saved by lorafit and loaded into one PEFT model (the peer of
@@ -114,6 +116,8 @@ def main() -> None:
     batch = loaded.tokenizer(texts, truncation=True, max_length=256, padding=True, return_tensors="pt")
     rows = [names[i % len(names)] for i in range(len(texts))]
     alone = [names[0]] * len(texts)  # a batch whose rows all name one adapter (a request's batch)
+    order = sorted(range(len(rows)), key=lambda i: names.index(rows[i]))  # the rows sorted by adapter
+    by_adapter = {k: v[order] for k, v in batch.items()}
 
     with torch.no_grad():  # every system computes the same logits before any is timed
         with route_adapters(model, rows):
@@ -122,6 +126,8 @@ def main() -> None:
             with route_adapters(model, rows, mode=mode):
                 torch.testing.assert_close(model(**batch).logits, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(peft_model(**batch, adapter_names=rows).logits, want, atol=1e-4, rtol=0)
+        with route_adapters(model, [rows[i] for i in order]):
+            torch.testing.assert_close(model(**by_adapter).logits, want[order], atol=1e-4, rtol=0)
         with route_adapters(model, alone):
             torch.testing.assert_close(model(**batch).logits, merged(**batch).logits, atol=1e-4, rtol=0)
 
@@ -132,6 +138,10 @@ def main() -> None:
             merged(**batch)
         elif system == "peft":
             peft_model(**batch, adapter_names=rows)
+        elif system == "sorted":  # the sort itself is part of what the server does per batch
+            order_now = sorted(range(len(rows)), key=lambda i: names.index(rows[i]))
+            with route_adapters(model, [rows[i] for i in order_now]):
+                model(**{k: v[order_now] for k, v in batch.items()})
         elif system == "one":
             with route_adapters(model, alone):
                 model(**batch)
@@ -143,7 +153,7 @@ def main() -> None:
                 model(**batch)
         return len(texts) / (time.perf_counter() - start)
 
-    systems = ["merged", "grouped", "gathered", "stacked", "peft", "one", "one-unmerged"]
+    systems = ["merged", "grouped", "sorted", "gathered", "stacked", "peft", "one", "one-unmerged"]
     for s in systems:  # warm-up
         run(s)
     rates: dict[str, list[float]] = {s: [] for s in systems}

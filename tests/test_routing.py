@@ -60,6 +60,31 @@ def test_each_row_gets_its_own_adapter(arch):
     assert len({tuple(r.round(decimals=4).tolist()) for r in want[[0, 1, 3]]}) == 3  # the adapters differ
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_sorted_by_adapter_route_as_views_and_equal_each_row_alone(arch):
+    """A batch whose rows come in runs of one adapter (a server sorts its batch so) routes
+    each run as a slice, added in place without gradients and on a copy with them: the same
+    logits as each row alone either way."""
+    from lorafit.lora import lora_modules
+
+    base, model = adapted(arch)
+    ids = torch.randint(3, 100, (6, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    names = ["a", "a", "b", "b", None, "c"]
+    with torch.no_grad():
+        want = torch.cat([alone(base, model, n, batch, i) for i, n in enumerate(names)])
+        with route_adapters(model, names):
+            routes = [layer.routes for _, layer in lora_modules(model)]
+            assert all(isinstance(rows, slice) for r in routes for rows in r.values())
+            sliced = model(**batch).logits
+    with route_adapters(model, names):  # gradients on: y is not written in place
+        with_grad = model(**batch).logits
+    torch.testing.assert_close(sliced, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(with_grad.detach(), want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_a_batch_of_one_adapter_equals_that_adapter_active_and_leaves_the_weights(arch, batch):
     """Every row naming one adapter takes the one-matmul path (its weight merged into a copy):

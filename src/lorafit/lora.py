@@ -284,8 +284,8 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}
         """Adapter name -> weight of its update; the first adapter added is active with weight 1."""
         self.merged = False
-        self.routes: dict[str, torch.Tensor] | _Gathered | _Stacked | None = None
-        """Mixed batches (serving): adapter name -> the batch rows it applies to, (n,) int64;
+        self.routes: dict[str, torch.Tensor | slice] | _Gathered | _Stacked | None = None
+        """Mixed batches (serving): adapter name -> the batch rows it applies to, (n,) int64 or a slice;
         rows no name lists get the base layer only. None: every row gets the active adapters.
         Set by `route_adapters`."""
         self.add_adapter(adapter_name, config or LoRAConfig(r=r, alpha=alpha, dropout=dropout, scaling=scaling))
@@ -404,7 +404,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.routes, dict) and len(self.routes) == 1 and not self.training and not self.merged:
             (n, rows), = self.routes.items()
-            if rows.numel() == x.shape[0]:  # every row names one adapter: one matmul with its weight
+            if _row_count(rows) == x.shape[0]:  # every row names one adapter: one matmul with its weight
                 return self._with_weight_of(n, x) if n in self.adapters else self.base(x)
         y = self.base(x)  # (..., out)
         if self.merged:
@@ -416,10 +416,17 @@ class LoRALinear(nn.Module):
             d = self.routes.update(self, x)
             return y if d is None else y + d.to(y.dtype)
         if self.routes is not None:  # each row its own adapter: (B, ..., out)
-            out = y.clone()
+            # rows in runs (slices: views, no copies) are added in place when no gradient needs y
+            in_place = not torch.is_grad_enabled() and all(isinstance(r, slice) for r in self.routes.values())
+            out = y if in_place else y.clone()
             for n, rows in self.routes.items():
-                if n in self.adapters:  # an adapter that does not target this layer adds nothing here
-                    out.index_add_(0, rows, self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype))
+                if n not in self.adapters:  # an adapter that does not target this layer adds nothing here
+                    continue
+                d = self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype)
+                if isinstance(rows, slice):
+                    out[rows] += d
+                else:
+                    out.index_add_(0, rows, d)
             return out
         out = y
         for n, weight in self.active.items():
@@ -554,6 +561,11 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     combine_adapters(model, {name: 1.0})
 
 
+def _row_count(rows: torch.Tensor | slice) -> int:
+    """How many batch rows a route names (an index tensor or a slice of consecutive rows)."""
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
 class _Gathered:
     """Per-row adapters as gathered weights: row i's A and B (zero for a row without an
     adapter on the layer) stacked, so a layer's update is two batched matmuls."""
@@ -622,7 +634,8 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     merged into a copy of its weight: the base model's cost (eval mode; the model is not
     changed).
 
-    `mode`: `grouped` (each adapter's matmuls on its own rows), `gathered` (every row's A
+    `mode`: `grouped` (each adapter's matmuls on its own rows; where an adapter's rows are
+    consecutive, as in a batch sorted by adapter, on a view of them, added in place), `gathered` (every row's A
     and B gathered into two batched matmuls) or `stacked` (the A and B of every adapter the
     batch names stacked into two dense matmuls, each row masked to its own columns); the
     last two for plain LoRA only, no dropout: DoRA rescales the whole weight per adapter.
@@ -663,7 +676,9 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     for i, n in enumerate(row_adapters):
         if n is not None:
             groups.setdefault(n, []).append(i)
-    routes = {n: torch.tensor(rows, dtype=torch.long, device=device) for n, rows in groups.items()}
+    # an adapter's rows in one run (a server sorts its batch by adapter) are a slice: a view of x, no copy
+    routes = {n: slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1
+              else torch.tensor(rows, dtype=torch.long, device=device) for n, rows in groups.items()}
     try:
         for layer in layers:
             layer.routes = routes

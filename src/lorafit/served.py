@@ -246,7 +246,11 @@ class ServedGroup:
         first = self.model.get_submodule(self.head_names[0])
         grabbed: list[torch.Tensor] = []
         handle = first.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0].float()))
-        routes = [self.members[n].adapter for n in names]
+        # the rows sorted by run, so each adapter's rows are consecutive: views of the batch, no copies
+        rank = {n: k for k, n in enumerate(dict.fromkeys(names))}
+        order = sorted(range(len(names)), key=lambda i: rank[names[i]])
+        input_ids, attention_mask = input_ids[order], attention_mask[order]
+        routes = [self.members[names[i]].adapter for i in order]
         try:
             if self._merge_if_alone():  # one adapter: merged, the forward is the base model's
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -257,7 +261,8 @@ class ServedGroup:
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             handle.remove()
-        features = grabbed[0]  # (B, H): what every run's head reads
+        features = torch.empty_like(grabbed[0])
+        features[order] = grabbed[0]  # (B, H), in the request's row order: what every run's head reads
         out: list[torch.Tensor | None] = [None] * len(names)
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]
