@@ -173,9 +173,24 @@ class LoRAAdapter(nn.Module):
         """What this adapter adds to y = base(x): (..., out)."""
         return self.low_rank(self.dropout(x))
 
+    def add_update_(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> None:
+        """out += update(x, y, base), in place; out (..., out) contiguous. A plain adapter
+        without active dropout, all in one dtype: A x, then s B (A x) added by one addmm."""
+        if (x.dtype == out.dtype == self.lora_A.dtype and (not self.training or isinstance(self.dropout, nn.Identity))
+                and not torch.is_autocast_enabled(x.device.type)):
+            h = F.linear(x, self.lora_A)  # (..., r)
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scaling)
+        else:
+            out += self.update(x, y, base).to(out.dtype)
+
     def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
         """W' - W0 for base weight `w0`: s * B @ A, (out, in) fp32."""
         return self.scaling * _fp32_matmul(self.lora_B, self.lora_A)
+
+    def with_update(self, w0: torch.Tensor) -> torch.Tensor:
+        """W0 + s B A in one addmm, (out, in) fp32; neither w0 nor the adapter changes."""
+        with torch.autocast(w0.device.type, enabled=False):
+            return torch.addmm(w0.float(), self.lora_B, self.lora_A, alpha=self.scaling)
 
     def merged(self, w0: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """The base weight with this adapter's update (scaled by `weight`) merged in: (out, in) fp32."""
@@ -243,6 +258,13 @@ class DoRAAdapter(LoRAAdapter):
         """m/n (W0 + sBA) - W0: (out, in) fp32."""
         w = w0.float() + super().delta_weight(w0)
         return (self.magnitude.detach() / self.weight_norm(w0))[:, None] * w - w0.float()
+
+    def add_update_(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, base: nn.Linear) -> None:
+        out += self.update(x, y, base).to(out.dtype)
+
+    def with_update(self, w0: torch.Tensor) -> torch.Tensor:
+        """m/n (W0 + sBA), (out, in) fp32; neither w0 nor the adapter changes."""
+        return w0.float() + self.delta_weight(w0)
 
     def merged(self, w0: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """m/n (W0 + sBA), (out, in) fp32; the row scale m/n is kept for `unmerged`, since n
@@ -422,11 +444,10 @@ class LoRALinear(nn.Module):
             for n, rows in self.routes.items():
                 if n not in self.adapters:  # an adapter that does not target this layer adds nothing here
                     continue
-                d = self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype)
                 if isinstance(rows, slice):
-                    out[rows] += d
+                    self.adapters[n].add_update_(out[rows], x[rows], y[rows], self.base)
                 else:
-                    out.index_add_(0, rows, d)
+                    out.index_add_(0, rows, self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype))
             return out
         out = y
         for n, weight in self.active.items():
@@ -440,8 +461,7 @@ class LoRALinear(nn.Module):
         """x through the base layer with adapter `name` merged into a copy of its weight (the
         base stays as it is): what that adapter alone gives, at the cost of one matmul."""
         w = self.base.weight
-        merged = (w.float() + self.adapters[name].delta_weight(w)).to(w.dtype)
-        return F.linear(x, merged, self.base.bias)
+        return F.linear(x, self.adapters[name].with_update(w).to(w.dtype), self.base.bias)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={a.config.r}, alpha={a.config.alpha}, scaling={a.scaling:g}"
