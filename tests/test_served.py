@@ -85,24 +85,30 @@ def test_one_adapter_alone_is_merged_and_routing_resumes_when_another_joins(runs
     torch.testing.assert_close(alone, want, atol=1e-5, rtol=0)
 
 
-def test_plain_adapters_are_stacked_dora_grouped_and_a_batch_of_one_run_is_that_run(runs, monkeypatch):
-    """The routing each batch gets (stacked for plain LoRA, grouped where a row's adapter is
-    DoRA), and a batch whose rows all name one run: each row its run's own logits."""
-    import lorafit.served as served
+def test_a_batch_is_routed_on_rows_sorted_by_run_and_each_row_gets_its_runs_logits(runs):
+    """Whatever order a batch names its runs in, the group sorts the rows by run, so every
+    adapter's rows reach its LoRA layers as one slice (a view; plain and DoRA alike); each
+    row gets its run's own logits, in the request's order."""
+    from lorafit.lora import lora_modules
 
     group = ServedGroup.for_run(runs["a"])
     for name in "abcd":
         group.add_run(name, runs[name])
-    modes = []
-    real = served.ServedGroup._routing
-    monkeypatch.setattr(served.ServedGroup, "_routing", lambda self, routes: modes.append(real(self, routes))
-                        or modes[-1])
+    seen = []
+    layer = next(layer for _, layer in lora_modules(group.model))
+    handle = layer.register_forward_pre_hook(lambda m, _args: seen.append(dict(m.routes)))
     enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
-    for names in (["a", "c", "d", "a", "c", "d"], ["a", "b", "c", "d", "a", "b"], ["c"] * 6, ["b"] * 6):
-        got = torch.stack(group.logits(names, enc["input_ids"], enc["attention_mask"]))
-        want = torch.stack([torch.from_numpy(lorafit.load_run(runs[n]).logits([t])[0]) for n, t in zip(names, TEXTS)])
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert modes == ["stacked", "grouped", "stacked", "grouped"]
+    try:
+        for names in (["a", "c", "d", "a", "c", "d"], ["b", "a", "b", "c", "d", "a"], ["c"] * 6, ["b"] * 6):
+            got = torch.stack(group.logits(names, enc["input_ids"], enc["attention_mask"]))
+            want = torch.stack([torch.from_numpy(lorafit.load_run(runs[n]).logits([t])[0])
+                                for n, t in zip(names, TEXTS)])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    finally:
+        handle.remove()
+    assert len(seen) == 4 and all(isinstance(rows, slice) for routes in seen for rows in routes.values())
+    assert [sorted((n, r.start, r.stop) for n, r in routes.items()) for routes in seen[:2]] == [
+        [("a", 0, 2), ("c", 2, 4)], [("a", 2, 4), ("b", 0, 2), ("c", 4, 5)]]
 
 
 def test_adapters_serve_in_eval_mode_and_a_batch_of_one_run_takes_the_merged_path(runs, monkeypatch):
