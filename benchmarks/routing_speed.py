@@ -16,10 +16,11 @@ forward of the batch in eval mode:
   stacked    route_adapters(mode="stacked"): the named adapters' A and B stacked, two dense matmuls, a row mask
   peft       the same adapters saved by lorafit and loaded into one PEFT model (the peer of
              `lorafit serve`'s load benchmark), its mixed-batch `adapter_names=` forward
-  one        every row naming one adapter (a server's batch of one request): lorafit merges
-             that adapter into a copy of each weight, then one matmul
-  one-unmerged  the same batch the other way: each layer's base matmul and the adapter's two
-             small ones
+  one-merged    every row naming one adapter (a server's batch of one request), that adapter
+                merged into a copy of each weight, then one matmul
+  one-unmerged  the same batch the other way: each layer's base matmul, A x, and the update
+                added in place by one addmm (lorafit takes this path below MERGE_FROM_TOKENS
+                tokens, the merged one from there on)
 
 They take turns in each of `--rounds` rounds; each figure is the median texts/s, with the
 CPU, its matmul peak measured in the same process, and the precision (fp32, as `lorafit
@@ -45,7 +46,7 @@ from common import commit  # noqa: E402
 from lorafit.data import load_dataset  # noqa: E402
 from lorafit.config import RunConfig  # noqa: E402
 from lorafit.lora import (  # noqa: E402
-    LoRAConfig, LoRALinear, apply_lora, merge_lora, route_adapters, set_active_adapter)
+    LoRAConfig, apply_lora, merge_lora, route_adapters, set_active_adapter)
 from lorafit.strategies import lora_config  # noqa: E402
 from lorafit.machine import cpu_model  # noqa: E402
 from lorafit.models import load_model  # noqa: E402
@@ -70,19 +71,17 @@ def peft_with(base: torch.nn.Module, model: torch.nn.Module, names: list[str]) -
 
 
 @contextlib.contextmanager
-def _unmerged_alone():
-    """Within the block, a one-adapter batch runs each layer's base matmul and the adapter's two
-    small matmuls beside it, instead of lorafit's adapter merged into a copy of the weight."""
-    def alone(layer: LoRALinear, name: str, x: torch.Tensor) -> torch.Tensor:
-        y = layer.base(x)
-        return y + layer.adapters[name].update(x, y, layer.base).to(y.dtype)
+def _merge_from(tokens: int):
+    """Within the block, a one-adapter batch merges from `tokens` tokens on (0: always; a number
+    no batch reaches: never, the update added in place), whatever lorafit's threshold."""
+    import lorafit.lora
 
-    saved = LoRALinear._with_weight_of
-    LoRALinear._with_weight_of = alone
+    saved = lorafit.lora.MERGE_FROM_TOKENS
+    lorafit.lora.MERGE_FROM_TOKENS = tokens
     try:
         yield
     finally:
-        LoRALinear._with_weight_of = saved
+        lorafit.lora.MERGE_FROM_TOKENS = saved
 
 
 def main() -> None:
@@ -128,8 +127,9 @@ def main() -> None:
         torch.testing.assert_close(peft_model(**batch, adapter_names=rows).logits, want, atol=1e-4, rtol=0)
         with route_adapters(model, [rows[i] for i in order]):
             torch.testing.assert_close(model(**by_adapter).logits, want[order], atol=1e-4, rtol=0)
-        with route_adapters(model, alone):
-            torch.testing.assert_close(model(**batch).logits, merged(**batch).logits, atol=1e-4, rtol=0)
+        for tokens in (0, 10**12):
+            with route_adapters(model, alone), _merge_from(tokens):
+                torch.testing.assert_close(model(**batch).logits, merged(**batch).logits, atol=1e-4, rtol=0)
 
     @torch.no_grad()
     def run(system: str) -> float:
@@ -142,18 +142,18 @@ def main() -> None:
             order_now = sorted(range(len(rows)), key=lambda i: names.index(rows[i]))
             with route_adapters(model, [rows[i] for i in order_now]):
                 model(**{k: v[order_now] for k, v in batch.items()})
-        elif system == "one":
-            with route_adapters(model, alone):
+        elif system == "one-merged":
+            with route_adapters(model, alone), _merge_from(0):
                 model(**batch)
-        elif system == "one-unmerged":  # the alternative: the base matmul and the adapter's two small ones
-            with route_adapters(model, alone), _unmerged_alone():
+        elif system == "one-unmerged":
+            with route_adapters(model, alone), _merge_from(10**12):
                 model(**batch)
         else:
             with route_adapters(model, rows, mode=system):
                 model(**batch)
         return len(texts) / (time.perf_counter() - start)
 
-    systems = ["merged", "grouped", "sorted", "gathered", "stacked", "peft", "one", "one-unmerged"]
+    systems = ["merged", "grouped", "sorted", "gathered", "stacked", "peft", "one-merged", "one-unmerged"]
     for s in systems:  # warm-up
         run(s)
     rates: dict[str, list[float]] = {s: [] for s in systems}

@@ -85,11 +85,16 @@ def test_rows_sorted_by_adapter_route_as_views_and_equal_each_row_alone(arch):
     torch.testing.assert_close(with_grad.detach(), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("merge_from", [0, 10**9])
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
-def test_a_batch_of_one_adapter_equals_that_adapter_active_and_leaves_the_weights(arch, batch):
-    """Every row naming one adapter takes the one-matmul path (its weight merged into a copy):
-    the same logits as the adapter active, for plain, DoRA and rsLoRA, and no weight changes."""
+def test_a_batch_of_one_adapter_equals_that_adapter_active_and_leaves_the_weights(arch, batch, merge_from,
+                                                                                  monkeypatch):
+    """Every row naming one adapter takes the one-adapter path, merged into a copy of each
+    weight (`merge_from` 0) or added in place (a threshold no batch reaches): the same logits
+    as the adapter active, for plain, DoRA and rsLoRA, and no weight changes."""
     from lorafit.lora import lora_modules
+
+    monkeypatch.setattr("lorafit.lora.MERGE_FROM_TOKENS", merge_from)
 
     _, model = adapted(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}

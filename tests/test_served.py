@@ -122,12 +122,13 @@ def test_adapters_serve_in_eval_mode_and_a_batch_of_one_run_takes_the_merged_pat
     group.add_run("a", runs["a"])
     assert not any(m.training for m in group.model.modules())
     calls = []
-    real = LoRALinear._with_weight_of
-    monkeypatch.setattr(LoRALinear, "_with_weight_of", lambda self, n, x: calls.append(n) or real(self, n, x))
+    real = LoRALinear._one_adapter
+    monkeypatch.setattr(LoRALinear, "_one_adapter", lambda self, n, x: calls.append(n) or real(self, n, x))
     enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
     want = torch.stack([torch.from_numpy(lorafit.load_run(runs["e"]).logits([t])[0]) for t in TEXTS])
-    for _ in range(2):
+    for merge_from in (0, 10**9, 0):  # merged into a copy of each weight; added in place; merged again
+        monkeypatch.setattr("lorafit.lora.MERGE_FROM_TOKENS", merge_from)
         got = torch.stack(group.logits(["e"] * len(TEXTS), enc["input_ids"], enc["attention_mask"]))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     layers = sum(1 for m in group.model.modules() if isinstance(m, LoRALinear))
-    assert calls == ["e"] * (2 * layers)
+    assert calls == ["e"] * (3 * layers)

@@ -279,6 +279,14 @@ class DoRAAdapter(LoRAAdapter):
         return out
 
 
+MERGE_FROM_TOKENS = 2048
+"""A batch whose rows all name one adapter (`route_adapters`) runs a layer with that adapter
+merged into a copy of its weight from this many tokens on; below, the base matmul and the
+adapter's update added in place. Merging costs a pass over the weight whatever the batch, the
+update a pass over the batch's outputs: on all-MiniLM-L6-v2's layers the update was cheaper up
+to 1,024 tokens and the two level from 2,048 (`benchmarks/one_adapter_layer.py`, docs/serve.md)."""
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus one or more named low-rank adapters.
 
@@ -427,7 +435,7 @@ class LoRALinear(nn.Module):
         if isinstance(self.routes, dict) and len(self.routes) == 1 and not self.training and not self.merged:
             (n, rows), = self.routes.items()
             if _row_count(rows) == x.shape[0]:  # every row names one adapter: one matmul with its weight
-                return self._with_weight_of(n, x) if n in self.adapters else self.base(x)
+                return self._one_adapter(n, x) if n in self.adapters else self.base(x)
         y = self.base(x)  # (..., out)
         if self.merged:
             if torch.is_grad_enabled() and self.training and any(
@@ -457,11 +465,16 @@ class LoRALinear(nn.Module):
             out = out + (d if weight == 1 else d * weight).to(y.dtype)
         return out  # (..., out)
 
-    def _with_weight_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x through the base layer with adapter `name` merged into a copy of its weight (the
-        base stays as it is): what that adapter alone gives, at the cost of one matmul."""
+    def _one_adapter(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x through the base layer with adapter `name` alone (the base stays as it is): from
+        `MERGE_FROM_TOKENS` tokens on (or with gradients on), one matmul with the adapter merged
+        into a copy of the weight; below, the base matmul with the adapter's update added in place."""
         w = self.base.weight
-        return F.linear(x, self.adapters[name].with_update(w).to(w.dtype), self.base.bias)
+        if x.numel() // x.shape[-1] >= MERGE_FROM_TOKENS or torch.is_grad_enabled():
+            return F.linear(x, self.adapters[name].with_update(w).to(w.dtype), self.base.bias)
+        y = self.base(x)  # (..., out)
+        self.adapters[name].add_update_(y, x, y, self.base)
+        return y
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={a.config.r}, alpha={a.config.alpha}, scaling={a.scaling:g}"
@@ -650,9 +663,9 @@ def route_adapters(model: nn.Module, row_adapters: Sequence[str | None], mode: s
     adapter `row_adapters[i]` alone (None: the base model), all in one forward. For a
     server holding many adapters of one base model; each layer runs its base matmul once
     for the batch, then each adapter on its own rows. Where every row names the same
-    adapter (a server's batch of one request), each layer runs once with that adapter
-    merged into a copy of its weight: the base model's cost (eval mode; the model is not
-    changed).
+    adapter (a server's batch of one request), each layer runs that adapter alone, merged
+    into a copy of its weight from `MERGE_FROM_TOKENS` tokens on and added in place below:
+    about the base model's cost (eval mode; the model is not changed).
 
     `mode`: `grouped` (each adapter's matmuls on its own rows; where an adapter's rows are
     consecutive, as in a batch sorted by adapter, on a view of them, added in place), `gathered` (every row's A
