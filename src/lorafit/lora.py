@@ -279,12 +279,13 @@ class DoRAAdapter(LoRAAdapter):
         return out
 
 
-MERGE_FROM_TOKENS = 2048
+MERGE_FROM_TOKENS = 512
 """A batch whose rows all name one adapter (`route_adapters`) runs a layer with that adapter
 merged into a copy of its weight from this many tokens on; below, the base matmul and the
 adapter's update added in place. Merging costs a pass over the weight whatever the batch, the
-update a pass over the batch's outputs: on all-MiniLM-L6-v2's layers the update was cheaper up
-to 1,024 tokens and the two level from 2,048 (`benchmarks/one_adapter_layer.py`, docs/serve.md)."""
+update a pass over the batch's outputs: on all-MiniLM-L6-v2's three layer shapes the update
+was the cheaper up to 128 tokens and merging from 512 on, by 5 to 10%
+(`benchmarks/one_adapter_layer.py`, results/one_adapter_layer/, docs/serve.md)."""
 
 
 class LoRALinear(nn.Module):
