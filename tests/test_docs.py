@@ -369,6 +369,31 @@ def test_second_encoder_table_is_the_committed_runs():
             assert row and row.replace("**", "") == f"{head} {cells} |", (head, cells)
 
 
+def test_second_encoder_at_todays_default_table_is_the_committed_subsets():
+    """docs/recipe.md's table of MPNet lora at today's default: a row per subset of
+    results/panel_mpnet_all (its macro-F1, accuracy and seconds of training), beside the
+    key-and-value default's and full's macro-F1 (results/panel_mpnet) and TF-IDF's (results/panel)."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+
+    def records(*files):
+        return {(r["dataset"], r["seed"], r["method"]): r for f in files
+                for r in json.loads(f.read_text())["records"]}
+
+    today = records(*sorted((ROOT / "results" / "panel_mpnet_all").rglob("panel.json")))
+    earlier = records(*sorted((ROOT / "results" / "panel_mpnet").rglob("panel.json")))
+    minilm = records(ROOT / "results" / "panel" / "panel.json")
+    assert today and all(method == "lora" and r["lr"] == 1e-3 for (_, _, method), r in today.items())
+    lines = [line for line in doc.splitlines() if line.startswith("| ") and " seed " in line.split("|")[1]
+             and line.count("|") == 8]
+    for (dataset, seed, _), r in today.items():
+        beside = [earlier[(dataset, seed, "lora")], earlier[(dataset, seed, "full")],
+                  minilm[(dataset, seed, "tfidf-lr")]]
+        want = (f"| {dataset} seed {seed} | {r['macro_f1']:.3f} | {r['accuracy']:.3f} | "
+                + " | ".join(f"{b['macro_f1']:.3f}" for b in beside) + f" | {r['train_seconds']:.0f} |")
+        assert want in lines, want
+    assert len(lines) == len(today)
+
+
 def test_recipe_default_variants_table_is_the_committed_read_backs():
     """docs/recipe.md's table of the LoRA variants at today's defaults: per folder of
     results/variants_default (a read-back that refuses runs not made at the defaults), its
