@@ -52,8 +52,6 @@ class Member:
     label_names: list[str]
     max_length: int
     run: Path
-    dora: bool = False
-    """Its adapter is DoRA's (rescales the whole weight): batches holding it are routed grouped."""
 
 
 def _plain(layer: nn.Module) -> nn.Linear:
@@ -146,8 +144,7 @@ class ServedGroup:
             self._unmerge()  # a merged base takes no further adapter
             self._join_adapter(name, layers)
         labels = list(loaded.model.config.id2label[i] for i in sorted(loaded.model.config.id2label))
-        member = Member(adapter_name, head, labels, cfg.max_length, run_dir,
-                        dora=adapter_name is not None and cfg.dora)
+        member = Member(adapter_name, head, labels, cfg.max_length, run_dir)
         self.members[name] = member
         return member
 
