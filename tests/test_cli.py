@@ -58,10 +58,11 @@ def test_compare_leaves_every_artifact(compare_dir):
 
 
 def test_evaluate_and_predict_agree_with_final(compare_dir):
-    for strategy in ("lora", "last-two-layers"):
+    # lora's in a process of its own, as a user runs it; last-two-layers' through the same `main` in this one
+    for strategy, cli in (("lora", lorafit), ("last-two-layers", lorafit_here)):
         run = compare_dir / strategy
         final = json.loads((run / "final.json").read_text())
-        r = lorafit("evaluate", str(run), "--no-progress")
+        r = cli("evaluate", str(run), "--no-progress")
         assert r.returncode == 0, r.stderr[-2000:]
         got = json.loads(r.stdout)
         assert (got["test_accuracy"], got["test_f1"], got["test_loss"]) == (
@@ -110,14 +111,14 @@ def test_merge_loads_with_plain_transformers(compare_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, loaded.model.eval()(**batch).logits, atol=1e-5, rtol=0)
     assert plain.config.id2label == {0: "neg", 1: "pos"}
-    again = lorafit("merge", str(run), str(tmp_path / "merged"))
+    again = lorafit_here("merge", str(run), str(tmp_path / "merged"))
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
 def test_config_file_and_flag_override(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('strategy = "last-two-layers"\nepochs = 1\nlr = 0.01\nmax-length = 48\n')
-    r = lorafit("train", "--config", str(cfg), *TINY, "--lr", "0.005", "--out", str(tmp_path / "run"))
+    r = lorafit_here("train", "--config", str(cfg), *TINY, "--lr", "0.005", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["strategy"] == "last-two-layers" and saved["lr"] == 0.005 and saved["max_length"] == 64
@@ -268,5 +269,5 @@ def test_the_default_learns_the_minority_class_and_the_report_tells_the_truth(tm
     p = lorafit("predict", str(run), "WINNER! claim your free voucher now, text WIN to 80062", "see you at noon")
     assert p.returncode == 0, p.stderr[-2000:]
     assert [line.split("\t")[0] for line in p.stdout.strip().splitlines()] == ["spam", "ham"]
-    wrong = lorafit("train", "--data", str(data), "--num-labels", "3", "--no-progress", "--out", str(tmp_path / "x"))
+    wrong = lorafit_here("train", "--data", str(data), "--num-labels", "3", "--out", str(tmp_path / "x"))
     assert wrong.returncode == 2 and "has 2 label classes (ham, spam) but --num-labels is 3" in wrong.stderr

@@ -72,14 +72,24 @@ def _train(setup, strategy: str, out, *extra: str, env: dict | None = None):
 
 @pytest.fixture(scope="module")
 def reference_runs(setup, tmp_path_factory):
-    """Per strategy: (the one-process run, the uninterrupted 2-process run)."""
+    """Per strategy: (the one-process run, the uninterrupted 2-process run). lora's 2-process
+    run is the one run of `lorafit compare --strategies lora --nproc 2` (compare passes
+    --nproc on to each run); last-two-layers' is `lorafit train --nproc 2`."""
     root = tmp_path_factory.mktemp("ref")
+    model, data = setup
     runs = {}
     for strategy in STRATEGIES:
-        one, two = root / f"{strategy}-1", root / f"{strategy}-2"
+        one = root / f"{strategy}-1"
         r = _train(setup, strategy, one)
         assert r.returncode == 0, r.stderr[-3000:]
-        r = _train(setup, strategy, two, "--nproc", "2")
+        if strategy == "lora":
+            flags = [f for f in STRATEGIES["lora"] if f not in ("--strategy", "lora")]
+            r = lorafit("compare", "--strategies", "lora", "--model", str(model), "--data", str(data), *COMMON,
+                        *flags, "--nproc", "2", "--out", str(root / "compare"))
+            two = root / "compare" / "lora"
+        else:
+            two = root / f"{strategy}-2"
+            r = _train(setup, strategy, two, "--nproc", "2")
         assert r.returncode == 0, r.stderr[-3000:]
         assert "2 processes" in r.stdout
         runs[strategy] = (one, two)
@@ -236,11 +246,8 @@ def test_shares_cover_each_global_batch_once(monkeypatch):
     assert len(distributed.share(short)) == 0
 
 
-def test_compare_passes_nproc_to_every_run(setup, tmp_path):
-    model, data = setup
-    out = tmp_path / "cmp"
-    r = lorafit("compare", "--strategies", "lora", "--model", str(model), "--data", str(data), *COMMON[:-3],
-                "--no-progress", "--nproc", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_compare_passes_nproc_to_every_run(reference_runs):
+    _, two = reference_runs["lora"]  # lorafit compare --strategies lora --nproc 2
+    out = two.parent
     assert json.loads((out / "lora" / "final.json").read_text())["processes"] == 2
     assert json.loads((out / "report.json").read_text())["rows"][0]["strategy"] == "lora"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import lorafit
 from cli_helpers import lorafit as cli
+from cli_helpers import lorafit_here as cli_here
 from lorafit.data.text import clean_text
 from lorafit.runs import load_data
 
@@ -78,8 +79,9 @@ def test_default_run_exports_give_its_logits_without_lorafit(minilm):
 
 def test_evaluate_and_predict_on_exports_give_the_runs_numbers(minilm):
     run, hf, onnx, _ = minilm
-    for export in (hf.path, onnx.path):
-        r = cli("evaluate", str(export), "--no-progress")
+    # each command once in a process of its own, as a user runs it, and once through the same `main` here
+    for export, run_cli in ((hf.path, cli_here), (onnx.path, cli)):
+        r = run_cli("evaluate", str(export), "--no-progress")
         assert r.returncode == 0, r.stderr[-2000:]
         got = json.loads(r.stdout)
         assert got["test_accuracy"] == run.final["test_accuracy"] and got["examples"] == 32
@@ -88,7 +90,7 @@ def test_evaluate_and_predict_on_exports_give_the_runs_numbers(minilm):
     assert set(got["int8"]) >= {"test_accuracy", "test_macro_f1"}
     assert got["int8_accuracy_change"] == pytest.approx(got["int8"]["test_accuracy"] - got["test_accuracy"])
     texts = ["A wonderful, moving film.", "Dull, and far too long."]
-    on_export = cli("predict", str(onnx.path), *texts)
+    on_export = cli_here("predict", str(onnx.path), *texts)
     assert on_export.returncode == 0, on_export.stderr[-2000:]
     assert [line.split("\t")[0] for line in on_export.stdout.splitlines()] == [
         p["label"] for p in lorafit.load_run(run.path).predict(texts)]

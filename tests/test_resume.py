@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import lorafit
+from cli_helpers import lorafit, lorafit_here
 from lorafit.config import RunConfig
 from lorafit.precision import cpu_has_bf16
 from lorafit.strategies import learning_rate
@@ -39,9 +40,9 @@ KILL_STAGES = [
     (f"write:{CKPT}@2:KILL", (2, 8)),  # killed inside the write of step 10's checkpoint: step 8's stays
 ]
 # A shorter chain for the configurations whose checkpoint code is the same as lora's (every one: lora's
-# full chain covers the kills in validation and inside a write): killed in epoch 1, then in epoch 2 after
-# the first validation (where validation once rewrote frozen weights), then Ctrl-C.
-SHORT_KILL_STAGES = KILL_STAGES[:1] + KILL_STAGES[2:3]
+# full chain covers the kills in epoch 1, in validation and inside a write): killed in epoch 2 after the
+# first validation (where validation once rewrote frozen weights), then Ctrl-C in the resumed process.
+SHORT_KILL_STAGES = [("step@7:KILL", (2, 6))]  # one step after epoch 1's end-of-epoch checkpoint
 CTRL_C_IN_VALIDATION = ("validation@1:INT", (2, 12))  # Ctrl-C in epoch 2's validation: saved at its end
 CTRL_C_IN_WRITE_SHORT = (f"write:{CKPT}@1:INT", (2, 8))  # after the short chain (at step 6): step 8's write
 
@@ -167,7 +168,7 @@ def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="--precision auto measures only on a CPU with bf16 instructions")
-def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
+def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
     """bf16 autocast: the resumed run equals the uninterrupted one too (tolerance 0: CPU kernels are deterministic).
 
     Under `--precision auto` and `--attention auto` the precision and the kernel are timed
@@ -208,12 +209,14 @@ def test_sigkill_resume_bf16_equals_uninterrupted(tmp_path, tiny_model_dir):
     final = json.loads((run / "final.json").read_text())
     assert (final["precision"], final["attention"]) == ("bf16", chosen)
     _assert_same(run, reference)
-    # controls: a fresh run reads the flipped caches (the precision one, then under bf16 the attention one)
-    fresh = lorafit(*args, "--epochs", "1", "--out", str(tmp_path / "fresh"), env=env)
+    # controls (in this process: what they check is the reading of the caches): a fresh run reads the flipped
+    # caches (the precision one, then under bf16 the attention one)
+    monkeypatch.setenv("LORAFIT_CACHE", str(cache))
+    fresh = lorafit_here(*args, "--epochs", "1", "--out", str(tmp_path / "fresh"))
     assert fresh.returncode == 0 and "cpu fp32" in fresh.stdout, fresh.stderr[-2000:]
     forced = list(args)
     forced[args.index("--precision") + 1] = "bf16"
-    fresh = lorafit(*forced, "--epochs", "1", "--out", str(tmp_path / "fresh-bf16"), env=env)
+    fresh = lorafit_here(*forced, "--epochs", "1", "--out", str(tmp_path / "fresh-bf16"))
     assert fresh.returncode == 0 and f"attention {other}" in fresh.stdout, fresh.stderr[-2000:]
 
 
@@ -235,15 +238,16 @@ def test_a_run_recorded_with_the_full_last_layer_resumes_with_it(tmp_path, tiny_
     assert r_first.returncode == 0 and "last layer first-token" in r_first.stdout, r_first.stderr[-2000:]
     a, b = load_file(reference / "trained.safetensors"), load_file(first / "trained.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a), "the control cannot tell the two layers apart"
-    for record in ("full", None):
-        run = tmp_path / f"run-{record}"
-        r = _signalled(*common, "--last-layer", "full", "--out", str(run), plan="step@9:KILL")
-        assert r.returncode == -signal.SIGKILL and _position(run) == (2, 8), r.stderr[-2000:]
-        config = json.loads((run / "config.json").read_text())
-        assert (config["last_layer"], config["last_layer_resolved"]) == ("full", "full")
-        if record is None:  # as written before --last-layer and its record existed
-            del config["last_layer"], config["last_layer_resolved"]
-            (run / "config.json").write_text(json.dumps(config))
+    killed = tmp_path / "run-full"
+    r = _signalled(*common, "--last-layer", "full", "--out", str(killed), plan="step@9:KILL")
+    assert r.returncode == -signal.SIGKILL and _position(killed) == (2, 8), r.stderr[-2000:]
+    config = json.loads((killed / "config.json").read_text())
+    assert (config["last_layer"], config["last_layer_resolved"]) == ("full", "full")
+    unrecorded = tmp_path / "run-unrecorded"  # the same killed run, as written before --last-layer and its record
+    shutil.copytree(killed, unrecorded)
+    del config["last_layer"], config["last_layer_resolved"]
+    (unrecorded / "config.json").write_text(json.dumps(config))
+    for run in (killed, unrecorded):
         r = lorafit("train", "--resume", str(run), "--no-progress")
         assert r.returncode == 0 and "last layer full" in r.stdout, r.stderr[-2000:]
         assert json.loads((run / "final.json").read_text())["last_layer"] == "full"
@@ -275,13 +279,13 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
 
 
 def test_resume_errors(tmp_path):
-    r = lorafit("train", "--resume", str(tmp_path / "nope"))
+    r = lorafit_here("train", "--resume", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"strategy": "lora"}))
-    r = lorafit("train", "--resume", str(tmp_path / "run"))
+    r = lorafit_here("train", "--resume", str(tmp_path / "run"))
     assert r.returncode == 2 and "no complete checkpoint to resume from" in r.stderr and "Traceback" not in r.stderr
-    r = lorafit("train", "--resume", str(tmp_path / "run"), "--epochs", "5")
+    r = lorafit_here("train", "--resume", str(tmp_path / "run"), "--epochs", "5")
     assert r.returncode == 2 and "drop --epochs" in r.stderr
 
 
@@ -302,7 +306,7 @@ def test_compare_killed_mid_strategy_resumes_and_keeps_finished_runs(chains, tin
     done = (out / "last-two-layers" / "final.json").read_bytes()
     assert not (out / "lora" / "final.json").exists() and not (out / "report.json").exists()
 
-    r = lorafit("compare", "--resume", str(out), "--epochs", "3")
+    r = lorafit_here("compare", "--resume", str(out), "--epochs", "3")
     assert r.returncode == 2 and "drop --epochs" in r.stderr
     r = lorafit("compare", "--resume", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -318,11 +322,11 @@ def test_compare_killed_mid_strategy_resumes_and_keeps_finished_runs(chains, tin
 
 
 def test_compare_rejects_unknown_strategy_and_non_compare_resume(tmp_path):
-    r = lorafit("compare", "--strategies", "lora,everything", "--out", str(tmp_path / "x"))
+    r = lorafit_here("compare", "--strategies", "lora,everything", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown strategy everything" in r.stderr and not (tmp_path / "x").exists()
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "config.json").write_text("{}")
-    r = lorafit("compare", "--resume", str(tmp_path / "y"))
+    r = lorafit_here("compare", "--resume", str(tmp_path / "y"))
     assert r.returncode == 2 and "not a `lorafit compare` folder" in r.stderr
 
 
@@ -389,6 +393,6 @@ def test_lr_auto_run_killed_after_its_search_resumes_without_searching_again(tmp
     assert json.loads((early / "config.json").read_text())["lr_resolved"] is None
     top = 2 * learning_rate(RunConfig())  # trial 3 tries twice lora's default rate
     assert f"interrupted in --lr auto's trial 3 of 3 (lr {top:g}), before the run's own training" in r.stderr
-    r = lorafit("train", "--resume", str(early), "--no-progress")
+    r = lorafit_here("train", "--resume", str(early), "--no-progress")
     assert r.returncode == 2 and "no complete checkpoint to resume from; start it again with --overwrite" in r.stderr
     assert "Traceback" not in r.stderr

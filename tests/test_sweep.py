@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli_helpers import lorafit
+from cli_helpers import lorafit, lorafit_here
 from lorafit.errors import ConfigError
 from lorafit.grid import grid_points, pareto_front, parse_grid, run_name
 
@@ -91,7 +91,7 @@ def test_every_run_is_a_normal_run_and_the_report_matches_them(swept):
     (["--rank", "two"], "--rank: 'two' is not a whole number"),
 ])
 def test_a_bad_value_in_the_grid_fails_before_any_run(grid, message, tiny_model_dir, tmp_path):
-    r = lorafit("sweep", "--model", str(tiny_model_dir), "--train-size", "24", "--val-size", "8", "--epochs", "1",
+    r = lorafit_here("sweep", "--model", str(tiny_model_dir), "--train-size", "24", "--val-size", "8", "--epochs", "1",
                 "--max-length", "32", *grid, "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "s").exists()

@@ -259,7 +259,7 @@ def test_variants_through_the_cli_and_a_run_folder_with_several_adapters(tiny_mo
     r = lorafit_here("evaluate", str(tmp_path / "v"), "--no-progress")
     assert r.returncode == 0 and json.loads(r.stdout)["test_accuracy"] == final["test_accuracy"]
 
-    r = lorafit("train", *args, "--out", str(tmp_path / "plain"))  # same seed: the same fresh head
+    r = lorafit_here("train", *args, "--out", str(tmp_path / "plain"))  # same seed: the same fresh head
     assert r.returncode == 0, r.stderr[-2000:]
     shutil.copytree(tmp_path / "plain" / "adapter", tmp_path / "v" / "adapter" / "plain")
     r = lorafit_here("evaluate", str(tmp_path / "v"), "--adapter", "plain", "--no-progress")
