@@ -22,7 +22,9 @@ method: accuracy and macro-F1, mean and spread over the seeds, and each seed's m
 
 `--check PANEL_JSON...` prints issue 31's criteria on written results instead;
 `--check-references results/panel/panel.json` judges a second encoder's runs against the
-majority and TF-IDF rows of the same datasets and seeds.
+majority and TF-IDF rows of the same datasets and seeds. It repeats, each group of files with
+its own `--reference-methods` (a second encoder's lora at a new default: TF-IDF from
+results/panel, its full rows from its own panel's files).
 """
 
 from __future__ import annotations
@@ -250,18 +252,22 @@ ENCODER_FREE = ("majority", "tfidf-lr")
 
 
 def checked_records(panels: list[Path], references: Path | None,
-                    methods: tuple[str, ...] = ENCODER_FREE) -> list[dict]:
+                    methods: tuple[str, ...] = ENCODER_FREE,
+                    more: list[tuple[list[Path], tuple[str, ...]]] = ()) -> list[dict]:
     """The records of every `panels` file, and from `references` (another panel) its rows of
     `methods` on the same datasets and seeds. By default those are the majority and TF-IDF rows,
     which do not depend on the encoder fine-tuned (a second encoder's runs against results/panel);
     the probe and the strategies' rows do, so they are taken only where named (lora's rows at a
-    new default against the other rows of the same encoder's panel). A record that two files both
+    new default against the other rows of the same encoder's panel). `more`: further (files,
+    methods) pairs borrowed the same way (a second encoder's lora at a new default: TF-IDF from
+    results/panel, its full rows from its own panel's files). A record that two files both
     hold would count twice in a mean, so it stops the check."""
     records = [r for p in panels for r in json.loads(p.read_text())["records"]]
-    if references is not None:
-        seen = {(r["dataset"], r["seed"]) for r in records}
-        records += [r for r in json.loads(references.read_text())["records"]
-                    if r["method"] in methods and (r["dataset"], r["seed"]) in seen]
+    seen = {(r["dataset"], r["seed"]) for r in records}
+    groups = [([references], methods)] if references is not None else []
+    for files, names in [*groups, *more]:
+        records += [r for f in files for r in json.loads(f.read_text())["records"]
+                    if r["method"] in names and (r["dataset"], r["seed"]) in seen]
     counts = collections.Counter((r["dataset"], r["seed"], r["method"]) for r in records)
     twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
@@ -289,16 +295,22 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="folder for panel.json and panel.md (default: none written)")
     ap.add_argument("--check", metavar="PANEL_JSON", nargs="+", type=Path,
                     help="only print issue 31's criteria on written panel.json files (their runs together)")
-    ap.add_argument("--check-references", metavar="PANEL_JSON", type=Path,
-                    help="with --check: the majority and TF-IDF rows of the same datasets and seeds from this panel "
-                         "(a second encoder's runs against the references of results/panel)")
-    ap.add_argument("--reference-methods", default=",".join(ENCODER_FREE),
-                    help="with --check-references: the methods taken from it (default: the two that do not depend "
-                         "on the encoder; name probe, full, last-two-layers only for runs of the same encoder)")
+    ap.add_argument("--check-references", metavar="PANEL_JSON", type=Path, nargs="+", action="append",
+                    help="with --check: the majority and TF-IDF rows of the same datasets and seeds from these panel "
+                         "files (a second encoder's runs against the references of results/panel); repeatable, "
+                         "each with its own --reference-methods")
+    ap.add_argument("--reference-methods", action="append",
+                    help="with --check-references, once per --check-references in the same order: the methods taken "
+                         "from those files (default: majority,tfidf-lr, the two that do not depend on the encoder; "
+                         "name probe, full, last-two-layers only for runs of the same encoder)")
     args = ap.parse_args()
     if args.check:
-        methods = tuple(args.reference_methods.split(","))
-        print("\n".join(criteria_lines(checked_records(args.check, args.check_references, methods))))
+        files, names = args.check_references or [], args.reference_methods or []
+        if len(names) > len(files):
+            raise SystemExit("--reference-methods: one per --check-references, in the same order")
+        groups = [(f, tuple((names[i] if i < len(names) else ",".join(ENCODER_FREE)).split(",")))
+                  for i, f in enumerate(files)]
+        print("\n".join(criteria_lines(checked_records(args.check, None, more=groups))))
         return
     extra = shlex.split(args.extra)
     refs = [] if args.references == "none" else args.references.split(",")

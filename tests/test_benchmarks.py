@@ -169,3 +169,39 @@ def test_panel_check_takes_named_methods_from_the_references():
         ]
         with pytest.raises(SystemExit, match="rt seed 0 lora in more than one file"):
             checked_records([new], old, (*methods, "lora"))
+
+
+def test_panel_check_borrows_each_method_from_its_own_files(tmp_path, monkeypatch, capsys):
+    """A second encoder's lora at a new default: its full rows from its own earlier panel files
+    (whose lora rows, at the old default, stay out), TF-IDF and the majority from results/panel
+    (whose full rows, another encoder's, stay out): `--check-references` once per group, each with
+    its `--reference-methods`."""
+    import json
+
+    import panel
+
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"records": [_rec("rt", "lora", 0, 0.91), _rec("rt", "lora", 1, 0.89)]}))
+    own = [tmp_path / "own0.json", tmp_path / "own1.json"]
+    for seed, f in enumerate(own):
+        f.write_text(json.dumps({"records": [_rec("rt", "lora", seed, 0.10), _rec("rt", "full", seed, 0.905)]}))
+    minilm = tmp_path / "panel.json"
+    minilm.write_text(json.dumps({"records": [
+        *(_rec("rt", m, s, f1) for s in (0, 1) for m, f1 in (("majority", 0.2), ("tfidf-lr", 0.7), ("full", 0.3)))]}))
+    argv = ["panel.py", "--check", str(new), "--check-references", str(minilm), "--check-references", *map(str, own),
+            "--reference-methods", "majority,tfidf-lr", "--reference-methods", "full"]
+    monkeypatch.setattr(sys, "argv", argv)
+    panel.main()
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "holds   rt (seeds 0,1): lora's mean macro-F1 0.900 at least TF-IDF's 0.700",
+        "holds   rt (seeds 0,1): lora's mean macro-F1 0.900 within 2 points of full's 0.905"]
+    # the methods default to the encoder-free two for a group named without them
+    records = panel.checked_records([new], None, more=[([minilm], panel.ENCODER_FREE)])
+    assert sorted({r["method"] for r in records}) == ["lora", "majority", "tfidf-lr"]
+    # the old default's lora rows taken as well would count twice: refused
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], "full,lora"])
+    with pytest.raises(SystemExit, match="rt seed 0 lora, rt seed 1 lora in more than one file"):
+        panel.main()
+    monkeypatch.setattr(sys, "argv", [*argv, "--reference-methods", "probe"])
+    with pytest.raises(SystemExit, match="one per --check-references"):
+        panel.main()
