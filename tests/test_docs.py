@@ -301,14 +301,14 @@ def test_serve_load_table_and_goals_are_the_committed_run():
 
 
 
-def _criteria_lines(*panels, references=None, methods=("majority", "tfidf-lr")):
+def _criteria_lines(*panels, references=None, methods=("majority", "tfidf-lr"), more=()):
     import sys
 
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     from panel import checked_records, criteria_lines
 
-    lines = criteria_lines(checked_records(list(panels), references, methods))
+    lines = criteria_lines(checked_records(list(panels), references, methods, more))
     majority = [line for line in lines if "above the majority" in line]
     held = sum(line.startswith("holds") for line in majority)
     return [line for line in lines if line not in majority], f"{held} of {len(majority)} lines of the form"
@@ -321,9 +321,12 @@ def test_recipe_criteria_blocks_are_what_panel_check_prints():
     panel = ROOT / "results" / "panel" / "panel.json"
     lora = ROOT / "results" / "panel_lora" / "panel.json"
     mpnet = sorted((ROOT / "results" / "panel_mpnet").rglob("panel.json"))
+    mpnet_today = sorted((ROOT / "results" / "panel_mpnet_all").rglob("panel.json"))
     others = ("majority", "tfidf-lr", "probe", "full", "last-two-layers")
+    # the second encoder's lora at today's default, against its own full rows and results/panel's references
     for lines, majority in (_criteria_lines(lora, references=panel, methods=others),
-                            _criteria_lines(*mpnet, references=panel)):
+                            _criteria_lines(*mpnet_today, more=[([panel], ("majority", "tfidf-lr")),
+                                                                (mpnet, ("full",))])):
         assert lines
         block = "```\n" + "\n".join(lines) + "\n```\n\nand " + majority
         assert block in doc, f"docs/recipe.md lacks the block:\n{block}"
@@ -347,8 +350,9 @@ def test_second_encoder_readme_lists_every_subset_with_its_commit():
 
 
 def test_second_encoder_table_is_the_committed_runs():
-    """docs/recipe.md's MPNet table: every cell is a record of a results/panel_mpnet panel.json (one per subset run)
-    or results/panel's record of the same dataset and seed, and every MPNet run committed is in it."""
+    """docs/recipe.md's MPNet table: lora's cells are today's default's records (MPNet: results/panel_mpnet_all,
+    MiniLM: results/panel_lora), full's results/panel_mpnet's and results/panel's, the references results/panel's,
+    of the same dataset and seed; every MPNet subset committed is in it, at both defaults."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
 
     def records(*files):
@@ -356,10 +360,13 @@ def test_second_encoder_table_is_the_committed_runs():
                 for r in json.loads(f.read_text())["records"]}
 
     mpnet = records(*sorted((ROOT / "results" / "panel_mpnet").rglob("panel.json")))
+    today = records(*sorted((ROOT / "results" / "panel_mpnet_all").rglob("panel.json")))
     minilm = records(ROOT / "results" / "panel" / "panel.json")
+    minilm_today = records(ROOT / "results" / "panel_lora" / "panel.json")
     pairs = sorted({(d, seed) for d, seed, _ in mpnet})
-    assert ("drugs", 1) in pairs and ("spam", 0) in pairs
-    columns = [(mpnet, "lora"), (mpnet, "full"), (minilm, "lora"), (minilm, "full"), (minilm, "tfidf-lr"),
+    assert len(pairs) == 12 and pairs == sorted({(d, seed) for d, seed, _ in today})
+    assert all(r["lr"] == 1e-3 for recs in (today, minilm_today) for r in recs.values())
+    columns = [(today, "lora"), (mpnet, "full"), (minilm_today, "lora"), (minilm, "full"), (minilm, "tfidf-lr"),
                (minilm, "probe"), (minilm, "majority")]
     for dataset, seed in pairs:
         for label, key in (("accuracy", "accuracy"), ("macro-F1", "macro_f1")):
