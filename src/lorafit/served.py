@@ -19,6 +19,7 @@ their own: `Solo`.
 
 from __future__ import annotations
 
+import collections
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,14 +254,16 @@ class ServedGroup:
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             handle.remove()
-        features = torch.empty_like(grabbed[0])
-        features[order] = grabbed[0]  # (B, H), in the request's row order: what every run's head reads
+        features = grabbed[0]  # (B, H), rows sorted by run: each run's head reads a slice of them
+        counts = collections.Counter(names)
         out: list[torch.Tensor | None] = [None] * len(names)
-        for name in dict.fromkeys(names):
-            rows = [i for i, n in enumerate(names) if n == name]
-            logits = self.members[name].head(features[rows])  # (n, num_labels)
+        start = 0
+        for name in rank:  # the sorted order's runs, in turn
+            rows = order[start:start + counts[name]]  # their positions in the request
+            logits = self.members[name].head(features[start:start + counts[name]])  # (n, num_labels)
             for i, row in zip(rows, logits):
                 out[i] = row
+            start += counts[name]
         return out  # type: ignore[return-value]
 
 
