@@ -485,10 +485,25 @@ class LoRALinear(nn.Module):
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """(dotted name, layer) for every LoRALinear in `model`."""
-    for name, module in model.named_modules():
+    """(dotted name, layer) for every LoRALinear in `model`, in `named_modules` order.
+
+    The walk does not enter a LoRALinear (its adapters hold no LoRA layer): with many
+    adapters loaded, their modules outnumber the model's, and a server walks the model on
+    every batch (16 adapters on all-MiniLM-L6-v2's 36 layers made `named_modules` about a
+    fifth of a one-review request's time)."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, LoRALinear]]:
+        if id(module) in seen:  # a module held twice is listed once, as named_modules does
+            return
+        seen.add(id(module))
         if isinstance(module, LoRALinear):
-            yield name, module
+            yield prefix, module
+            return
+        for name, child in module.named_children():
+            yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(model, "")
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -95,6 +95,8 @@ class ServedGroup:
         self.activation = arch.head.activation()
         self.head_names = names
         self.members: dict[str, Member] = {}
+        self._layers: list | None = None
+        """The model's LoRA layers, walked once after each change (`_lora_layers`)."""
 
     @staticmethod
     def key(run_dir: Path) -> tuple[str, str]:
@@ -165,10 +167,19 @@ class ServedGroup:
             self._first = _plain(self.model.get_submodule(self.head_names[0])).eval()
         return self._first
 
+    def _lora_layers(self) -> list:
+        """The model's LoRALinear layers: walked once after adapters join or leave, not per batch."""
+        from lorafit.lora import lora_modules
+
+        if self._layers is None:
+            self._layers = [layer for _, layer in lora_modules(self.model)]
+        return self._layers
+
     def _join_adapter(self, name: str, layers: dict) -> None:
         """The run's encoder adapters onto the group's model as adapter `name`."""
         from lorafit.lora import LoRALinear, _set_submodule
 
+        self._layers = None
         for path, layer in layers.items():
             target = self.model.get_submodule(path)
             if not isinstance(target, LoRALinear):
@@ -193,6 +204,7 @@ class ServedGroup:
         if member.adapter is None:
             return
         self._unmerge()
+        self._layers = None
         for path, layer in list(lora_modules(self.model)):
             if member.adapter in layer.adapters:
                 del layer.adapters[member.adapter]
@@ -205,9 +217,9 @@ class ServedGroup:
     def _merge_if_alone(self) -> bool:
         """With one member, and that one with an adapter, its weights merged into the base
         (True); else unmerged, for routing (False)."""
-        from lorafit.lora import lora_modules, merge_lora, set_active_adapter, unmerge_lora
+        from lorafit.lora import merge_lora, set_active_adapter, unmerge_lora
 
-        layers = [layer for _, layer in lora_modules(self.model)]
+        layers = self._lora_layers()
         alone = len(self.members) == 1 and next(iter(self.members.values())).adapter is not None
         merged = any(layer.merged for layer in layers)
         if alone and not merged:
@@ -218,9 +230,9 @@ class ServedGroup:
         return alone
 
     def _unmerge(self) -> None:
-        from lorafit.lora import lora_modules, unmerge_lora
+        from lorafit.lora import unmerge_lora
 
-        if any(layer.merged for _, layer in lora_modules(self.model)):
+        if any(layer.merged for layer in self._lora_layers()):
             unmerge_lora(self.model)
 
     @torch.no_grad()
@@ -229,7 +241,7 @@ class ServedGroup:
 
         input_ids, attention_mask: (B, T), padded; one encoder forward for the whole batch.
         """
-        from lorafit.lora import lora_modules, route_adapters
+        from lorafit.lora import route_adapters
 
         unknown = [n for n in names if n not in self.members]
         if unknown:
@@ -245,7 +257,7 @@ class ServedGroup:
         try:
             if self._merge_if_alone():  # one adapter: merged, the forward is the base model's
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
-            elif any(True for _ in lora_modules(self.model)):
+            elif self._lora_layers():
                 # grouped on the sorted rows: each adapter's A x and one addmm on a view of its rows, the
                 # fastest routing measured at batches of 8 and 32 (docs/serve.md); DoRA adapters too
                 with route_adapters(self.model, routes):
