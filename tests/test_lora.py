@@ -128,6 +128,23 @@ def test_model_init_equals_base_and_merge_roundtrip(arch, batch):
     assert type(plain.classifier if arch != "roberta" and arch != "mpnet" else plain.classifier.out_proj) is nn.Linear
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_modules_lists_what_named_modules_lists_without_entering_adapters(arch):
+    from lorafit.lora import lora_modules
+
+    model = tiny_model(arch)
+    apply_lora(model, LoRAConfig(targets=["query", "key", "value", "classifier"]))
+    for k in range(3):  # more adapters: modules inside LoRA layers, none of them a LoRA layer
+        for _, layer in lora_modules(model):
+            layer.add_adapter(f"extra{k}", LoRAConfig())
+    want = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    got = list(lora_modules(model))
+    assert [n for n, _ in got] == [n for n, _ in want] and all(a is b for (_, a), (_, b) in zip(got, want))
+    assert len(got) >= 7  # query, key and value in 2 layers, and the classifier
+    layer = got[0][1]
+    assert list(lora_modules(layer)) == [("", layer)]  # a LoRA layer on its own, as named_modules names it
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_adapters_take_the_mode_of_the_model_they_join(mode):
     """Wrapping a layer, or adding an adapter to one, leaves the model in its mode: an

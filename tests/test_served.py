@@ -8,6 +8,7 @@ import torch
 
 import lorafit
 from lorafit.errors import ConfigError
+from lorafit.lora import lora_modules
 from lorafit.served import ServedGroup
 
 SMALL = dict(train_size=24, val_size=8, test_size=16, max_length=64, epochs=1, precision="fp32", progress=False,
@@ -60,6 +61,24 @@ def test_removing_a_run_leaves_the_others_unchanged(runs):
         group.logits(["b"], enc["input_ids"][:1], enc["attention_mask"][:1])
 
 
+def test_the_groups_lora_layers_follow_runs_that_join_and_leave(runs):
+    # the group walks its model for LoRA layers once per change, not per batch: a stale list would
+    # route rows to layers that are gone, or miss the ones a new run adds
+    group = ServedGroup.for_run(runs["a"])
+    group.add_run("d", runs["d"])
+    enc = group.tokenizer(TEXTS[:2], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    alone = torch.stack(group.logits(["d", "d"], enc["input_ids"], enc["attention_mask"]))
+    for _ in range(2):
+        group.add_run("a", runs["a"])
+        got = torch.stack(group.logits(["a", "d"], enc["input_ids"], enc["attention_mask"]))
+        want = torch.from_numpy(lorafit.load_run(runs["a"]).logits(TEXTS[:1]))[0]
+        torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
+        group.remove("a")  # its adapter was the only one: the layers go back to plain Linears
+        assert not any(True for _ in lora_modules(group.model))
+        torch.testing.assert_close(torch.stack(group.logits(["d", "d"], enc["input_ids"], enc["attention_mask"])),
+                                   alone, atol=1e-6, rtol=0)
+
+
 def test_runs_that_cannot_share_the_base_are_refused(runs):
     group = ServedGroup.for_run(runs["a"])
     with pytest.raises(ConfigError, match="is a full run"):
@@ -70,7 +89,6 @@ def test_runs_that_cannot_share_the_base_are_refused(runs):
 
 
 def test_one_adapter_alone_is_merged_and_routing_resumes_when_another_joins(runs):
-    from lorafit.lora import lora_modules
 
     group = ServedGroup.for_run(runs["a"])
     group.add_run("a", runs["a"])
@@ -89,7 +107,6 @@ def test_a_batch_is_routed_on_rows_sorted_by_run_and_each_row_gets_its_runs_logi
     """Whatever order a batch names its runs in, the group sorts the rows by run, so every
     adapter's rows reach its LoRA layers as one slice (a view; plain and DoRA alike); each
     row gets its run's own logits, in the request's order."""
-    from lorafit.lora import lora_modules
 
     group = ServedGroup.for_run(runs["a"])
     for name in "abcd":
