@@ -13,7 +13,9 @@ apart. Per system and concurrency: texts/s (median of the rounds, and each round
 and p99 latency, and the server's peak RSS (VmHWM); the goals' ratios per round; the CPU's
 matmul peak (benchmarks/peak.py), measured first in the same run.
 Systems: lorafit with 1 adapter, lorafit with all, PEFT with all (mixed batches
-through `adapter_names=`), and one merged model per adapter.
+through `adapter_names=`), and one merged model per adapter; `--systems` may add `threaded`
+(lorafit with all, the adapters' updates on every intra-op thread: see
+lorafit.lora.SERVED_UPDATES_ON_ONE_THREAD).
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def main() -> None:
     # the goals' ratios, round by round (the systems of one round ran minutes apart, not hours)
     ratios = {}
     for name, (a, b) in {"lorafit_16_over_1": ("lorafit", "lorafit-1"), "lorafit_16_over_peft": ("lorafit", "peft"),
-                         "lorafit_16_over_merged": ("lorafit", "merged")}.items():
+                         "lorafit_16_over_merged": ("lorafit", "merged"),
+                         "lorafit_16_over_threaded": ("lorafit", "threaded")}.items():
         if a in systems and b in systems:
             ratios[name] = {}
             for c in map(str, concurrency):

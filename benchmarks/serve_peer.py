@@ -5,6 +5,8 @@ all behind lorafit's HTTP layer and batcher (benchmarks/serve_load.py starts it)
   peft      PEFT's LoRA with every adapter loaded into one model, mixed batches through its
             `adapter_names=` forward (lorafit's mean pooling applied to its base, as the runs trained)
   merged    one merged transformers model per adapter (lorafit.load_run of each run)
+  threaded  lorafit serve with the adapters' updates on every intra-op thread
+            (lorafit.lora.SERVED_UPDATES_ON_ONE_THREAD off): what that setting buys under load
 
     python benchmarks/serve_peer.py --system peft --port 8081 NAME=RUN ...
 """
@@ -58,7 +60,11 @@ class PeftEngine:
 
 def registry_for(system: str, runs: dict[str, Path]) -> Registry:
     registry = Registry()
-    if system == "lorafit":
+    if system == "threaded":
+        import lorafit.lora
+
+        lorafit.lora.SERVED_UPDATES_ON_ONE_THREAD = False
+    if system in ("lorafit", "threaded"):
         for n, p in runs.items():
             registry.add(n, p)
     elif system == "merged":
@@ -79,7 +85,7 @@ def registry_for(system: str, runs: dict[str, Path]) -> Registry:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--system", choices=("lorafit", "peft", "merged"), required=True)
+    ap.add_argument("--system", choices=("lorafit", "peft", "merged", "threaded"), required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("runs", nargs="+", metavar="NAME=RUN")
     args = ap.parse_args()

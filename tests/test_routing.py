@@ -159,3 +159,39 @@ def test_gathered_and_stacked_rows_equal_grouped_rows_for_plain_lora(arch, mode)
     with pytest.raises(TargetError, match="mode='grouped'"):
         with route_adapters(dora, ["b"], mode=mode):
             pass
+
+
+@pytest.mark.parametrize("names", [["a", "a", "c", "c"], ["a", "a", "a", "a"]], ids=["mixed", "one-adapter"])
+@pytest.mark.parametrize("one_thread", [True, False])
+def test_served_updates_run_on_one_thread_and_the_thread_count_comes_back(names, one_thread, monkeypatch):
+    """Without gradients, a routed batch's adapter updates run on one intra-op thread when
+    SERVED_UPDATES_ON_ONE_THREAD is set (the base matmuls on all of them), and the count is back
+    after each layer; the logits are the same either way."""
+    import lorafit.lora
+    from lorafit.lora import LoRAAdapter
+
+    base, model = adapted("bert")
+    batch = {"input_ids": torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(5))}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    seen: list[int] = []
+    add_update_ = LoRAAdapter.add_update_
+
+    def watched(self, *args):
+        seen.append(torch.get_num_threads())
+        return add_update_(self, *args)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            with route_adapters(model, names):
+                want = model(**batch).logits
+            monkeypatch.setattr(lorafit.lora, "SERVED_UPDATES_ON_ONE_THREAD", one_thread)
+            monkeypatch.setattr(LoRAAdapter, "add_update_", watched)
+            with route_adapters(model, names):
+                got = model(**batch).logits
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == ({1} if one_thread else {2})
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -450,13 +450,14 @@ class LoRALinear(nn.Module):
             # rows in runs (slices: views, no copies) are added in place when no gradient needs y
             in_place = not torch.is_grad_enabled() and all(isinstance(r, slice) for r in self.routes.values())
             out = y if in_place else y.clone()
-            for n, rows in self.routes.items():
-                if n not in self.adapters:  # an adapter that does not target this layer adds nothing here
-                    continue
-                if isinstance(rows, slice):
-                    self.adapters[n].add_update_(out[rows], x[rows], y[rows], self.base)
-                else:
-                    out.index_add_(0, rows, self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype))
+            with _one_thread(in_place):
+                for n, rows in self.routes.items():
+                    if n not in self.adapters:  # an adapter that does not target this layer adds nothing here
+                        continue
+                    if isinstance(rows, slice):
+                        self.adapters[n].add_update_(out[rows], x[rows], y[rows], self.base)
+                    else:
+                        out.index_add_(0, rows, self.adapters[n].update(x[rows], y[rows], self.base).to(y.dtype))
             return out
         out = y
         for n, weight in self.active.items():
@@ -474,7 +475,8 @@ class LoRALinear(nn.Module):
         if x.numel() // x.shape[-1] >= MERGE_FROM_TOKENS or torch.is_grad_enabled():
             return F.linear(x, self.adapters[name].with_update(w).to(w.dtype), self.base.bias)
         y = self.base(x)  # (..., out)
-        self.adapters[name].add_update_(y, x, y, self.base)
+        with _one_thread(True):
+            self.adapters[name].add_update_(y, x, y, self.base)
         return y
 
     def extra_repr(self) -> str:
@@ -608,6 +610,32 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     """Make adapter `name` the only active one on every layer that has it; layers
     without it run as their base. Only its parameters are trainable afterwards."""
     combine_adapters(model, {name: 1.0})
+
+
+SERVED_UPDATES_ON_ONE_THREAD = True
+"""In a routed forward without gradients (a server's batch), each layer's adapter updates (A x
+and the in-place addmm, two small matmuls per adapter at rank 4) run on one thread. Split over
+the intra-op threads, each such matmul ends in a barrier, and on a loaded machine (the HTTP
+layer, tokenizers and clients sharing the cores) a barrier waits for whichever thread was
+descheduled. Under `benchmarks/serve_load.py`'s load, 16 adapters against one went from 0.83x /
+0.81x / 0.87x to 0.95x / 0.91x / 0.90x at concurrency 1 / 8 / 32 (the two settings side by side
+in one run, docs/serve.md); in a quiet process the two are within the noise."""
+
+
+@contextlib.contextmanager
+def _one_thread(on: bool) -> Iterator[None]:
+    """Within the block (when `on` and `SERVED_UPDATES_ON_ONE_THREAD`), torch's intra-op ops run
+    on one thread; the thread count is restored after. A thread that finds one thread set
+    leaves it alone, so concurrent blocks never leave the count at one."""
+    n = torch.get_num_threads()
+    if not on or n == 1 or not SERVED_UPDATES_ON_ONE_THREAD:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _row_count(rows: torch.Tensor | slice) -> int:
