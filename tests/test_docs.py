@@ -288,14 +288,17 @@ def test_serve_load_table_and_goals_are_the_committed_run():
     run = json.loads((ROOT / "results" / "serve_load" / "serve_load.json").read_text())
     assert f"at {run['commit']}," in doc
     labels = {"lorafit-1": "| lorafit | 1 |", "lorafit": "| lorafit | 16 |",
-              "peft": "| PEFT, `adapter_names=` mixed batches | 16 |", "merged": "| 16 merged models | 16 |"}
+              "peft": "| PEFT, `adapter_names=` mixed batches | 16 |", "merged": "| 16 merged models | 16 |",
+              "threaded": "| lorafit, the updates on both threads | 16 |"}
+    assert set(run["results"]) == set(labels)
     for system, label in labels.items():
         r = run["results"][system]
         by = r["by_concurrency"]
         speeds = " / ".join(f"{by[c]['texts_per_s']:.1f}" for c in ("1", "8", "32"))
         row = f"{label} {speeds} | {by['32']['p99_ms']:,.0f} | {r['peak_rss_mb']:,.0f} |"
         assert row in doc, f"docs/serve.md lacks {row}"
-    for key, words in (("lorafit_16_over_1", "against one adapter: "), ("lorafit_16_over_peft", "against PEFT: ")):
+    for key, words in (("lorafit_16_over_1", "against one adapter: "), ("lorafit_16_over_peft", "against PEFT: "),
+                       ("lorafit_16_over_threaded", "The updates on one thread against both: ")):
         ratios = " / ".join(f"{run['ratios'][key][c]['median']:.2f}x" for c in ("1", "8", "32"))
         assert f"{words}{ratios}" in doc, (key, ratios)
 

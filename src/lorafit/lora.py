@@ -617,9 +617,10 @@ SERVED_UPDATES_ON_ONE_THREAD = True
 and the in-place addmm, two small matmuls per adapter at rank 4) run on one thread. Split over
 the intra-op threads, each such matmul ends in a barrier, and on a loaded machine (the HTTP
 layer, tokenizers and clients sharing the cores) a barrier waits for whichever thread was
-descheduled. Under `benchmarks/serve_load.py`'s load, 16 adapters against one went from 0.83x /
-0.81x / 0.87x to 0.95x / 0.91x / 0.90x at concurrency 1 / 8 / 32 (the two settings side by side
-in one run, docs/serve.md); in a quiet process the two are within the noise."""
+descheduled. Under `benchmarks/serve_load.py`'s load, 16 adapters served with this on ran at
+1.15x / 1.03x / 1.06x the texts/s of the same server with it off, at concurrency 1 / 8 / 32
+(side by side in one run, results/serve_load/, docs/serve.md); in a quiet process the two are
+within the noise."""
 
 
 @contextlib.contextmanager
