@@ -251,21 +251,17 @@ ENCODER_FREE = ("majority", "tfidf-lr")
 """The references that do not depend on the encoder: another encoder's check may borrow them."""
 
 
-def checked_records(panels: list[Path], references: Path | None,
-                    methods: tuple[str, ...] = ENCODER_FREE,
-                    more: list[tuple[list[Path], tuple[str, ...]]] = ()) -> list[dict]:
-    """The records of every `panels` file, and from `references` (another panel) its rows of
-    `methods` on the same datasets and seeds. By default those are the majority and TF-IDF rows,
-    which do not depend on the encoder fine-tuned (a second encoder's runs against results/panel);
-    the probe and the strategies' rows do, so they are taken only where named (lora's rows at a
-    new default against the other rows of the same encoder's panel). `more`: further (files,
-    methods) pairs borrowed the same way (a second encoder's lora at a new default: TF-IDF from
-    results/panel, its full rows from its own panel's files). A record that two files both
-    hold would count twice in a mean, so it stops the check."""
+def checked_records(panels: list[Path], borrowed: list[tuple[list[Path], tuple[str, ...]]] = ()) -> list[dict]:
+    """The records of every `panels` file, and from each (files, methods) pair of `borrowed`
+    those files' rows of `methods` on the same datasets and seeds. The majority and TF-IDF rows
+    (`ENCODER_FREE`) do not depend on the encoder fine-tuned, so a second encoder's runs borrow
+    them from results/panel; the probe and the strategies' rows do, so they are borrowed only
+    from the same encoder's files (lora's rows at a new default against the other rows of the
+    same encoder's panel; a second encoder's full rows from its own earlier panel). A record
+    that two files both hold would count twice in a mean, so it stops the check."""
     records = [r for p in panels for r in json.loads(p.read_text())["records"]]
     seen = {(r["dataset"], r["seed"]) for r in records}
-    groups = [([references], methods)] if references is not None else []
-    for files, names in [*groups, *more]:
+    for files, names in borrowed:
         records += [r for f in files for r in json.loads(f.read_text())["records"]
                     if r["method"] in names and (r["dataset"], r["seed"]) in seen]
     counts = collections.Counter((r["dataset"], r["seed"], r["method"]) for r in records)
@@ -310,7 +306,7 @@ def main() -> None:
             raise SystemExit("--reference-methods: one per --check-references, in the same order")
         groups = [(f, tuple((names[i] if i < len(names) else ",".join(ENCODER_FREE)).split(",")))
                   for i, f in enumerate(files)]
-        print("\n".join(criteria_lines(checked_records(args.check, None, more=groups))))
+        print("\n".join(criteria_lines(checked_records(args.check, groups))))
         return
     extra = shlex.split(args.extra)
     refs = [] if args.references == "none" else args.references.split(",")

@@ -80,7 +80,7 @@ def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
     seeds, and the probe of another encoder is not borrowed."""
     import json
 
-    from panel import check, checked_records
+    from panel import ENCODER_FREE, check, checked_records
 
     runs = tmp_path / "mpnet.json"
     runs.write_text(json.dumps({"records": [
@@ -91,7 +91,7 @@ def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
         _rec("rt", "majority", s, 0.2) for s in (0, 1, 2)] + [
         _rec("rt", "tfidf-lr", 0, 0.83), _rec("rt", "tfidf-lr", 1, 0.85), _rec("rt", "tfidf-lr", 2, 0.10),
         _rec("rt", "probe", 0, 0.99), _rec("drugs", "tfidf-lr", 0, 0.5)]}))
-    lines = check(checked_records([runs], refs))
+    lines = check(checked_records([runs], [([refs], ENCODER_FREE)]))
     assert lines == [
         (True, "rt seed 0 lora: macro-F1 0.900 above the majority class's 0.200"),
         (True, "rt seed 0 full: macro-F1 0.900 above the majority class's 0.200"),
@@ -101,11 +101,11 @@ def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
         (False, "rt (seeds 0,1): lora's mean macro-F1 0.850 within 2 points of full's 0.880"),
     ]
     # without references: only the lora-against-full criterion can be judged
-    assert [ok for ok, _ in check(checked_records([runs], None))] == [False]
+    assert [ok for ok, _ in check(checked_records([runs]))] == [False]
     # the same run in two files would count twice in a mean: refused, naming it
     twice = r"rt seed 0 full, rt seed 0 lora, rt seed 1 full, rt seed 1 lora in more than one file"
     with pytest.raises(SystemExit, match=twice):
-        checked_records([runs, runs], refs)
+        checked_records([runs, runs], [([refs], ENCODER_FREE)])
 
 
 def test_panel_reads_back_a_run_only_where_it_trained_as_the_request_would(tmp_path):
@@ -159,7 +159,7 @@ def test_panel_check_takes_named_methods_from_the_references():
             _rec("rt", "full", 0, 0.86), _rec("rt", "last-two-layers", 0, 0.77), _rec("rt", "lora", 0, 0.10),
             _rec("rt", "full", 1, 0.99)]}))
         methods = ("majority", "tfidf-lr", "probe", "full", "last-two-layers")
-        assert [what for _, what in check(checked_records([new], old, methods))] == [
+        assert [what for _, what in check(checked_records([new], [([old], methods)]))] == [
             "rt seed 0 lora: macro-F1 0.850 above the majority class's 0.200",
             "rt seed 0 full: macro-F1 0.860 above the majority class's 0.200",
             "rt seed 0 last-two-layers: macro-F1 0.770 above the majority class's 0.200",
@@ -168,7 +168,7 @@ def test_panel_check_takes_named_methods_from_the_references():
             "rt (seeds 0): last-two-layers' mean macro-F1 0.770 at least the probe's 0.780",
         ]
         with pytest.raises(SystemExit, match="rt seed 0 lora in more than one file"):
-            checked_records([new], old, (*methods, "lora"))
+            checked_records([new], [([old], (*methods, "lora"))])
 
 
 def test_panel_check_borrows_each_method_from_its_own_files(tmp_path, monkeypatch, capsys):
@@ -195,9 +195,11 @@ def test_panel_check_borrows_each_method_from_its_own_files(tmp_path, monkeypatc
     assert capsys.readouterr().out.splitlines()[-2:] == [
         "holds   rt (seeds 0,1): lora's mean macro-F1 0.900 at least TF-IDF's 0.700",
         "holds   rt (seeds 0,1): lora's mean macro-F1 0.900 within 2 points of full's 0.905"]
-    # the methods default to the encoder-free two for a group named without them
-    records = panel.checked_records([new], None, more=[([minilm], panel.ENCODER_FREE)])
-    assert sorted({r["method"] for r in records}) == ["lora", "majority", "tfidf-lr"]
+    # a group named without --reference-methods lends the encoder-free two only: not its full rows
+    monkeypatch.setattr(sys, "argv", ["panel.py", "--check", str(new), "--check-references", str(minilm)])
+    panel.main()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "holds   rt (seeds 0,1): lora's mean macro-F1 0.900 at least TF-IDF's 0.700")
     # the old default's lora rows taken as well would count twice: refused
     monkeypatch.setattr(sys, "argv", [*argv[:-1], "full,lora"])
     with pytest.raises(SystemExit, match="rt seed 0 lora, rt seed 1 lora in more than one file"):

@@ -311,7 +311,8 @@ def _criteria_lines(*panels, references=None, methods=("majority", "tfidf-lr"), 
         sys.path.insert(0, str(ROOT / "benchmarks"))
     from panel import checked_records, criteria_lines
 
-    lines = criteria_lines(checked_records(list(panels), references, methods, more))
+    borrowed = ([([references], methods)] if references is not None else []) + list(more)
+    lines = criteria_lines(checked_records(list(panels), borrowed))
     majority = [line for line in lines if "above the majority" in line]
     held = sum(line.startswith("holds") for line in majority)
     return [line for line in lines if line not in majority], f"{held} of {len(majority)} lines of the form"
