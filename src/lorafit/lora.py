@@ -491,8 +491,8 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
     The walk does not enter a LoRALinear (its adapters hold no LoRA layer): with many
     adapters loaded, their modules outnumber the model's, and a server walks the model on
-    every batch (16 adapters on all-MiniLM-L6-v2's 36 layers made `named_modules` about a
-    fifth of a one-review request's time)."""
+    every batch (16 adapters on all-MiniLM-L6-v2's 36 layers: 1,347 modules, and
+    `named_modules` about a sixth of a one-review request's time under cProfile)."""
     seen: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, LoRALinear]]:
