@@ -8,7 +8,9 @@ on the same train / validation / test cut (`lorafit.data.load_dataset`, same see
 - tfidf-lr: TF-IDF (word 1-2 grams, sublinear tf) + logistic regression, class weights
   balanced, C chosen on the validation split's macro-F1 from 0.01-100;
 - probe: logistic regression (balanced, C chosen likewise) on the frozen encoder's
-  mean-pooled embeddings (what all-MiniLM-L6-v2 was trained to produce).
+  mean-pooled embeddings (what all-MiniLM-L6-v2 was trained to produce), each text cut as
+  the runs cut it (`--max-length` in `--extra`; at another length than the default it is
+  named `probe-<length>`).
 
 Resumable: a finished run (its final.json, or a reference's JSON) made on this CPU is
 read back. `--extra` adds flags to every lorafit run (for a study; the panel itself
@@ -146,8 +148,9 @@ def _fit_lr(x_train, y_train, x_val, y_val, x_test):
     return best[2].predict(x_test), best[1]
 
 
-def _embed(split, model: str | None) -> np.ndarray:
-    """Mean-pooled embeddings (N, H) of the frozen encoder (lorafit's mean pooling)."""
+def _embed(split, model: str | None, max_length: int) -> np.ndarray:
+    """Mean-pooled embeddings (N, H) of the frozen encoder (lorafit's mean pooling), each text
+    cut to `max_length` tokens as the runs cut it."""
     import torch
 
     from lorafit.data.encoding import encode_split
@@ -156,15 +159,30 @@ def _embed(split, model: str | None) -> np.ndarray:
     from lorafit.strategies import head_layers
 
     loaded = load_model(model or "all-MiniLM-L6-v2", num_labels=2, pooling="mean")
-    enc = encode_split(split, loaded.tokenizer, 256, pad_multiple=8)
+    enc = encode_split(split, loaded.tokenizer, max_length, pad_multiple=8)
     feats = extract_features(loaded.model, head_layers(loaded.model)[0], enc, batch_size=16,
                              pad_id=loaded.tokenizer.pad_token_id or 0, device=torch.device("cpu"), precision="fp32")
     return feats.features.numpy()
 
 
-def reference(name: str, data: Path, seed: int, out: Path, model: str | None) -> dict:
+def reference_name(name: str, max_length: int) -> str:
+    """The probe reads the texts as the runs do, so at another length than lorafit's default
+    it is another reference (`probe-512`); the majority and TF-IDF do not depend on it."""
+    from lorafit.config import RunConfig
+
+    return f"{name}-{max_length}" if name == "probe" and max_length != RunConfig.max_length else name
+
+
+def request_max_length(extra: list[str]) -> int:
+    """The `--max-length` a lorafit run of this request trains with (lorafit's parser, so its default too)."""
+    from lorafit.cli import _config, build_parser
+
+    return _config(build_parser().parse_args(["train", "--data", "panel.csv", *extra])).max_length
+
+
+def reference(name: str, data: Path, seed: int, out: Path, model: str | None, max_length: int) -> dict:
     """A reference's test metrics on the seed's cut (made now, or read back)."""
-    path = out / f"{name}.json"
+    path = out / f"{reference_name(name, max_length)}.json"
     if path.exists():
         return json.loads(path.read_text())
     from lorafit import metrics
@@ -183,8 +201,8 @@ def reference(name: str, data: Path, seed: int, out: Path, model: str | None) ->
         preds, extra["C"] = _fit_lr(x_train, y_train, vec.transform(s.validation.texts), y_val,
                                     vec.transform(s.test.texts))
     else:
-        preds, extra["C"] = _fit_lr(_embed(s.train, model), y_train, _embed(s.validation, model), y_val,
-                                    _embed(s.test, model))
+        preds, extra["C"] = _fit_lr(_embed(s.train, model, max_length), y_train,
+                                    _embed(s.validation, model, max_length), y_val, _embed(s.test, model, max_length))
     logits = np.eye(k, dtype=np.float32)[preds]
     rec = {**metrics.report(logits, y_test, s.label_names), **extra, "cpu": cpu_model()}
     rec.pop("loss")
@@ -309,14 +327,16 @@ def main() -> None:
         print("\n".join(criteria_lines(checked_records(args.check, groups))))
         return
     extra = shlex.split(args.extra)
+    max_length = request_max_length(extra)
     refs = [] if args.references == "none" else args.references.split(",")
     records, t0 = [], time.perf_counter()
     for dataset in args.datasets.split(","):
         data = build(dataset, Path(args.data_dir))
         for seed in map(int, args.seeds.split(",")):
             for name in refs:
-                r = reference(name, data, seed, Path(args.out) / dataset / f"seed{seed}", args.model)
-                records.append({"dataset": dataset, "method": name, "seed": seed, "accuracy": r["accuracy"],
+                r = reference(name, data, seed, Path(args.out) / dataset / f"seed{seed}", args.model, max_length)
+                records.append({"dataset": dataset, "method": reference_name(name, max_length), "seed": seed,
+                                "accuracy": r["accuracy"],
                                 "macro_f1": r["macro_f1"], "majority_share": r["majority_share"]})
             for strategy in [] if args.strategies == "none" else args.strategies.split(","):
                 run_name = strategy + (f"-{args.tag}" if args.tag else "")

@@ -207,3 +207,21 @@ def test_panel_check_borrows_each_method_from_its_own_files(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", [*argv, "--reference-methods", "probe"])
     with pytest.raises(SystemExit, match="one per --check-references"):
         panel.main()
+
+
+def test_panel_probe_reads_the_texts_at_the_runs_length(tiny_model_dir):
+    """A study at another --max-length (in --extra) gets a probe that cuts the texts there too,
+    recorded under its own name; the majority and TF-IDF, which read no tokens, keep theirs."""
+    import numpy as np
+
+    import panel
+    from lorafit.data import load_dataset
+
+    assert panel.request_max_length([]) == 256  # lorafit's default, through its own parser
+    assert panel.request_max_length(["--max-length", "512", "--lr", "1e-3"]) == 512
+    assert [panel.reference_name(n, 512) for n in panel.REFERENCES] == ["majority", "tfidf-lr", "probe-512"]
+    assert [panel.reference_name(n, 256) for n in panel.REFERENCES] == list(panel.REFERENCES)
+    split = load_dataset(None, train_size=4, val_size=2, test_size=2).train  # IMDb reviews, all over 16 tokens
+    short, long = panel._embed(split, str(tiny_model_dir), 16), panel._embed(split, str(tiny_model_dir), 64)
+    assert short.shape == long.shape == (4, 32)
+    assert not np.allclose(short, long, atol=1e-4)  # the reviews were cut at 16 tokens, not at 64

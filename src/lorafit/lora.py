@@ -619,8 +619,7 @@ the intra-op threads, each such matmul ends in a barrier, and on a loaded machin
 layer, tokenizers and clients sharing the cores) a barrier waits for whichever thread was
 descheduled. Under `benchmarks/serve_load.py`'s load, 16 adapters served with this on ran at
 1.15x / 1.03x / 1.06x the texts/s of the same server with it off, at concurrency 1 / 8 / 32
-(side by side in one run, results/serve_load/, docs/serve.md); in a quiet process the two are
-within the noise."""
+(side by side in one run, results/serve_load/, docs/serve.md)."""
 
 
 @contextlib.contextmanager
