@@ -79,14 +79,11 @@ def _same_settings(run: Path, request: list) -> None:
     """Refuse to read back a run whose settings are not what this request makes now (a default
     changed since, or other flags): the settings lorafit's parser gives the request's flags,
     against the run's config.json."""
-    from lorafit.cli import _config, build_parser
     from lorafit.config import RunConfig
     from lorafit.strategies import learning_rate
 
     data, strategy, seed, extra, model = request
-    argv = ["train", "--data", data, "--strategy", strategy, "--seed", str(seed), *extra,
-            *(["--model", model] if model else [])]
-    cfg = _config(build_parser().parse_args(argv))
+    cfg = _request_config(data, extra, strategy, seed, model)
     want = _effective(cfg.to_dict(), learning_rate(cfg) if cfg.lr != "auto" else "auto")
     saved = json.loads((run / "config.json").read_text())
     saved = _effective(saved, saved.get("lr_resolved") if saved.get("lr") != "auto" else "auto")
@@ -173,11 +170,18 @@ def reference_name(name: str, max_length: int) -> str:
     return f"{name}-{max_length}" if name == "probe" and max_length != RunConfig.max_length else name
 
 
-def request_max_length(extra: list[str]) -> int:
-    """The `--max-length` a lorafit run of this request trains with (lorafit's parser, so its default too)."""
+def _request_config(data: str, extra: list[str], strategy: str = "lora", seed: int = 0, model: str | None = None):
+    """The RunConfig lorafit's own parser makes of a panel run's flags (its defaults included)."""
     from lorafit.cli import _config, build_parser
 
-    return _config(build_parser().parse_args(["train", "--data", "panel.csv", *extra])).max_length
+    argv = ["train", "--data", str(data), "--strategy", strategy, "--seed", str(seed), *extra,
+            *(["--model", model] if model else [])]
+    return _config(build_parser().parse_args(argv))
+
+
+def request_max_length(extra: list[str]) -> int:
+    """The `--max-length` a lorafit run of this request trains with (lorafit's parser, so its default too)."""
+    return _request_config("panel.csv", extra).max_length
 
 
 def reference(name: str, data: Path, seed: int, out: Path, model: str | None, max_length: int) -> dict:

@@ -19,8 +19,8 @@ their own: `Solo`.
 
 from __future__ import annotations
 
-import collections
 import copy
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,15 +267,14 @@ class ServedGroup:
         finally:
             handle.remove()
         features = grabbed[0]  # (B, H), rows sorted by run: each run's head reads a slice of them
-        counts = collections.Counter(names)
         out: list[torch.Tensor | None] = [None] * len(names)
         start = 0
-        for name in rank:  # the sorted order's runs, in turn
-            rows = order[start:start + counts[name]]  # their positions in the request
-            logits = self.members[name].head(features[start:start + counts[name]])  # (n, num_labels)
+        for name, run in itertools.groupby(order, key=names.__getitem__):  # the sorted order's runs, in turn
+            rows = list(run)  # their positions in the request
+            logits = self.members[name].head(features[start:start + len(rows)])  # (n, num_labels)
             for i, row in zip(rows, logits):
                 out[i] = row
-            start += counts[name]
+            start += len(rows)
         return out  # type: ignore[return-value]
 
 
