@@ -162,12 +162,25 @@ def _embed(split, model: str | None, max_length: int) -> np.ndarray:
     return feats.features.numpy()
 
 
-def reference_name(name: str, max_length: int) -> str:
-    """The probe reads the texts as the runs do, so at another length than lorafit's default
-    it is another reference (`probe-512`); the majority and TF-IDF do not depend on it."""
-    from lorafit.config import RunConfig
+PROBE_PLAIN_LENGTH = 256
+"""The length the probe's plain name, `probe`, stands for: lorafit's default when results/panel
+was made. A probe at any other length is named for it (`probe-512`), whatever the default is
+now, so a panel's files and records keep one meaning."""
 
-    return f"{name}-{max_length}" if name == "probe" and max_length != RunConfig.max_length else name
+
+def reference_name(name: str, max_length: int) -> str:
+    """The probe reads the texts as the runs do, so each length is another reference
+    (`probe` at 256 tokens, `probe-512`); the majority and TF-IDF do not depend on it."""
+    return f"{name}-{max_length}" if name == "probe" and max_length != PROBE_PLAIN_LENGTH else name
+
+
+def _probe_method(dataset: str, methods: set[str]) -> str | None:
+    """The one probe among a dataset's methods (`probe` or `probe-<length>`); two are an error."""
+    probes = sorted(m for m in methods if m == "probe" or m.startswith("probe-"))
+    if len(probes) > 1:
+        raise SystemExit(f"--check: {dataset} has probes at more than one length ({', '.join(probes)}); "
+                         f"check each length's runs against their own probe")
+    return probes[0] if probes else None
 
 
 def _request_config(data: str, extra: list[str], strategy: str = "lora", seed: int = 0, model: str | None = None):
@@ -256,7 +269,8 @@ def check(records: list[dict]) -> list[tuple[bool, str]]:
                             f"{dataset} seed {r['seed']} {r['method']}: macro-F1 {r['macro_f1']:.3f} above the "
                             f"majority class's {majority[r['seed']]:.3f}"))
         lora, full, tfidf = mean("lora"), mean("full"), mean("tfidf-lr")
-        last2, probe = mean("last-two-layers"), mean("probe")
+        probe_name = _probe_method(dataset, {r["method"] for r in rs})
+        last2, probe = mean("last-two-layers"), mean(probe_name) if probe_name else None
         where = f"{dataset} (seeds {seeds})"
         if lora is not None and tfidf is not None:
             out.append((lora >= tfidf, f"{where}: lora's mean macro-F1 {lora:.3f} at least TF-IDF's {tfidf:.3f}"))
@@ -265,7 +279,7 @@ def check(records: list[dict]) -> list[tuple[bool, str]]:
                         f"full's {full:.3f}"))
         if last2 is not None and probe is not None:
             out.append((last2 >= probe, f"{where}: last-two-layers' mean macro-F1 {last2:.3f} at least the "
-                        f"probe's {probe:.3f}"))
+                        f"{probe_name}'s {probe:.3f}"))
     return out
 
 

@@ -171,6 +171,19 @@ def test_panel_check_takes_named_methods_from_the_references():
             checked_records([new], [([old], (*methods, "lora"))])
 
 
+def test_panel_check_takes_the_probe_at_the_runs_length_and_refuses_two_lengths():
+    """Runs at 512 tokens are judged against the probe that read 512 (`probe-512`), named as such;
+    a dataset holding probes at two lengths has no one probe to judge against: refused."""
+    from panel import check
+
+    runs = [_rec("spam", "last-two-layers", s, f) for s, f in ((0, 0.90), (1, 0.88))]
+    at512 = [_rec("spam", "probe-512", s, f) for s, f in ((0, 0.88), (1, 0.89))]
+    assert check(runs + at512)[-1] == (
+        True, "spam (seeds 0,1): last-two-layers' mean macro-F1 0.890 at least the probe-512's 0.885")
+    with pytest.raises(SystemExit, match=r"spam has probes at more than one length \(probe, probe-512\)"):
+        check(runs + at512 + [_rec("spam", "probe", 0, 0.95)])
+
+
 def test_panel_check_borrows_each_method_from_its_own_files(tmp_path, monkeypatch, capsys):
     """A second encoder's lora at a new default: its full rows from its own earlier panel files
     (whose lora rows, at the old default, stay out), TF-IDF and the majority from results/panel
@@ -217,9 +230,12 @@ def test_panel_probe_reads_the_texts_at_the_runs_length(tiny_model_dir):
     import panel
     from lorafit.data import load_dataset
 
-    assert panel.request_max_length([]) == 256  # lorafit's default, through its own parser
-    assert panel.request_max_length(["--max-length", "512", "--lr", "1e-3"]) == 512
+    from lorafit.config import RunConfig
+
+    assert panel.request_max_length([]) == RunConfig.max_length  # lorafit's default, through its own parser
+    assert panel.request_max_length(["--max-length", "384", "--lr", "1e-3"]) == 384
     assert [panel.reference_name(n, 512) for n in panel.REFERENCES] == ["majority", "tfidf-lr", "probe-512"]
+    # `probe` is the 256-token probe of results/panel, whatever lorafit's default is now
     assert [panel.reference_name(n, 256) for n in panel.REFERENCES] == list(panel.REFERENCES)
     split = load_dataset(None, train_size=4, val_size=2, test_size=2).train  # IMDb reviews, all over 16 tokens
     short, long = panel._embed(split, str(tiny_model_dir), 16), panel._embed(split, str(tiny_model_dir), 64)

@@ -304,15 +304,14 @@ def test_serve_load_table_and_goals_are_the_committed_run():
 
 
 
-def _criteria_lines(*panels, references=None, methods=("majority", "tfidf-lr"), more=()):
+def _criteria_lines(*panels, borrowed=()):
     import sys
 
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     from panel import checked_records, criteria_lines
 
-    borrowed = ([([references], methods)] if references is not None else []) + list(more)
-    lines = criteria_lines(checked_records(list(panels), borrowed))
+    lines = criteria_lines(checked_records(list(panels), list(borrowed)))
     majority = [line for line in lines if "above the majority" in line]
     held = sum(line.startswith("holds") for line in majority)
     return [line for line in lines if line not in majority], f"{held} of {len(majority)} lines of the form"
@@ -328,9 +327,9 @@ def test_recipe_criteria_blocks_are_what_panel_check_prints():
     mpnet_today = sorted((ROOT / "results" / "panel_mpnet_all").rglob("panel.json"))
     others = ("majority", "tfidf-lr", "probe", "full", "last-two-layers")
     # the second encoder's lora at today's default, against its own full rows and results/panel's references
-    for lines, majority in (_criteria_lines(lora, references=panel, methods=others),
-                            _criteria_lines(*mpnet_today, more=[([panel], ("majority", "tfidf-lr")),
-                                                                (mpnet, ("full",))])):
+    for lines, majority in (_criteria_lines(lora, borrowed=[([panel], others)]),
+                            _criteria_lines(*mpnet_today, borrowed=[([panel], ("majority", "tfidf-lr")),
+                                                                    (mpnet, ("full",))])):
         assert lines
         block = "```\n" + "\n".join(lines) + "\n```\n\nand " + majority
         assert block in doc, f"docs/recipe.md lacks the block:\n{block}"
