@@ -55,6 +55,7 @@ def test_forward_formula_and_scaling_modes():
 
 
 def test_merge_equals_unmerged_and_formula():
+    torch.manual_seed(0)  # the inputs were unseeded: an fp32 rounding of 1.07e-6 once broke the 1e-6 bound
     base = nn.Linear(16, 8)
     w0 = base.weight.detach().clone()
     layer = LoRALinear(base, r=4, alpha=8).eval()
@@ -65,7 +66,7 @@ def test_merge_equals_unmerged_and_formula():
     layer.merge()
     assert layer.merged
     torch.testing.assert_close(layer.base.weight, w0 + 2.0 * layer.lora_B @ layer.lora_A, atol=1e-6, rtol=0)
-    torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)  # W x + s B (A x) against (W + s B A) x: rounding
     merged_w = layer.base.weight.detach().clone()
     layer.merge()  # idempotent
     assert torch.equal(layer.base.weight, merged_w)
