@@ -9,7 +9,7 @@ on the same train / validation / test cut (`lorafit.data.load_dataset`, same see
   balanced, C chosen on the validation split's macro-F1 from 0.01-100;
 - probe: logistic regression (balanced, C chosen likewise) on the frozen encoder's
   mean-pooled embeddings (what all-MiniLM-L6-v2 was trained to produce), each text cut as
-  the runs cut it (`--max-length` in `--extra`; at another length than the default it is
+  the runs cut it (`--max-length` in `--extra`; at another length than 256 tokens it is
   named `probe-<length>`).
 
 Resumable: a finished run (its final.json, or a reference's JSON) made on this CPU is
