@@ -65,7 +65,8 @@ class RunConfig:
                                     f"{s.name} {s.default_lr:g}" for s in STRATEGIES.values()))
     batch_size: int = _f(16, "examples per optimizer step (before accumulation)")
     grad_accum: int = _f(1, "batches per optimizer step (gradient accumulation)")
-    max_length: int = _f(256, "tokens per example; longer texts are truncated")
+    max_length: int = _f(512, "tokens per example; longer texts are truncated (batches are padded only to their "
+                         "longest text, so short texts are padded no further at a higher limit)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_ratio: float = _f(0.1, "fraction of the optimizer steps spent warming the learning rate up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns clipping off)")

@@ -158,7 +158,7 @@ class Full(Strategy):
 
 
 class LastTwoLayers(Strategy):
-    name, default_lr, description = "last-two-layers", 1e-2, "only the two last layers of the head train"
+    name, default_lr, description = "last-two-layers", 3e-3, "only the two last layers of the head train"
 
     def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
         for p in model.parameters():
