@@ -31,6 +31,33 @@ def test_recipe_panel_table_is_the_committed_panel():
         assert row not in table, f"docs/recipe.md's panel table shows the earlier default's row: {row}"
 
 
+def test_recipe_panel_at_todays_defaults_is_the_committed_panel():
+    """The panel at today's defaults (512 tokens, last-two-layers at 3e-3) is results/panel_512's every row,
+    its criteria block is what `panel.py --check` prints on it, and those runs trained as lorafit's
+    defaults make them now (panel.py reads a run back only where its settings are the defaults')."""
+    from lorafit.config import RunConfig
+    from lorafit.strategies import STRATEGIES
+
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    section = doc[doc.index("### The panel's results"):doc.index("#### At 256 tokens")]
+    text = (ROOT / "results" / "panel_512" / "panel.md").read_text()
+    rows = [line for line in text.splitlines()
+            if re.match(r"\| \w+ \| [\w-]+ \|", line) and not line.startswith("| dataset |")]
+    assert len(rows) == 4 * 6  # four datasets, three strategies and three references each
+    for row in rows:
+        assert row in section, f"docs/recipe.md's panel at today's defaults lacks the row: {row}"
+    panel = ROOT / "results" / "panel_512" / "panel.json"
+    lines, majority = _criteria_lines(panel)
+    block = "```\n" + "\n".join(lines) + "\n```\n\nand " + majority
+    assert block in section, f"docs/recipe.md lacks the block:\n{block}"
+    assert RunConfig().max_length == 512 and STRATEGIES["last-two-layers"].default_lr == 3e-3
+    made = json.loads(panel.read_text())
+    assert "--extra" not in made["command"], "the panel at today's defaults sets nothing but the defaults"
+    for record in made["records"]:
+        if record["method"] in STRATEGIES:
+            assert record["lr"] == STRATEGIES[record["method"]].default_lr, record
+
+
 def test_recipe_capacity_table_is_the_committed_lever_runs():
     """Every lever run's macro-F1 per seed in results/recipe_rank/*/panel.md is in docs/recipe.md's table,
     with the flags that made it."""
