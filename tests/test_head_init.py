@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, tiny_model
-from lorafit.head_init import L2_GRID, classifier_inputs, fit_logistic, fit_probe, init_head_from_probe
+from lorafit.head_init import (L2_GRID, STD_FLOOR, classifier_inputs, fit_logistic, fit_probe,
+                               fold_standardization, init_head_from_probe)
 from lorafit.metrics import weighted_cross_entropy
 
 
@@ -135,3 +136,24 @@ def test_the_study_script_reads_back_what_each_run_fitted(tmp_path):
     assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "fits.json")]) == 0
     assert len(json.loads((tmp_path / "fits.json").read_text())["records"]) == 1
     assert main(["--runs", str(tmp_path / "drugs" / "seed0"), "--out", str(tmp_path / "none.json")]) == 2
+
+
+def test_the_folded_layer_computes_the_original_on_standardized_input():
+    """fold_standardization: layer'(x) = layer((x - mean) / std) for any x, with the mean and
+    standard deviation of the features it was given; a constant feature is centred, not scaled;
+    what the folded layer gives the training features has mean b and the original's spread."""
+    g = torch.Generator().manual_seed(3)
+    scales = torch.logspace(-3, 1, 8)  # features hundreds of times apart, as mean-pooled ones are
+    x = torch.randn(200, 8, generator=g) * scales + torch.randn(8, generator=g)
+    x[:, 5] = 0.25  # constant over the training split
+    layer = nn.Linear(8, 6)
+    torch.nn.init.normal_(layer.weight, generator=g)
+    original = nn.Linear(8, 6)
+    original.load_state_dict(layer.state_dict())
+    mean, std = fold_standardization(layer, x)
+    torch.testing.assert_close(mean, x.double().mean(0).float())
+    assert std[5] == 1.0 and (std[torch.arange(8) != 5] > STD_FLOOR).all()
+    fresh = torch.randn(50, 8, generator=g) * scales  # not the training features: the identity holds for any input
+    with torch.no_grad():
+        torch.testing.assert_close(layer(fresh), original((fresh - mean) / std), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer(x).mean(0), original.bias, rtol=1e-4, atol=1e-4)

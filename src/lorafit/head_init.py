@@ -1,6 +1,7 @@
-"""`--head-init probe`: start the new classifier layer from a logistic regression on the
-frozen model's features, then fine-tune (linear probing, then fine-tuning; Kumar et al.
-2022, "Fine-Tuning can Distort Pretrained Features").
+"""How a head starts. `--head-init probe`: the new classifier layer from a logistic regression
+on the frozen model's features, then fine-tune (linear probing, then fine-tuning; Kumar et
+al. 2022, "Fine-Tuning can Distort Pretrained Features"). `--standardize` (last-two-layers):
+the head's first layer folded so that it reads standardized features (`fold_standardization`).
 
 A random classifier sends random gradients into the layers below it for the first steps;
 a classifier fitted on the features those layers already give starts the run at the
@@ -78,6 +79,28 @@ def init_head_from_probe(classifier: nn.Linear, features: Callable[[str], tuple[
         classifier.weight.copy_(fit.weight.to(classifier.weight.dtype))
         classifier.bias.copy_(fit.bias.to(classifier.bias.dtype))
     return fit
+
+
+STD_FLOOR = 1e-6
+"""A feature whose standard deviation over the training split is below this is centred, not scaled."""
+
+
+def fold_standardization(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite `layer` in place so that it computes, on raw input, what it computed on the
+    standardized input: layer'(x) = layer((x - mean) / std), with the per-feature mean (H,)
+    and standard deviation (H,) of x (N, H); returns them.
+
+    W' = W / std (each input column scaled), b' = b - W' mean. A linear probe reads
+    standardized features; a head starting on raw mean-pooled features gets some feature
+    directions hundreds of times larger than others, and trains at one rate on all of them."""
+    x = x.double()
+    mean, std = x.mean(0), x.std(0)
+    std = torch.where(std < STD_FLOOR, torch.ones_like(std), std)
+    with torch.no_grad():
+        w = layer.weight.double() / std  # (out, H) / (H,)
+        layer.bias.copy_((layer.bias.double() - w @ mean).to(layer.bias.dtype))
+        layer.weight.copy_(w.to(layer.weight.dtype))
+    return mean.float(), std.float()
 
 
 def classifier_inputs(model: nn.Module, name: str, train_model: nn.Module, split, *, batch_size: int, pad_id: int,

@@ -291,6 +291,8 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
     metrics_path = out / "metrics.jsonl"
     train_model, sets, cache_seconds = run.strategy.training_view(run.loaded.model, encs, cfg, pad_id=pad_id,
                                                                   device=device, precision=precision, log=_log)
+    if cfg.standardize and cfg.strategy == "last-two-layers" and not resume:
+        _standardize_head(run, cfg, out, train_model, sets, pad_id, device)
     if cfg.head_init == "probe" and not resume:
         _init_head(run, cfg, out, train_model, sets, pad_id, device)
     if cfg.lr == "auto" and not resume:
@@ -324,6 +326,36 @@ def _train_run(run: _Prepared, cfg: RunConfig, out: Path, device: torch.device, 
         raise
     _log(f"padding efficiency (real / padded tokens, bucketed batches): {result.padding_efficiency:.3f}")
     return _Trained(result=result, model=train_model, sets=sets, cache_seconds=cache_seconds, tracker=tracker)
+
+
+def _standardize_head(run: _Prepared, cfg: RunConfig, out: Path, train_model: nn.Module, sets: dict, pad_id: int,
+                      device: torch.device) -> None:
+    """--standardize (last-two-layers): fold the training split's per-feature mean and standard
+    deviation of the head's input into its first layer (`lorafit.head_init.fold_standardization`),
+    before any step (and before --head-init probe and --lr auto's trials); recorded in config.json."""
+    from lorafit.feature_cache import HeadOnCache, extract_features
+    from lorafit.head_init import fold_standardization
+    from lorafit.strategies import head_layers
+
+    model = run.loaded.model
+    name = head_layers(model)[0]
+    layer = model.get_submodule(name)
+    if not isinstance(layer, nn.Linear) or layer.bias is None:
+        raise ConfigError(f"--standardize folds the input statistics into the head's first layer ({name}), which "
+                          "needs to be a Linear layer with a bias; pass --no-standardize")
+    t0 = time.perf_counter()
+    if isinstance(train_model, HeadOnCache):  # the cached features (N, H) are that layer's input
+        x = sets["train"].features
+    else:  # --no-cache: the training split's token ids; one frozen pass gives the same features
+        x = extract_features(model, name, sets["train"], batch_size=cfg.eval_batch_size, pad_id=pad_id,
+                             device=device, precision=run.settings.precision).features
+    mean, std = fold_standardization(layer, x)
+    seconds = time.perf_counter() - t0
+    _log(f"head: {name} reads standardized features (the training split's mean and standard deviation per "
+         f"feature, std {float(std.min()):.3g} to {float(std.max()):.3g}; {seconds:.1f}s)")
+    run.config.update(standardized={"layer": name, "std_min": float(std.min()), "std_max": float(std.max())})
+    if distributed.is_main():
+        write_json(out / "config.json", run.config)
 
 
 def _init_head(run: _Prepared, cfg: RunConfig, out: Path, train_model: nn.Module, sets: dict, pad_id: int,
@@ -460,7 +492,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 RESOLVED = ("lr_resolved", "precision_resolved", "pooling_resolved", "attention_resolved", "last_layer_resolved",
             "pad_multiple_resolved", "label_names", "num_labels_resolved", "class_weights_resolved", "epochs_resolved",
-            "select_on", "lr_search", "head_init_probe")
+            "select_on", "lr_search", "head_init_probe", "standardized")
 """What config.json records beside the RunConfig: how `auto` and defaults resolved."""
 
 
