@@ -53,9 +53,10 @@ MATRIX = {  # name -> flags, kill stages, Ctrl-C stage
                                   CTRL_C_IN_WRITE_SHORT),
     "full-probe-head": (["--strategy", "full", "--head-init", "probe"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
     "last-two-layers-cache": (["--strategy", "last-two-layers", "--cache"], SHORT_KILL_STAGES, CTRL_C_IN_WRITE_SHORT),
-    # --standardize rewrites the head's first layer before step 1: a resumed run must not fold it again
-    "last-two-layers-standardize": (["--strategy", "last-two-layers", "--standardize"], SHORT_KILL_STAGES,
-                                    CTRL_C_IN_VALIDATION),
+    # last-two-layers folds standardization into the head's first layer before step 1 (--standardize, the
+    # default): a resumed run must not fold it again; and without the fold
+    "last-two-layers-no-standardize": (["--strategy", "last-two-layers", "--no-standardize"], SHORT_KILL_STAGES,
+                                       CTRL_C_IN_VALIDATION),
     "last-two-layers-no-cache-probe-head": (["--strategy", "last-two-layers", "--no-cache", "--head-init", "probe"],
                                            SHORT_KILL_STAGES, CTRL_C_IN_VALIDATION),
 }
@@ -169,16 +170,18 @@ def test_stopped_anywhere_resumes_to_the_uninterrupted_run(chains, name):
     assert (fits[0] is not None) == probe and (probe or fits == [None, None])
     if probe:
         assert fits[0]["l2"] == fits[1]["l2"] and fits[0]["val_loss"] == fits[1]["val_loss"]
-    # --standardize: folded once, by the first process, as the reference folded it; the fold changes the run
-    folded = "--standardize" in MATRIX[name][0]
+    # --standardize (last-two-layers' default): folded once, by the first process, as the reference folded it;
+    # the fold changes the run
+    flags = MATRIX[name][0]
+    folded = "last-two-layers" in flags and "--no-standardize" not in flags
     assert ("reads standardized features" in c["stages"][0]["stdout"]) == folded
     assert not any("standardized" in stage["stdout"] for stage in [*c["stages"][1:], c["last"]])
     stats = [json.loads((run / "config.json").read_text()).get("standardized") for run in (c["run"], c["ref"])]
     assert stats[0] == stats[1] and (stats[0] is not None) == folded
-    if folded:
-        plain = load_file(chains["last-two-layers-cache"]["ref"] / "trained.safetensors")
+    if name == "last-two-layers-cache":
+        plain = load_file(chains["last-two-layers-no-standardize"]["ref"] / "trained.safetensors")
         mine = load_file(c["ref"] / "trained.safetensors")
-        assert any(not torch.equal(plain[k], mine[k]) for k in plain)
+        assert plain.keys() == mine.keys() and any(not torch.equal(plain[k], mine[k]) for k in plain)
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="--precision auto measures only on a CPU with bf16 instructions")

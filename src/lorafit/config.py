@@ -84,9 +84,10 @@ class RunConfig:
                         "probe (a logistic regression on the frozen model's features at that layer, fitted on "
                         "the training split, its L2 strength chosen on validation; lorafit.head_init)",
                         choices=HEAD_INITS)
-    standardize: bool = _f(False, "last-two-layers: before training, fold the training split's per-feature mean and "
+    standardize: bool = _f(True, "last-two-layers: before training, fold the training split's per-feature mean and "
                            "standard deviation of the head's input into the head's first layer, so it reads "
-                           "standardized features; same layers and shapes, exported unchanged (lorafit.head_init)")
+                           "standardized features; same layers and shapes, exported unchanged (lorafit.head_init; "
+                           "docs/recipe.md). --no-standardize starts from the pretrained layer as it is")
     train_head: bool = _f(True, "lora: train the classifier layer (newly initialised for the task) fully next to "
                           "the adapters; --no-train-head puts a LoRA adapter on it instead, as the seed experiment did")
     dora: bool = _f(False, "lora: DoRA (Liu et al. 2024), a learned magnitude per output row next to the low-rank "

@@ -88,19 +88,20 @@ STD_FLOOR = 1e-6
 def fold_standardization(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewrite `layer` in place so that it computes, on raw input, what it computed on the
     standardized input: layer'(x) = layer((x - mean) / std), with the per-feature mean (H,)
-    and standard deviation (H,) of x (N, H); returns them.
+    and standard deviation (H,) of x (N, H); returns them, the standard deviation as measured
+    (a feature under STD_FLOOR, such as the few all-MiniLM-L6-v2 keeps at zero, is divided by 1).
 
     W' = W / std (each input column scaled), b' = b - W' mean. A linear probe reads
     standardized features; a head starting on raw mean-pooled features gets some feature
     directions hundreds of times larger than others, and trains at one rate on all of them."""
     x = x.double()
-    mean, std = x.mean(0), x.std(0)
-    std = torch.where(std < STD_FLOOR, torch.ones_like(std), std)
+    mean, measured = x.mean(0), x.std(0)
+    std = torch.where(measured < STD_FLOOR, torch.ones_like(measured), measured)
     with torch.no_grad():
         w = layer.weight.double() / std  # (out, H) / (H,)
         layer.bias.copy_((layer.bias.double() - w @ mean).to(layer.bias.dtype))
         layer.weight.copy_(w.to(layer.weight.dtype))
-    return mean.float(), std.float()
+    return mean.float(), measured.float()
 
 
 def classifier_inputs(model: nn.Module, name: str, train_model: nn.Module, split, *, batch_size: int, pad_id: int,

@@ -334,7 +334,7 @@ def _standardize_head(run: _Prepared, cfg: RunConfig, out: Path, train_model: nn
     deviation of the head's input into its first layer (`lorafit.head_init.fold_standardization`),
     before any step (and before --head-init probe and --lr auto's trials); recorded in config.json."""
     from lorafit.feature_cache import HeadOnCache, extract_features
-    from lorafit.head_init import fold_standardization
+    from lorafit.head_init import STD_FLOOR, fold_standardization
     from lorafit.strategies import head_layers
 
     model = run.loaded.model
@@ -349,11 +349,15 @@ def _standardize_head(run: _Prepared, cfg: RunConfig, out: Path, train_model: nn
     else:  # --no-cache: the training split's token ids; one frozen pass gives the same features
         x = extract_features(model, name, sets["train"], batch_size=cfg.eval_batch_size, pad_id=pad_id,
                              device=device, precision=run.settings.precision).features
-    mean, std = fold_standardization(layer, x)
+    _, std = fold_standardization(layer, x)
     seconds = time.perf_counter() - t0
+    scaled = std[std >= STD_FLOOR]
+    record = {"layer": name, "std_min": float(scaled.min()) if len(scaled) else None,
+              "std_max": float(scaled.max()) if len(scaled) else None, "constant": len(std) - len(scaled)}
     _log(f"head: {name} reads standardized features (the training split's mean and standard deviation per "
-         f"feature, std {float(std.min()):.3g} to {float(std.max()):.3g}; {seconds:.1f}s)")
-    run.config.update(standardized={"layer": name, "std_min": float(std.min()), "std_max": float(std.max())})
+         f"feature: std {record['std_min']:.3g} to {record['std_max']:.3g}, {record['constant']} constant; "
+         f"{seconds:.1f}s)" if len(scaled) else f"head: {name} reads centred features (every one constant)")
+    run.config.update(standardized=record)
     if distributed.is_main():
         write_json(out / "config.json", run.config)
 
