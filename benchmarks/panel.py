@@ -54,6 +54,8 @@ REFERENCES = ("majority", "tfidf-lr", "probe")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 LORA_ONLY = {"rank", "alpha", "lora_dropout", "scaling", "targets", "train_head", "dora", "init", "lora_plus_ratio"}
 """RunConfig fields that only the lora strategy reads."""
+LAST_TWO_ONLY = {"standardize"}
+"""RunConfig fields that only the last-two-layers strategy reads."""
 
 
 def lorafit_run(data: Path, strategy: str, seed: int, out: Path, extra: list[str], model: str | None) -> dict:
@@ -87,7 +89,8 @@ def _same_settings(run: Path, request: list) -> None:
     want = _effective(cfg.to_dict(), learning_rate(cfg) if cfg.lr != "auto" else "auto")
     saved = json.loads((run / "config.json").read_text())
     saved = _effective(saved, saved.get("lr_resolved") if saved.get("lr") != "auto" else "auto")
-    ignored = LORA_ONLY if strategy != "lora" else set()  # settings that do not touch this strategy's run
+    ignored = ((LORA_ONLY if strategy != "lora" else set())  # settings that do not touch this strategy's run
+               | (LAST_TWO_ONLY if strategy != "last-two-layers" else set()))
     differ = sorted(k for k in want if k in RunConfig.__dataclass_fields__ and k not in ignored
                     and saved.get(k) != want[k])
     if differ:

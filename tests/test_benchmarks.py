@@ -140,6 +140,22 @@ def test_panel_reads_back_a_run_only_where_it_trained_as_the_request_would(tmp_p
     no_head = saved(tmp_path / "nohead", train_head=False, targets=["query", "key", "value", "output", "ffn"])
     with pytest.raises(SystemExit, match=r"targets"):
         _same_settings(no_head, ["d.csv", "lora", 0, ["--no-train-head"], None])
+    # a setting only another strategy reads is no difference (a lora run made before last-two-layers'
+    # --standardize existed records none); for last-two-layers it is
+    before = saved(tmp_path / "before", standardize=None)
+    _same_settings(before, request)
+
+    def saved_last2(run, **changes):
+        cfg = _config(build_parser().parse_args(["train", "--data", "d.csv", "--strategy", "last-two-layers"]))
+        rec = {**cfg.to_dict(), "lr_resolved": learning_rate(cfg), **changes}
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(rec))
+        return run
+
+    last2 = ["d.csv", "last-two-layers", 0, [], None]
+    _same_settings(saved_last2(tmp_path / "l2"), last2)
+    with pytest.raises(SystemExit, match=r"\(standardize: \[None\] against \[True\]\)"):
+        _same_settings(saved_last2(tmp_path / "l2-before", standardize=None), last2)
 
 
 def test_panel_check_takes_named_methods_from_the_references():
