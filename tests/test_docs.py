@@ -58,6 +58,32 @@ def test_recipe_panel_at_todays_defaults_is_the_committed_panel():
             assert record["lr"] == STRATEGIES[record["method"]].default_lr, record
 
 
+def test_recipe_standardize_table_is_the_committed_runs():
+    """The study of last-two-layers reading standardized features: each dataset's seeds and mean are
+    results/recipe_last2/std-512's, and its comparison columns are results/panel_512's probe and the
+    unstandardized runs of results/recipe_maxlen/last2-lr3e-3."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    table = doc[doc.index("| dataset | standardized, per seed |"):]
+    table = table[:table.index("\n\n")]
+
+    def records(path):
+        return json.loads((ROOT / "results" / path / "panel.json").read_text())["records"]
+
+    def mean(rows, dataset, method):
+        seeds = [r["macro_f1"] for r in rows if r["dataset"] == dataset and r["method"] == method]
+        assert len(seeds) == 3, (dataset, method)
+        return seeds, sum(seeds) / 3
+
+    std, plain, panel = records("recipe_last2/std-512"), records("recipe_maxlen/last2-lr3e-3"), records("panel_512")
+    for dataset in ("drugs", "spam", "rt", "imdb"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |")).replace("**", "")
+        seeds, m = mean(std, dataset, "last-two-layers-std")
+        before = mean(plain, dataset, "last-two-layers-maxlen512-lr3e-3")[1]
+        cells = [" / ".join(f"{s:.3f}" for s in seeds), f"{m:.3f}", f"{before:.3f}",
+                 f"{mean(panel, dataset, 'probe-512')[1]:.3f}"]
+        assert row == "| " + " | ".join([dataset, *cells]) + " |", row
+
+
 def test_recipe_capacity_table_is_the_committed_lever_runs():
     """Every lever run's macro-F1 per seed in results/recipe_rank/*/panel.md is in docs/recipe.md's table,
     with the flags that made it."""
