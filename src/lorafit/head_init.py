@@ -92,8 +92,8 @@ def fold_standardization(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tenso
     (a feature under STD_FLOOR, such as the few all-MiniLM-L6-v2 keeps at zero, is divided by 1).
 
     W' = W / std (each input column scaled), b' = b - W' mean. A linear probe reads
-    standardized features; a head starting on raw mean-pooled features gets some feature
-    directions hundreds of times larger than others, and trains at one rate on all of them."""
+    standardized features; a head on raw mean-pooled features reads features whose spreads
+    differ severalfold (all-MiniLM-L6-v2 on IMDb: 0.036 to 0.098) and trains at one rate on all."""
     x = x.double()
     mean, measured = x.mean(0), x.std(0)
     std = torch.where(measured < STD_FLOOR, torch.ones_like(measured), measured)
