@@ -84,6 +84,28 @@ def test_recipe_standardize_table_is_the_committed_runs():
         assert row == "| " + " | ".join([dataset, *cells]) + " |", row
 
 
+def test_recipe_pooler_adapter_table_is_the_committed_runs():
+    """The study of an adapter on the head's first layer: each dataset's seeds and mean are
+    results/recipe_lora_pooler's; lora's default, TF-IDF and full are results/panel_512's means."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    table = doc[doc.index("| dataset | with the pooler adapter, per seed |"):]
+    table = table[:table.index("\n\n")]
+    panel = json.loads((ROOT / "results" / "panel_512" / "panel.json").read_text())["records"]
+
+    def seeds(rows, dataset, method):
+        found = [r["macro_f1"] for r in rows if r["dataset"] == dataset and r["method"] == method]
+        assert len(found) == 3, (dataset, method)
+        return found
+
+    for dataset in ("drugs", "rt", "spam", "imdb"):
+        runs = json.loads((ROOT / "results" / "recipe_lora_pooler" / dataset / "panel.json").read_text())["records"]
+        mine = seeds(runs, dataset, "lora-pooler")
+        cells = [" / ".join(f"{s:.3f}" for s in mine), f"{sum(mine) / 3:.3f}",
+                 *(f"{sum(seeds(panel, dataset, m)) / 3:.3f}" for m in ("lora", "tfidf-lr", "full"))]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |")).replace("**", "")
+        assert row == "| " + " | ".join([dataset, *cells]) + " |", row
+
+
 def test_recipe_capacity_table_is_the_committed_lever_runs():
     """Every lever run's macro-F1 per seed in results/recipe_rank/*/panel.md is in docs/recipe.md's table,
     with the flags that made it."""
