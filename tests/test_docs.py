@@ -58,52 +58,42 @@ def test_recipe_panel_at_todays_defaults_is_the_committed_panel():
             assert record["lr"] == STRATEGIES[record["method"]].default_lr, record
 
 
+def _seeds(folder: str, dataset: str, method: str) -> list[float]:
+    """The three seeds' macro-F1 of one dataset and method in results/`folder`/panel.json."""
+    found = [r["macro_f1"] for r in json.loads((ROOT / "results" / folder / "panel.json").read_text())["records"]
+             if r["dataset"] == dataset and r["method"] == method]
+    assert len(found) == 3, (folder, dataset, method)
+    return found
+
+
+def _study_row(dataset: str, seeds: list[float], *means: float) -> str:
+    """A study table's row: the dataset, its seeds, their mean, then the columns it is compared with."""
+    cells = [" / ".join(f"{s:.3f}" for s in seeds), *(f"{m:.3f}" for m in (sum(seeds) / 3, *means))]
+    return "| " + " | ".join([dataset, *cells]) + " |"
+
+
 def test_recipe_standardize_table_is_the_committed_runs():
     """The study of last-two-layers reading standardized features: each dataset's seeds and mean are
     results/recipe_last2/std-512's, and its comparison columns are results/panel_512's probe and the
     unstandardized runs of results/recipe_maxlen/last2-lr3e-3."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
-    table = doc[doc.index("| dataset | standardized, per seed |"):]
-    table = table[:table.index("\n\n")]
-
-    def records(path):
-        return json.loads((ROOT / "results" / path / "panel.json").read_text())["records"]
-
-    def mean(rows, dataset, method):
-        seeds = [r["macro_f1"] for r in rows if r["dataset"] == dataset and r["method"] == method]
-        assert len(seeds) == 3, (dataset, method)
-        return seeds, sum(seeds) / 3
-
-    std, plain, panel = records("recipe_last2/std-512"), records("recipe_maxlen/last2-lr3e-3"), records("panel_512")
+    table = table_after(doc, "| dataset | standardized, per seed |").replace("**", "")
     for dataset in ("drugs", "spam", "rt", "imdb"):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |")).replace("**", "")
-        seeds, m = mean(std, dataset, "last-two-layers-std")
-        before = mean(plain, dataset, "last-two-layers-maxlen512-lr3e-3")[1]
-        cells = [" / ".join(f"{s:.3f}" for s in seeds), f"{m:.3f}", f"{before:.3f}",
-                 f"{mean(panel, dataset, 'probe-512')[1]:.3f}"]
-        assert row == "| " + " | ".join([dataset, *cells]) + " |", row
+        want = _study_row(dataset, _seeds("recipe_last2/std-512", dataset, "last-two-layers-std"),
+                          sum(_seeds("recipe_maxlen/last2-lr3e-3", dataset, "last-two-layers-maxlen512-lr3e-3")) / 3,
+                          sum(_seeds("panel_512", dataset, "probe-512")) / 3)
+        assert want in table.splitlines(), want
 
 
 def test_recipe_pooler_adapter_table_is_the_committed_runs():
     """The study of an adapter on the head's first layer: each dataset's seeds and mean are
     results/recipe_lora_pooler's; lora's default, TF-IDF and full are results/panel_512's means."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
-    table = doc[doc.index("| dataset | with the pooler adapter, per seed |"):]
-    table = table[:table.index("\n\n")]
-    panel = json.loads((ROOT / "results" / "panel_512" / "panel.json").read_text())["records"]
-
-    def seeds(rows, dataset, method):
-        found = [r["macro_f1"] for r in rows if r["dataset"] == dataset and r["method"] == method]
-        assert len(found) == 3, (dataset, method)
-        return found
-
+    table = table_after(doc, "| dataset | with the pooler adapter, per seed |").replace("**", "")
     for dataset in ("drugs", "rt", "spam", "imdb"):
-        runs = json.loads((ROOT / "results" / "recipe_lora_pooler" / dataset / "panel.json").read_text())["records"]
-        mine = seeds(runs, dataset, "lora-pooler")
-        cells = [" / ".join(f"{s:.3f}" for s in mine), f"{sum(mine) / 3:.3f}",
-                 *(f"{sum(seeds(panel, dataset, m)) / 3:.3f}" for m in ("lora", "tfidf-lr", "full"))]
-        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |")).replace("**", "")
-        assert row == "| " + " | ".join([dataset, *cells]) + " |", row
+        want = _study_row(dataset, _seeds(f"recipe_lora_pooler/{dataset}", dataset, "lora-pooler"),
+                          *(sum(_seeds("panel_512", dataset, m)) / 3 for m in ("lora", "tfidf-lr", "full")))
+        assert want in table.splitlines(), want
 
 
 def test_recipe_capacity_table_is_the_committed_lever_runs():
