@@ -110,6 +110,34 @@ def test_encoder_and_positions(kind):
                 model(**batch(longest + 1))
 
 
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_pooler_role_is_the_heads_first_layer(kind):
+    """`pooler` (in lora's default targets) is, on every architecture, listed roles or not
+    (ELECTRA: `_pooler_fallback`), one Linear whose output the classifier reads through the
+    head's activation alone, and changing its weights changes the logits."""
+    model = tiny(kind)
+    presets = target_presets(model)
+    (pooler,) = presets["pooler"]
+    layer, classifier = model.get_submodule(pooler), model.get_submodule(presets["classifier"][-1])
+    assert isinstance(layer, torch.nn.Linear) and layer.out_features == classifier.in_features
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: seen.update(pooler=out)),
+             classifier.register_forward_pre_hook(lambda _m, args: seen.update(classifier=args[0]))]
+    with torch.no_grad():
+        model(**batch())
+    for hook in hooks:
+        hook.remove()
+    # the classifier reads the pooler's output through the head's activation alone (eval: no dropout)
+    outs = [act(seen["pooler"]) for act in (torch.tanh, torch.relu, torch.nn.functional.gelu)]
+    assert any(out.shape == seen["classifier"].shape and torch.allclose(out, seen["classifier"]) for out in outs)
+    if architecture(model).head is not None:
+        assert pooler == head_layers(model)[0]
+    with torch.no_grad():
+        before = model(**batch()).logits
+        layer.weight.mul_(-1.0)
+        assert not torch.allclose(model(**batch()).logits, before)
+
+
 def test_unknown_architecture_gets_the_fallbacks():
     arch = architecture("gpt2")
     assert arch.roles is None and arch.head is None and arch.first_token is None and arch.position_offset == 0

@@ -110,7 +110,8 @@ def test_panel_check_judges_each_criterion_on_the_seeds_it_has(tmp_path):
 
 def test_panel_reads_back_a_run_only_where_it_trained_as_the_request_would(tmp_path):
     """`panel.py` reads a run back by the settings it trained with: a run made with `--lr 1e-3`
-    and the targets without the fully trained classifier is today's default run; a run left
+    and the targets without the fully trained classifier is today's default run, one without the
+    pooler's adapter (the earlier default) is not; a run left
     at an earlier default rate (config `lr` None, trained at 2e-3) is not, though its `lr`
     field equals the request's."""
     import json
@@ -130,14 +131,16 @@ def test_panel_reads_back_a_run_only_where_it_trained_as_the_request_would(tmp_p
     request = ["d.csv", "lora", 0, [], None]
     _same_settings(saved(tmp_path / "default"), request)  # the default run itself
     explicit = saved(tmp_path / "explicit", lr=learning_rate(_config(build_parser().parse_args(["train"]))),
-                     targets=["query", "key", "value", "output", "ffn"])
+                     targets=["query", "key", "value", "output", "ffn", "pooler.dense"])
     _same_settings(explicit, request)
+    with pytest.raises(SystemExit, match=r"targets"):  # the default before the head's first layer had an adapter
+        _same_settings(saved(tmp_path / "no-pooler", targets=["encoder", "classifier"]), request)
     with pytest.raises(SystemExit, match=r"\(lr: \[0.002\] against \[0.001\]\)"):
         _same_settings(saved(tmp_path / "earlier", lr_resolved=2e-3), request)
     with pytest.raises(SystemExit, match=r"targets"):
         _same_settings(saved(tmp_path / "kv", targets=["key", "value", "classifier"]), request)
     # the classifier's adapter matters where it is an adapter (--no-train-head)
-    no_head = saved(tmp_path / "nohead", train_head=False, targets=["query", "key", "value", "output", "ffn"])
+    no_head = saved(tmp_path / "nohead", train_head=False, targets=["encoder", "pooler"])
     with pytest.raises(SystemExit, match=r"targets"):
         _same_settings(no_head, ["d.csv", "lora", 0, ["--no-train-head"], None])
     # a setting only another strategy reads is no difference (a lora run made before last-two-layers'

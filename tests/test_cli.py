@@ -42,9 +42,10 @@ def test_compare_leaves_every_artifact(compare_dir):
     full = json.loads((compare_dir / "full" / "final.json").read_text())
     last2 = json.loads((compare_dir / "last-two-layers" / "final.json").read_text())
     # adapters on every linear layer of the 6 encoder layers (query, key, value and the attention output,
-    # 4 x (384 + 384) each; the two feed-forward layers, 4 x (384 + 1536) each) and the classifier trained
-    # fully (384 x 2 + 2)
-    assert lora["trainable_params"] == 6 * (4 * 4 * (384 + 384) + 2 * 4 * (384 + 1536)) + 384 * 2 + 2 == 166_658
+    # 4 x (384 + 384) each; the two feed-forward layers, 4 x (384 + 1536) each), on the head's first layer
+    # (pooler.dense, 4 x (384 + 384)), and the classifier trained fully (384 x 2 + 2)
+    want = 6 * (4 * 4 * (384 + 384) + 2 * 4 * (384 + 1536)) + 4 * (384 + 384) + 384 * 2 + 2
+    assert lora["trainable_params"] == want == 169_730
     assert full["trainable_params"] == full["total_params"] == 22_713_986
     assert last2["trainable_params"] == 384 * 384 + 384 + 384 * 2 + 2  # pooler.dense + classifier
     assert sorted(p.name for p in (compare_dir / "lora" / "adapter").iterdir()) == [
@@ -53,7 +54,7 @@ def test_compare_leaves_every_artifact(compare_dir):
     report = json.loads((compare_dir / "report.json").read_text())
     assert [r["strategy"] for r in report["rows"]] == ["full", "last-two-layers", "lora"]
     md = (compare_dir / "report.md").read_text()
-    assert "| lora |" in md and "166,658" in md
+    assert "| lora |" in md and "169,730" in md
     assert (compare_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 

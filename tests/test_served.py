@@ -37,9 +37,11 @@ def test_a_mixed_batch_gives_each_row_its_runs_logits(runs):
     for name in "abcd":
         group.add_run(name, runs[name])
     assert group.members["d"].adapter is None and group.members["a"].adapter == "a"
-    # the frozen pooler is the group's own, shared by every run that did not train it
-    assert group.members["a"].head.first is group.members["b"].head.first is group.members["c"].head.first
-    assert group.members["d"].head.first is not group.members["a"].head.first  # last-two-layers trained it
+    # the pooler is the group's own, shared by a run that left it frozen (b: adapters on query and value);
+    # a run whose adapter sits on it (a and c, lora's default targets) or that trained it (d) has its own
+    heads = {n: group.members[n].head.first for n in "abcd"}
+    assert heads["b"] is group._shared_first()
+    assert len({id(h) for h in heads.values()}) == 4
     names = ["a", "b", "c", "d", "a", "c"]
     enc = group.tokenizer(TEXTS, truncation=True, max_length=64, padding=True, return_tensors="pt")
     got = torch.stack(group.logits(names, enc["input_ids"], enc["attention_mask"]))

@@ -39,6 +39,7 @@ def test_presets(arch):
         assert presets[role] == [want[role], want[role].replace("layer.0", "layer.1")]
     assert presets["classifier"] == want["classifier"]
     assert presets["head"] == want["head"]
+    assert presets["pooler"] == want["head"][:1]  # the head's first layer
     assert len(presets["ffn"]) == 4  # two feed-forward Linears in each of 2 layers
     assert not set(presets["ffn"]) & set(presets["output"])
 
@@ -83,3 +84,31 @@ def test_encoder_role_names_the_same_layers_once_lora_wraps_them(arch):
     assert sorted(layers) == sorted(before)
     assert all(set(layer.adapters) == {"a", "b"} and not isinstance(layer.base, LoRALinear)
                for layer in layers.values())
+
+
+def test_pooler_role_without_one_names_the_way_out():
+    """A head with no layer before the classifier: `pooler` (in lora's default targets) stops with
+    a line that says so and what to pass instead."""
+    import torch
+
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"num_labels": 2, "model_type": "bare"})()
+            self.classifier = torch.nn.Linear(8, 2)
+
+    with pytest.raises(TargetError, match=r"pooler.*pass --targets encoder,classifier"):
+        resolve_targets(Bare(), ["pooler"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pooler_role_names_the_layer_once_lora_wraps_it(arch):
+    """The default targets on a model that already holds the default adapter name the same
+    layers: the pooler by its wrapper, not the Linear inside it."""
+    from lorafit.lora import LoRAConfig, apply_lora, lora_modules
+
+    model = tiny_model(arch)
+    before = resolve_targets(model, ["encoder", "pooler"])
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=["encoder", "pooler"]), adapter_name="a")
+    assert resolve_targets(model, ["encoder", "pooler"]) == before == sorted(dict(lora_modules(model)),
+                                                                         key=before.index)

@@ -32,7 +32,8 @@ class Head:
 @dataclass(frozen=True)
 class Architecture:
     roles: dict[str, str] | None
-    """LoRA target role -> regex (fullmatch on dotted module names); None: `GENERIC_ROLES`."""
+    """LoRA target role -> regex (fullmatch on dotted module names); None: `GENERIC_ROLES`.
+    `pooler` is the head's first layer (what the head reads -> the classifier's input)."""
     head: Head | None = None
     """None: the frozen-prefix cache does not know this head, and the plain path trains it."""
     first_token: str | None = None
@@ -52,13 +53,15 @@ _BERT_ROLES = {
 }
 _TANH = Head(nn.Tanh, dropout_before=False, dropout_keys=("classifier_dropout", "hidden_dropout_prob"))
 _ROBERTA = Architecture(
-    roles={**_BERT_ROLES, "classifier": r"classifier\.out_proj", "head": r"classifier\.(?:dense|out_proj)"},
+    roles={**_BERT_ROLES, "pooler": r"classifier\.dense", "classifier": r"classifier\.out_proj",
+           "head": r"classifier\.(?:dense|out_proj)"},
     head=Head(nn.Tanh, dropout_before=True, dropout_keys=("classifier_dropout", "hidden_dropout_prob")),
     first_token="bert", position_offset=2)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture(
-        roles={**_BERT_ROLES, "classifier": r"classifier", "head": _LAYER + r"pooler\.dense|classifier"},
+        roles={**_BERT_ROLES, "pooler": _LAYER + r"pooler\.dense", "classifier": r"classifier",
+               "head": _LAYER + r"pooler\.dense|classifier"},
         head=_TANH, first_token="bert"),
     "distilbert": Architecture(
         roles={
@@ -67,6 +70,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "value": _LAYER + r"attention\.v_lin",
             "output": _LAYER + r"attention\.out_lin",
             "ffn": _LAYER + r"ffn\.lin[12]",
+            "pooler": r"pre_classifier",
             "classifier": r"classifier",
             "head": r"pre_classifier|classifier",
         },
@@ -82,6 +86,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "value": _LAYER + r"attention\.attn\.v",
             "output": _LAYER + r"attention\.attn\.o",
             "ffn": _LAYER + r"layer\.\d+\.(?:intermediate|output)\.dense",
+            "pooler": r"classifier\.dense",
             "classifier": r"classifier\.out_proj",
             "head": r"classifier\.(?:dense|out_proj)",
         },

@@ -76,10 +76,11 @@ class RunConfig:
     scaling: str = _f("standard", "LoRA scaling: standard (alpha/r) or rslora (alpha/sqrt r; without --lr, "
                       "at half lora's default rate)",
                       choices=("standard", "rslora"))
-    targets: list[str] = _f(["encoder", "classifier"],
+    targets: list[str] = _f(["encoder", "pooler", "classifier"],
                             "LoRA targets, comma-separated: roles (query, key, value, output, ffn, encoder: every "
-                            "linear layer of the encoder, classifier, head), module-name suffixes or regexes "
-                            "(default: encoder and the classifier, which --train-head trains fully instead)")
+                            "linear layer of the encoder, pooler: the head's first layer, classifier, head), "
+                            "module-name suffixes or regexes (default: encoder, pooler and the classifier, which "
+                            "--train-head trains fully instead)")
     head_init: str = _f("random", "the classifier layer's start: random (the architecture's initialisation) or "
                         "probe (a logistic regression on the frozen model's features at that layer, fitted on "
                         "the training split, its L2 strength chosen on validation; lorafit.head_init)",

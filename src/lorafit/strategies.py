@@ -12,9 +12,10 @@ and the CLI's help text come from `STRATEGIES`.
   classification head (DistilBERT: pre_classifier, classifier; BERT/MiniLM: pooler.dense,
   classifier; RoBERTa/MPNet: classifier.dense, classifier.out_proj).
 - `lora`: LoRA adapters (default r=4, alpha=8 on every linear layer of the encoder:
-  query, key, value, the attention output and both feed-forward layers) and the last classifier
-  layer, which starts from random weights, trained fully (`train_head`; off, it gets an
-  adapter like the rest, as in the seed experiment); nothing else trains. Its
+  query, key, value, the attention output and both feed-forward layers, and on the head's
+  first layer, role `pooler`) and the last classifier layer, which starts from random
+  weights, trained fully (`train_head`; off, it gets an adapter like the rest, as in the
+  seed experiment); nothing else trains. Its
   variants (DoRA, PiSSA, LoRA+) are settings of this one strategy.
 """
 

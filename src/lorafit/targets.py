@@ -1,11 +1,14 @@
 """Which modules LoRA adapts: role presets per architecture and target resolution.
 
 A target is one of
-- a *role* (`query`, `key`, `value`, `output`, `ffn`, `classifier`, `head`), looked up
-  in the architecture's preset below, or `encoder`: every `nn.Linear` inside the encoder's
-  layers (the attention's projections and the feed-forward layers; not the pooler or the
-  head), found by where the encoder sits rather than by name, so it holds for an
-  architecture the table does not list;
+- a *role* (`query`, `key`, `value`, `output`, `ffn`, `pooler`, `classifier`, `head`),
+  looked up in the architecture's preset below, or `encoder`: every `nn.Linear` inside the
+  encoder's layers (the attention's projections and the feed-forward layers; not the pooler
+  or the head), found by where the encoder sits rather than by name, so it holds for an
+  architecture the table does not list. `pooler` is the head's first layer, between what
+  the head reads and the classifier (BERT: `pooler.dense`; DistilBERT: `pre_classifier`;
+  RoBERTa, MPNet: `classifier.dense`); for an architecture the table does not list, the
+  last `nn.Linear` outside the encoder that feeds the classifier (`_pooler_fallback`);
 - a *module-name suffix* (`key`, `attention.self.key`, `classifier`): matches a module
   whose dotted name equals it or ends with `.` + it, as PEFT matches `target_modules`;
 - a *regex* (any string holding one of ``*+?[](){}|^$\\``), matched against the whole
@@ -22,7 +25,7 @@ from torch import nn
 from lorafit.architectures import GENERIC_ROLES, architecture
 from lorafit.errors import TargetError
 
-ROLES = ("query", "key", "value", "output", "ffn", "encoder", "classifier", "head")
+ROLES = ("query", "key", "value", "output", "ffn", "encoder", "pooler", "classifier", "head")
 
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
@@ -51,6 +54,28 @@ def _classifier_fallback(model: nn.Module) -> list[str]:
     return candidates[-1:]
 
 
+def _pooler_fallback(model: nn.Module, classifier: list[str], encoder: list[str]) -> list[str]:
+    """The head's first layer of an architecture the table does not list: the last `nn.Linear`
+    before the classifier, outside the encoder, whose output size is the classifier's input
+    size (a pooler or a head's dense layer); [] where there is none."""
+    if not classifier:
+        return []
+    modules = dict(model.named_modules())
+    last = modules[classifier[0]]
+    width = getattr(getattr(last, "base", last), "in_features", None)
+    found = []
+    for name, module in modules.items():
+        if name == classifier[0]:
+            break
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "base" and hasattr(modules.get(parent), "adapters"):
+            name = parent  # a layer LoRA already wraps is named by its wrapper
+        if (name and isinstance(module, nn.Linear) and module.out_features == width and name not in encoder
+                and not any(name.startswith(e + ".") for e in encoder)):
+            found = [name]
+    return found
+
+
 def encoder_linears(model: nn.Module) -> list[str]:
     """Dotted names of every `nn.Linear` under the model's encoder (`Architecture.encoder`,
     else `encoder` or `transformer` of its base model), in module order; [] where it has none."""
@@ -76,16 +101,19 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
     """Role name -> dotted module names for `model`'s architecture.
 
     Architectures in lorafit.architectures (DistilBERT, BERT/MiniLM, RoBERTa, MPNet) use their presets;
-    others fall back to the usual projection names and to the last Linear whose output
-    size is `config.num_labels` for `classifier`. Roles that match nothing are left out.
+    others fall back to the usual projection names, to the last Linear whose output
+    size is `config.num_labels` for `classifier`, and to the Linear feeding it for `pooler`.
+    Roles that match nothing are left out.
     """
     patterns = architecture(model).roles or GENERIC_ROLES
     names = [name for name, _ in model.named_modules() if name]
     presets = {role: [n for n in names if re.fullmatch(rx, n)] for role, rx in patterns.items()}
+    presets["encoder"] = encoder_linears(model)
     if "classifier" not in patterns:
         presets["classifier"] = _classifier_fallback(model)
         presets["head"] = presets["classifier"]
-    presets["encoder"] = encoder_linears(model)
+    if "pooler" not in patterns:
+        presets["pooler"] = _pooler_fallback(model, presets["classifier"], presets["encoder"])
     return {role: found for role, found in presets.items() if found}
 
 
@@ -119,11 +147,13 @@ def resolve_targets(model: nn.Module, targets: Iterable[str], *, what: str = "Lo
     for target in targets:
         found = _match(target, names, presets)
         if not found:
+            hint = ("; the default adapts the head's first layer (role pooler), which this model's head does not "
+                    "have: pass --targets encoder,classifier" if target == "pooler" else "")
             raise TargetError(
                 f"{what} {target!r} matches no module of this "
                 f"{getattr(getattr(model, 'config', None), 'model_type', 'model')} model. "
                 f"Use a role ({', '.join(r for r in ROLES if r in presets)}), a module-name suffix or a regex; "
-                f"its nn.Linear modules are: {_summarise(linear_names(model))}"
+                f"its nn.Linear modules are: {_summarise(linear_names(model))}{hint}"
             )
         selected.update(found)
     return [n for n in names if n in selected]
