@@ -101,16 +101,30 @@ def _same_settings(run: Path, request: list) -> None:
 def _effective(config: dict, lr) -> dict:
     """A run's settings as training used them: the rate it trained at (a default that moved
     since is a difference; `--lr 1e-3` and a default of 1e-3 are not), and for lora the modules
-    its adapters sit on (`encoder` and the five roles it spans are the same run; `classifier`
-    is no adapter where the classifier trains fully, `train_head`)."""
+    its adapters sit on and the modules it trains fully (`encoder` and the five roles it spans
+    are the same run; `classifier`, and a `pooler` that loading initialises afresh, are no adapter
+    where `train_head` trains them fully)."""
     from lorafit.config import RunConfig
     from lorafit.strategies import lora_config
 
     out = {**config, "lr": lr}
     if out.get("strategy") == "lora":
         fields = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__}
-        out["targets"] = _adapted_modules(out.get("model"), tuple(lora_config(RunConfig(**fields)).targets))
+        lora = lora_config(RunConfig(**fields), _pooler_fresh(out.get("model")))
+        out["targets"] = (_adapted_modules(out.get("model"), tuple(lora.targets)),
+                          _adapted_modules(out.get("model"), tuple(lora.train_modules)))
     return out
+
+
+@functools.cache
+def _pooler_fresh(model: str | None) -> bool:
+    """Whether loading `model` initialises its head's first layer afresh (lorafit.strategies.fresh_pooler),
+    which moves the role `pooler` from an adapter to a fully trained layer."""
+    from lorafit.models import load_model
+    from lorafit.strategies import fresh_pooler
+
+    loaded = load_model(model, num_labels=2)
+    return fresh_pooler(loaded.model, loaded.fresh_keys)
 
 
 @functools.cache
@@ -125,7 +139,7 @@ def _adapted_modules(model: str | None, targets: tuple[str, ...]) -> tuple[str, 
 
     with torch.device("meta"):
         net = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
-    return tuple(resolve_targets(net, targets))
+    return tuple(resolve_targets(net, targets)) if targets else ()
 
 
 def _splits(data: Path, seed: int):
@@ -367,7 +381,8 @@ def main() -> None:
                 records.append({"dataset": dataset, "method": run_name, "seed": seed, "accuracy": f["test_accuracy"],
                                 "macro_f1": f["test_macro_f1"], "majority_share": f["test_majority_share"],
                                 "epochs": f["epochs"], "train_seconds": f["train_seconds"],
-                                "collapse_warning": f["collapse_warning"], "lr": f["lr"]})
+                                "collapse_warning": f["collapse_warning"], "lr": f["lr"],
+                                "trainable_params": f["trainable_params"]})
                 print(f"{dataset} seed {seed} {run_name}: acc {f['test_accuracy']:.4f} macro-F1 "
                       f"{f['test_macro_f1']:.4f} (this run {time.perf_counter() - t_run:.0f} s, "
                       f"the panel so far {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -68,6 +68,30 @@ def test_peft_loads_lorafit_adapter(arch, tmp_path, batch):
     torch.testing.assert_close(_logits(peft_model, batch), _logits(model, batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_loads_the_default_runs_adapter(arch, tmp_path, batch):
+    """lora's default (the CLI's `encoder,pooler,classifier` with the new head layers trained fully:
+    the classifier, and the head's first layer where loading initialised it afresh, as it does for
+    DistilBERT, RoBERTa and MPNet; BERT's pooler is pretrained and gets an adapter). On RoBERTa and
+    MPNet both head layers sit in one `classifier` module, which PEFT must not take whole."""
+    from lorafit.config import RunConfig
+    from lorafit.strategies import lora_config
+    from lorafit.targets import target_presets
+
+    model = tiny_model(arch)
+    apply_lora(model, lora_config(RunConfig(), pooler_fresh=arch != "bert"))
+    _perturb(model)
+    presets = target_presets(model)
+    assert isinstance(model.get_submodule(presets["pooler"][0]), LoRALinear) is (arch == "bert")
+    with torch.no_grad():  # the fully trained layers differ from the base
+        for name in model.lora_train_modules:
+            model.get_submodule(name).weight.mul_(1.5)
+    save_adapter(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    torch.testing.assert_close(_logits(peft_model, batch), _logits(model, batch), atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(tiny_model(arch), batch), _logits(model, batch), atol=1e-3)
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "bert", "roberta"])
 def test_lorafit_loads_peft_adapter(arch, tmp_path, batch):
     train = {"distilbert": ["pre_classifier"], "bert": ["pooler.dense"], "roberta": []}[arch]

@@ -336,3 +336,32 @@ def test_a_mean_pooled_head_lorafit_does_not_know_is_refused_for_hf(tmp_path):
     with pytest.raises(ConfigError, match="does not know the classification head of electra models"):
         lorafit.export(run.path, tmp_path / "out")
     assert _nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["bert-lora-mean", "distilbert-lora-mean", "roberta-lora-mean", "mpnet-lora-mean"])
+def test_a_default_lora_run_adapts_a_pretrained_pooler_and_trains_a_fresh_one(matrix, name):
+    """lora's default head on each architecture: BERT's pretrained `pooler.dense` gets an adapter; a
+    head's first layer that loading initialised afresh (DistilBERT `pre_classifier`, RoBERTa and
+    MPNet `classifier.dense`) trains fully beside the classifier. PEFT loads the run's adapter onto
+    the pretrained folder and merges to lorafit's merged weights (PEFT matches `modules_to_save` by
+    bare suffix, so on DistilBERT `classifier` names `pre_classifier` too, which an adapter there
+    would break)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    runs, root = matrix
+    arch, run = name.split("-")[0], runs[name][0]
+    config = json.loads((run.path / "adapter" / "adapter_config.json").read_text())
+    pooler = {"bert": "bert.pooler.dense", "distilbert": "pre_classifier"}.get(arch, "classifier.dense")
+    assert (pooler in config["target_modules"]) is (arch == "bert")
+    assert (pooler in config["modules_to_save"]) is (arch != "bert")
+    ours = lorafit.load_run(run.path).model
+    base = AutoModelForSequenceClassification.from_pretrained(root / f"tiny-{arch}", num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, run.path / "adapter").merge_and_unload()
+    want = {k.replace(".base.", "."): v for k, v in ours.state_dict().items() if "lora_" not in k}
+    got = theirs.state_dict()
+    for key in (f"{pooler}.weight", f"{pooler}.bias", "classifier.weight" if arch in ("bert", "distilbert")
+                else "classifier.out_proj.weight"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+    layer = next(k for k in got if k.endswith(("value.weight", "v_lin.weight", "attn.v.weight")))
+    torch.testing.assert_close(got[layer], want[layer], atol=1e-6, rtol=0)

@@ -128,7 +128,7 @@ def preflight(cfg: RunConfig) -> None:
     loaded = load_model(cfg.model, num_labels=len(splits.label_names), seed=cfg.seed, attn_dropout=cfg.attn_dropout,
                         pooling=cfg.pooling)
     check_max_length(cfg, loaded.model)
-    STRATEGIES["lora"].setup(loaded.model, cfg)
+    STRATEGIES["lora"].setup(loaded.model, cfg, loaded.fresh_keys)
     check_trackers(cfg.report_to)
 
 
@@ -223,7 +223,7 @@ def _prepare(cfg: RunConfig, out: Path, device: torch.device, *, overwrite: bool
     fresh = fresh_state(loaded)
     torch.manual_seed(cfg.seed)
     strategy = STRATEGIES[cfg.strategy]
-    strategy.setup(model, cfg)
+    strategy.setup(model, cfg, loaded.fresh_keys)
     model.to(device)
     recorded = read_config_json(out) if resume else None  # a resumed run keeps what it resolved
     settings = resolve_settings(cfg, loaded, device, recorded)

@@ -13,16 +13,18 @@ and the CLI's help text come from `STRATEGIES`.
   classifier; RoBERTa/MPNet: classifier.dense, classifier.out_proj).
 - `lora`: LoRA adapters (default r=4, alpha=8 on every linear layer of the encoder:
   query, key, value, the attention output and both feed-forward layers, and on the head's
-  first layer, role `pooler`) and the last classifier layer, which starts from random
-  weights, trained fully (`train_head`; off, it gets an adapter like the rest, as in the
-  seed experiment); nothing else trains. Its
+  first layer, role `pooler`, where the checkpoint holds it: BERT's pretrained pooler) and
+  the head's new layers, which start from random weights, trained fully (`train_head`: the
+  last classifier layer, and a head's first layer that loading initialised afresh, such as
+  DistilBERT's `pre_classifier`; off, each gets an adapter like the rest, as in the seed
+  experiment); nothing else trains. Its
   variants (DoRA, PiSSA, LoRA+) are settings of this one strategy.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -101,8 +103,9 @@ class Strategy:
     """Peak learning rate when --lr is not given (chosen on the validation split; see README)."""
     description: str = ""
 
-    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
-        """Set requires_grad (and apply adapters) on a freshly loaded model, in place."""
+    def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
+        """Set requires_grad (and apply adapters) on a freshly loaded model, in place; `fresh_keys`:
+        the state-dict keys loading initialised afresh (`LoadedModel.fresh_keys`)."""
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
@@ -153,7 +156,7 @@ class Strategy:
 class Full(Strategy):
     name, default_lr, description = "full", 5e-5, "every parameter trains"
 
-    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
+    def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
 
@@ -161,7 +164,7 @@ class Full(Strategy):
 class LastTwoLayers(Strategy):
     name, default_lr, description = "last-two-layers", 3e-3, "only the two last layers of the head train"
 
-    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
+    def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         for name in head_layers(model):
@@ -169,11 +172,23 @@ class LastTwoLayers(Strategy):
                 p.requires_grad_(True)
 
 
-def lora_config(cfg: StrategySettings) -> LoRAConfig:
-    """The LoRAConfig a run's settings describe (`train_head` moves the classifier to train_modules)."""
-    targets = [t for t in cfg.targets if not (cfg.train_head and t == "classifier")]
+def fresh_pooler(model: nn.Module, fresh_keys: Collection[str]) -> bool:
+    """Whether the head's first layer (role `pooler`) was initialised afresh at loading, not read
+    from the checkpoint: `fresh_keys` are `LoadedModel.fresh_keys` (DistilBERT's `pre_classifier`,
+    RoBERTa's and MPNet's `classifier.dense`; not BERT's pretrained `pooler.dense`)."""
+    names = target_presets(model).get("pooler", [])
+    return bool(names) and all(f"{n}.weight" in fresh_keys for n in names)
+
+
+def lora_config(cfg: StrategySettings, pooler_fresh: bool = False) -> LoRAConfig:
+    """The LoRAConfig a run's settings describe. `train_head` moves the new head layers from
+    adapters to train_modules: the classifier, and the head's first layer where it is in the
+    targets as the role `pooler` and `pooler_fresh` (initialised afresh, `fresh_pooler`)."""
+    moved = {"classifier", *(["pooler"] if pooler_fresh else [])} if cfg.train_head else set()
+    targets = [t for t in cfg.targets if t not in moved]
+    train = ["pooler"] if "pooler" in moved and "pooler" in cfg.targets else []
     return LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets or ["encoder"],
-                      scaling=cfg.scaling, train_modules=["classifier"] if cfg.train_head else [],
+                      scaling=cfg.scaling, train_modules=[*train, "classifier"] if cfg.train_head else [],
                       use_dora=cfg.dora, init=cfg.init)
 
 
@@ -181,8 +196,8 @@ class LoRA(Strategy):
     name, default_lr = "lora", 1e-3
     description = "LoRA adapters train; the pretrained weights stay frozen"
 
-    def setup(self, model: nn.Module, cfg: StrategySettings) -> None:
-        apply_lora(model, lora_config(cfg))
+    def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
+        apply_lora(model, lora_config(cfg, fresh_pooler(model, fresh_keys)))
 
     def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
         """LoRA+ (Hayou et al. 2024): every B at `lora_plus_ratio` times the rate of A;
