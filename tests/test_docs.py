@@ -31,31 +31,53 @@ def test_recipe_panel_table_is_the_committed_panel():
         assert row not in table, f"docs/recipe.md's panel table shows the earlier default's row: {row}"
 
 
-def test_recipe_panel_at_todays_defaults_is_the_committed_panel():
-    """The panel at today's defaults (512 tokens, last-two-layers at 3e-3) is results/panel_512's every row,
-    its criteria block is what `panel.py --check` prints on it, and those runs trained as lorafit's
-    defaults make them now (panel.py reads a run back only where its settings are the defaults')."""
+PANELS_512 = {  # results folder -> (the recipe section that shows it, where that section ends)
+    "panel_pooler": ("### The panel's results", "#### At 512 tokens before the pooler's adapter"),
+    "panel_512": ("#### At 512 tokens before the pooler's adapter", "#### At 256 tokens"),
+}
+"""The panels at 512 tokens: today's defaults, and the one before lora's pooler adapter."""
+
+
+@pytest.mark.parametrize("folder", sorted(PANELS_512))
+def test_recipe_panel_at_512_tokens_is_the_committed_panel(folder):
+    """A panel at 512 tokens (last-two-layers at 3e-3) is results/`folder`'s every row, its criteria
+    block is what `panel.py --check` prints on it, and it ran lorafit's defaults with nothing set."""
     from lorafit.config import RunConfig
     from lorafit.strategies import STRATEGIES
 
     doc = (ROOT / "docs" / "recipe.md").read_text()
-    section = doc[doc.index("### The panel's results"):doc.index("#### At 256 tokens")]
-    text = (ROOT / "results" / "panel_512" / "panel.md").read_text()
+    start, end = PANELS_512[folder]
+    section = doc[doc.index(start):doc.index(end, doc.index(start) + len(start))]
+    text = (ROOT / "results" / folder / "panel.md").read_text()
     rows = [line for line in text.splitlines()
             if re.match(r"\| \w+ \| [\w-]+ \|", line) and not line.startswith("| dataset |")]
     assert len(rows) == 4 * 6  # four datasets, three strategies and three references each
     for row in rows:
-        assert row in section, f"docs/recipe.md's panel at today's defaults lacks the row: {row}"
-    panel = ROOT / "results" / "panel_512" / "panel.json"
+        assert row in section, f"docs/recipe.md's panel of results/{folder} lacks the row: {row}"
+    panel = ROOT / "results" / folder / "panel.json"
     lines, majority = _criteria_lines(panel)
     block = "```\n" + "\n".join(lines) + "\n```\n\nand " + majority
     assert block in section, f"docs/recipe.md lacks the block:\n{block}"
     assert RunConfig().max_length == 512 and STRATEGIES["last-two-layers"].default_lr == 3e-3
     made = json.loads(panel.read_text())
-    assert "--extra" not in made["command"], "the panel at today's defaults sets nothing but the defaults"
+    assert "--extra" not in made["command"], "a panel at the defaults sets nothing but the defaults"
     for record in made["records"]:
         if record["method"] in STRATEGIES:
             assert record["lr"] == STRATEGIES[record["method"]].default_lr, record
+
+
+def test_the_panel_at_todays_defaults_trained_lora_with_the_pooler_adapter():
+    """results/panel_pooler's lora runs trained what today's default trains on all-MiniLM-L6-v2: the
+    encoder's and the pooler's adapters and the classifier (384 x K + K for K classes)."""
+    from lorafit.config import RunConfig
+
+    assert RunConfig().targets == ["encoder", "pooler", "classifier"]
+    classes = {"drugs": 3, "rt": 3, "spam": 2, "imdb": 2}
+    records = [r for r in json.loads((ROOT / "results" / "panel_pooler" / "panel.json").read_text())["records"]
+               if r["method"] == "lora"]
+    assert len(records) == 12
+    for r in records:
+        assert r["trainable_params"] == 169_730 - 770 + 385 * classes[r["dataset"]], r
 
 
 def _seeds(folder: str, dataset: str, method: str) -> list[float]:
