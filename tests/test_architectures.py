@@ -138,6 +138,17 @@ def test_pooler_role_is_the_heads_first_layer(kind):
         assert not torch.allclose(model(**batch()).logits, before)
 
 
+def test_pooler_fallback_names_the_layer_once_lora_wraps_it():
+    """ELECTRA's head is not in the table: `pooler` is found by shape, and once LoRA wraps that
+    layer the role still names the wrapper (a second adapter goes beside the first, not inside)."""
+    from lorafit.lora import LoRAConfig, apply_lora
+
+    model = tiny("electra")
+    assert target_presets(model)["pooler"] == ["classifier.dense"]
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=["pooler"]))
+    assert target_presets(model)["pooler"] == ["classifier.dense"]
+
+
 def test_unknown_architecture_gets_the_fallbacks():
     arch = architecture("gpt2")
     assert arch.roles is None and arch.head is None and arch.first_token is None and arch.position_offset == 0
