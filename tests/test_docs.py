@@ -491,16 +491,24 @@ def test_second_encoder_at_todays_default_table_is_the_committed_subsets():
     assert len(lines) == len(today)
 
 
-def test_recipe_default_variants_table_is_the_committed_read_backs():
-    """docs/recipe.md's table of the LoRA variants at today's defaults: per folder of
-    results/variants_default (a read-back that refuses runs not made at the defaults), its
-    seeds' macro-F1 and how many are over 5 points above the majority class's."""
+VARIANT_TABLES = {  # results folder -> (its section in docs/recipe.md, where that ends, the majority's panel, folders)
+    "variants_pooler": ("**The LoRA variants at today's defaults**", "**The LoRA variants at 256 tokens",
+                        "panel_pooler", 4),
+    "variants_default": ("**The LoRA variants at 256 tokens", "**The LoRA variants on the earlier", "panel", 8),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(VARIANT_TABLES))
+def test_recipe_variants_tables_are_the_committed_runs(folder):
+    """docs/recipe.md's tables of the LoRA variants at a default: per folder of results/`folder`,
+    its seeds' macro-F1 and how many are over 5 points above the majority class's."""
+    start, end, panel, count = VARIANT_TABLES[folder]
     doc = (ROOT / "docs" / "recipe.md").read_text()
-    section = doc[doc.index("**The LoRA variants on the defaults**"):doc.index("**The LoRA variants on the earlier")]
-    majority = {r["dataset"]: r["macro_f1"] for r in json.loads((ROOT / "results" / "panel" / "panel.json").read_text())
+    section = doc[doc.index(start):doc.index(end)]
+    majority = {r["dataset"]: r["macro_f1"] for r in json.loads((ROOT / "results" / panel / "panel.json").read_text())
                 ["records"] if r["method"] == "majority"}
-    folders = sorted((ROOT / "results" / "variants_default").glob("*/panel.json"))
-    assert len(folders) == 8  # four variants on spam and on imdb
+    folders = sorted((ROOT / "results" / folder).glob("*/panel.json"))
+    assert len(folders) == count
     for path in folders:
         dataset, variant = path.parent.name.split("-")
         records = sorted(json.loads(path.read_text())["records"], key=lambda r: r["seed"])
