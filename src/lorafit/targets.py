@@ -54,6 +54,12 @@ def _classifier_fallback(model: nn.Module) -> list[str]:
     return candidates[-1:]
 
 
+def _wrapper_name(name: str, modules: dict[str, nn.Module]) -> str:
+    """A layer LoRA already wraps is named by its wrapper (whose `base` it is), as the roles name it."""
+    parent, _, leaf = name.rpartition(".")
+    return parent if leaf == "base" and hasattr(modules.get(parent), "adapters") else name
+
+
 def _pooler_fallback(model: nn.Module, classifier: list[str], encoder: list[str]) -> list[str]:
     """The head's first layer of an architecture the table does not list: the last `nn.Linear`
     before the classifier, outside the encoder, whose output size is the classifier's input
@@ -67,9 +73,7 @@ def _pooler_fallback(model: nn.Module, classifier: list[str], encoder: list[str]
     for name, module in modules.items():
         if name == classifier[0]:
             break
-        parent, _, leaf = name.rpartition(".")
-        if leaf == "base" and hasattr(modules.get(parent), "adapters"):
-            name = parent  # a layer LoRA already wraps is named by its wrapper
+        name = _wrapper_name(name, modules)
         if (name and isinstance(module, nn.Linear) and module.out_features == width and name not in encoder
                 and not any(name.startswith(e + ".") for e in encoder)):
             found = [name]
@@ -91,9 +95,7 @@ def encoder_linears(model: nn.Module) -> list[str]:
     out = []
     for n, m in modules.items():
         if n and isinstance(m, nn.Linear) and id(m) in inside:
-            parent, _, leaf = n.rpartition(".")
-            # a layer LoRA already wraps is named by its wrapper (whose `base` this is), as the roles name it
-            out.append(parent if leaf == "base" and hasattr(modules.get(parent), "adapters") else n)
+            out.append(_wrapper_name(n, modules))
     return out
 
 
