@@ -112,3 +112,31 @@ def test_pooler_role_names_the_layer_once_lora_wraps_it(arch):
     apply_lora(model, LoRAConfig(r=2, alpha=4, targets=["encoder", "pooler"]), adapter_name="a")
     assert resolve_targets(model, ["encoder", "pooler"]) == before == sorted(dict(lora_modules(model)),
                                                                          key=before.index)
+
+
+POOLER = {"distilbert": "pre_classifier", "bert": "bert.pooler.dense", "roberta": "classifier.dense",
+          "mpnet": "classifier.dense"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fresh", [True, False])
+def test_the_head_first_layer_named_by_module_is_treated_as_the_role(arch, fresh):
+    """`--targets encoder,pre_classifier` (the module's name) sets up what `encoder,pooler` does:
+    with `--train-head`, a first layer that loading initialised afresh trains fully (an adapter
+    there would make a DistilBERT run unloadable in PEFT), a pretrained one gets an adapter."""
+    from lorafit.config import RunConfig
+    from lorafit.lora import lora_modules
+    from lorafit.strategies import STRATEGIES
+
+    name = POOLER[arch]
+    fresh_keys = {f"{name}.weight", f"{name}.bias"} if fresh else set()
+    setups = {}
+    for targets in (["encoder", "pooler", "classifier"], ["encoder", name, "classifier"]):
+        model = tiny_model(arch)
+        STRATEGIES["lora"].setup(model, RunConfig(targets=targets), fresh_keys)
+        setups[targets[1]] = (sorted(dict(lora_modules(model))),
+                              sorted(n for n, p in model.named_parameters() if p.requires_grad))
+    adapted, trained = setups[name]
+    assert setups["pooler"] == setups[name]
+    assert (name in adapted) is not fresh
+    assert (f"{name}.weight" in trained) is fresh

@@ -91,10 +91,10 @@ class RunConfig:
                            "standardized features; same layers and shapes, exported unchanged (lorafit.head_init; "
                            "docs/recipe.md). --no-standardize starts from the pretrained layer as it is")
     train_head: bool = _f(True, "lora: train the head's new layers fully next to the adapters: the classifier layer, "
-                          "and the head's first layer (the role pooler in --targets) where loading initialised it "
-                          "afresh (DistilBERT's pre_classifier, RoBERTa's and MPNet's classifier.dense; BERT's "
-                          "pretrained pooler gets an adapter); --no-train-head puts a LoRA adapter on each instead, "
-                          "as the seed experiment did")
+                          "and the head's first layer (in --targets as the role pooler or by its module name) where "
+                          "loading initialised it afresh (DistilBERT's pre_classifier, RoBERTa's and MPNet's "
+                          "classifier.dense; BERT's pretrained pooler gets an adapter); --no-train-head puts a LoRA "
+                          "adapter on each instead, as the seed experiment did")
     dora: bool = _f(False, "lora: DoRA (Liu et al. 2024), a learned magnitude per output row next to the low-rank "
                     "direction update")
     init: str = _f("kaiming", "lora: how A and B start: kaiming (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), "

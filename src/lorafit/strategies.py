@@ -37,7 +37,7 @@ from lorafit.files import save_safetensors_atomic
 from lorafit.errors import RunDirError
 from lorafit.feature_cache import HeadOnCache, cacheable_head, extract_features
 from lorafit.lora import LoRAConfig, adapter_params, apply_lora, lora_modules, set_active_adapter
-from lorafit.targets import linear_names, target_presets
+from lorafit.targets import linear_names, resolve_targets, target_presets
 
 
 
@@ -197,7 +197,15 @@ class LoRA(Strategy):
     description = "LoRA adapters train; the pretrained weights stay frozen"
 
     def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
-        apply_lora(model, lora_config(cfg, fresh_pooler(model, fresh_keys)))
+        fresh = fresh_pooler(model, fresh_keys)
+        config = lora_config(cfg, fresh)
+        if fresh and cfg.train_head:  # a fresh first layer named by its module, not the role, trains fully too
+            pooler = target_presets(model)["pooler"]
+            named = [t for t in config.targets if resolve_targets(model, [t]) == pooler]
+            if named:
+                config.targets = [t for t in config.targets if t not in named] or ["encoder"]
+                config.train_modules = ["pooler", *[t for t in config.train_modules if t != "pooler"]]
+        apply_lora(model, config)
 
     def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
         """LoRA+ (Hayou et al. 2024): every B at `lora_plus_ratio` times the rate of A;
