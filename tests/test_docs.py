@@ -493,7 +493,7 @@ def test_second_encoder_at_todays_default_table_is_the_committed_subsets():
 
 VARIANT_TABLES = {  # results folder -> (its section in docs/recipe.md, where that ends, the majority's panel, folders)
     "variants_pooler": ("**The LoRA variants at today's defaults**", "**The LoRA variants at 256 tokens",
-                        "panel_pooler", 4),
+                        "panel_pooler", 8),
     "variants_default": ("**The LoRA variants at 256 tokens", "**The LoRA variants on the earlier", "panel", 8),
 }
 
