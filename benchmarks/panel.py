@@ -102,8 +102,8 @@ def _effective(config: dict, lr) -> dict:
     """A run's settings as training used them: the rate it trained at (a default that moved
     since is a difference; `--lr 1e-3` and a default of 1e-3 are not), and for lora the modules
     its adapters sit on and the modules it trains fully (`encoder` and the five roles it spans
-    are the same run; `classifier`, and a `pooler` that loading initialises afresh, are no adapter
-    where `train_head` trains them fully)."""
+    are the same run; `classifier` is no adapter where `train_head` trains it fully, and a
+    `pooler` that loading initialises afresh is neither adapted nor trained there)."""
     from lorafit.config import RunConfig
     from lorafit.strategies import lora_config
 
@@ -119,7 +119,7 @@ def _effective(config: dict, lr) -> dict:
 @functools.cache
 def _pooler_fresh(model: str | None) -> bool:
     """Whether loading `model` initialises its head's first layer afresh (lorafit.strategies.fresh_pooler),
-    which moves the role `pooler` from an adapter to a fully trained layer."""
+    which takes the role `pooler` out of the adapters and leaves the layer frozen."""
     from lorafit.models import load_model
     from lorafit.strategies import fresh_pooler
 

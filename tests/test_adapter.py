@@ -70,10 +70,12 @@ def test_peft_loads_lorafit_adapter(arch, tmp_path, batch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_loads_the_default_runs_adapter(arch, tmp_path, batch):
-    """lora's default (the CLI's `encoder,pooler,classifier` with the new head layers trained fully:
-    the classifier, and the head's first layer where loading initialised it afresh, as it does for
-    DistilBERT, RoBERTa and MPNet; BERT's pooler is pretrained and gets an adapter). On RoBERTa and
-    MPNet both head layers sit in one `classifier` module, which PEFT must not take whole."""
+    """lora's default (the CLI's `encoder,pooler,classifier` with the classifier trained fully and the
+    head's first layer, where loading initialised it afresh as it does for DistilBERT, RoBERTa and
+    MPNet, frozen and saved whole as the run saves it; BERT's pooler is pretrained and gets an
+    adapter). On RoBERTa and MPNet both head layers sit in one `classifier` module, which PEFT must
+    not take whole; on DistilBERT PEFT's suffix match takes `pre_classifier` for `classifier` and
+    needs its weights."""
     from lorafit.config import RunConfig
     from lorafit.strategies import lora_config
     from lorafit.targets import target_presets
@@ -86,8 +88,11 @@ def test_peft_loads_the_default_runs_adapter(arch, tmp_path, batch):
     with torch.no_grad():  # the fully trained layers differ from the base
         for name in model.lora_train_modules:
             model.get_submodule(name).weight.mul_(1.5)
-    save_adapter(model, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    save_adapter(model, tmp_path, keep_modules=presets["pooler"] if arch != "bert" else ())
+    base = tiny_model(arch)
+    if arch != "bert":  # loading the pretrained folder initialises the fresh layer afresh: other weights
+        torch.nn.init.normal_(base.get_submodule(presets["pooler"][0]).weight, std=0.5)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(_logits(peft_model, batch), _logits(model, batch), atol=1e-5, rtol=0)
     assert not torch.allclose(_logits(tiny_model(arch), batch), _logits(model, batch), atol=1e-3)
 

@@ -118,6 +118,23 @@ def test_recipe_pooler_adapter_table_is_the_committed_runs():
         assert want in table.splitlines(), want
 
 
+def test_recipe_fresh_first_layer_table_is_the_committed_mpnet_runs():
+    """The MPNet study of the head's fresh first layer: each row's trainable parameters, seeds, mean
+    macro-F1 and mean accuracy are results/mpnet_pooler's."""
+    doc = (ROOT / "docs" / "recipe.md").read_text()
+    table = table_after(doc, "| MPNet on drugs | trainable parameters |").replace("**", "")
+    for folder, method, label in (("trained", "lora", "first layer trained fully"),
+                                  ("frozen", "lora-nopooler", "first layer frozen at its random start (today)")):
+        records = sorted((r for r in json.loads((ROOT / "results" / "mpnet_pooler" / folder / "panel.json")
+                                                .read_text())["records"] if r["method"] == method),
+                         key=lambda r: r["seed"])
+        assert [r["seed"] for r in records] == [0, 1, 2] and len({r["trainable_params"] for r in records}) == 1
+        f1, acc = [r["macro_f1"] for r in records], [r["accuracy"] for r in records]
+        want = (f"| {label} | {records[0]['trainable_params']:,} | " + " / ".join(f"{x:.3f}" for x in f1)
+                + f" | {sum(f1) / 3:.3f} | {sum(acc) / 3:.3f} |")
+        assert want in table.splitlines(), want
+
+
 def test_recipe_capacity_table_is_the_committed_lever_runs():
     """Every lever run's macro-F1 per seed in results/recipe_rank/*/panel.md is in docs/recipe.md's table,
     with the flags that made it."""

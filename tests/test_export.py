@@ -339,13 +339,14 @@ def test_a_mean_pooled_head_lorafit_does_not_know_is_refused_for_hf(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["bert-lora-mean", "distilbert-lora-mean", "roberta-lora-mean", "mpnet-lora-mean"])
-def test_a_default_lora_run_adapts_a_pretrained_pooler_and_trains_a_fresh_one(matrix, name):
+def test_a_default_lora_run_adapts_a_pretrained_pooler_and_keeps_a_fresh_one(matrix, name):
     """lora's default head on each architecture: BERT's pretrained `pooler.dense` gets an adapter; a
     head's first layer that loading initialised afresh (DistilBERT `pre_classifier`, RoBERTa and
-    MPNet `classifier.dense`) trains fully beside the classifier. PEFT loads the run's adapter onto
-    the pretrained folder and merges to lorafit's merged weights (PEFT matches `modules_to_save` by
-    bare suffix, so on DistilBERT `classifier` names `pre_classifier` too, which an adapter there
-    would break)."""
+    MPNet `classifier.dense`) stays frozen at its random start and is saved whole in the adapter.
+    PEFT, which initialises that layer afresh (other random weights) when it loads the pretrained
+    folder, loads the run's adapter onto it and merges to lorafit's merged weights (PEFT matches
+    `modules_to_save` by bare suffix, so on DistilBERT `classifier` names `pre_classifier` too,
+    which an adapter there would break)."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSequenceClassification
 
@@ -357,9 +358,14 @@ def test_a_default_lora_run_adapts_a_pretrained_pooler_and_trains_a_fresh_one(ma
     assert (pooler in config["modules_to_save"]) is (arch != "bert")
     ours = lorafit.load_run(run.path).model
     base = AutoModelForSequenceClassification.from_pretrained(root / f"tiny-{arch}", num_labels=2)
+    base_pooler = base.get_submodule(pooler).weight.detach().clone()
     theirs = peft.PeftModel.from_pretrained(base, run.path / "adapter").merge_and_unload()
     want = {k.replace(".base.", "."): v for k, v in ours.state_dict().items() if "lora_" not in k}
     got = theirs.state_dict()
+    if arch != "bert":  # frozen at the run's own random start, which PEFT's fresh load does not repeat
+        start = load_file(run.path / "fresh_init.safetensors")
+        torch.testing.assert_close(want[f"{pooler}.weight"], start[f"{pooler}.weight"], atol=0, rtol=0)
+        assert not torch.allclose(base_pooler, want[f"{pooler}.weight"])
     for key in (f"{pooler}.weight", f"{pooler}.bias", "classifier.weight" if arch in ("bert", "distilbert")
                 else "classifier.out_proj.weight"):
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)

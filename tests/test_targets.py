@@ -122,8 +122,8 @@ POOLER = {"distilbert": "pre_classifier", "bert": "bert.pooler.dense", "roberta"
 @pytest.mark.parametrize("fresh", [True, False])
 def test_the_head_first_layer_named_by_module_is_treated_as_the_role(arch, fresh):
     """`--targets encoder,pre_classifier` (the module's name) sets up what `encoder,pooler` does:
-    with `--train-head`, a first layer that loading initialised afresh trains fully (an adapter
-    there would make a DistilBERT run unloadable in PEFT), a pretrained one gets an adapter."""
+    with `--train-head`, a first layer that loading initialised afresh is neither adapted nor
+    trained (it stays at its random start), a pretrained one gets an adapter."""
     from lorafit.config import RunConfig
     from lorafit.lora import lora_modules
     from lorafit.strategies import STRATEGIES
@@ -139,4 +139,4 @@ def test_the_head_first_layer_named_by_module_is_treated_as_the_role(arch, fresh
     adapted, trained = setups[name]
     assert setups["pooler"] == setups[name]
     assert (name in adapted) is not fresh
-    assert (f"{name}.weight" in trained) is fresh
+    assert not any(n.startswith(f"{name}.") for n in trained if "lora_" not in n)

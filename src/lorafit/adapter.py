@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,12 @@ def _split_peft_key(key: str) -> tuple[str, str | None]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None,
-                 adapter_name: str | None = None) -> Path:
+                 adapter_name: str | None = None, keep_modules: Sequence[str] = ()) -> Path:
     """Save adapter `adapter_name` (default: the active one) to `directory` in PEFT's format.
+
+    `keep_modules`: frozen modules whose weights the base checkpoint lacks (a head layer left at
+    its random start), saved whole beside the trained ones (PEFT's modules_to_save), so that
+    PEFT, which initialises them afresh on loading the base, reads the same weights.
 
     Raises:
         AdapterError: `model` has no LoRA (or no such adapter), its layers are merged, or
@@ -97,7 +102,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise AdapterError(f"adapter {adapter_name!r} has layers with different rank, alpha, scaling, dropout or "
                            "DoRA; PEFT's format holds one setting per adapter")
     r, alpha, scaling, dropout, use_dora = settings.pop()
-    train_modules = list(getattr(model, "lora_train_modules", []))
+    train_modules = list(dict.fromkeys([*getattr(model, "lora_train_modules", []), *keep_modules]))
     for t in train_modules:
         for n, p in model.get_submodule(t).named_parameters():
             tensors[f"{_PREFIX}{t}.{n}"] = p.detach().float()

@@ -80,8 +80,8 @@ class RunConfig:
                             "LoRA targets, comma-separated: roles (query, key, value, output, ffn, encoder: every "
                             "linear layer of the encoder, pooler: the head's first layer, classifier, head), "
                             "module-name suffixes or regexes (default: encoder, pooler and the classifier; "
-                            "--train-head trains the classifier, and a pooler that loading initialised afresh, "
-                            "fully instead)")
+                            "--train-head trains the classifier fully instead, and leaves a pooler that loading "
+                            "initialised afresh frozen)")
     head_init: str = _f("random", "the classifier layer's start: random (the architecture's initialisation) or "
                         "probe (a logistic regression on the frozen model's features at that layer, fitted on "
                         "the training split, its L2 strength chosen on validation; lorafit.head_init)",
@@ -90,11 +90,11 @@ class RunConfig:
                            "standard deviation of the head's input into the head's first layer, so it reads "
                            "standardized features; same layers and shapes, exported unchanged (lorafit.head_init; "
                            "docs/recipe.md). --no-standardize starts from the pretrained layer as it is")
-    train_head: bool = _f(True, "lora: train the head's new layers fully next to the adapters: the classifier layer, "
-                          "and the head's first layer (in --targets as the role pooler or by its module name) where "
-                          "loading initialised it afresh (DistilBERT's pre_classifier, RoBERTa's and MPNet's "
-                          "classifier.dense; BERT's pretrained pooler gets an adapter); --no-train-head puts a LoRA "
-                          "adapter on each instead, as the seed experiment did")
+    train_head: bool = _f(True, "lora: train the classifier layer fully next to the adapters, and leave the head's "
+                          "first layer (in --targets as the role pooler or by its module name) frozen at its random "
+                          "start where loading initialised it afresh (DistilBERT's pre_classifier, RoBERTa's and "
+                          "MPNet's classifier.dense; BERT's pretrained pooler gets an adapter); --no-train-head puts "
+                          "a LoRA adapter on each instead, as the seed experiment did")
     dora: bool = _f(False, "lora: DoRA (Liu et al. 2024), a learned magnitude per output row next to the low-rank "
                     "direction update")
     init: str = _f("kaiming", "lora: how A and B start: kaiming (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), "

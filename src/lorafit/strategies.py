@@ -14,10 +14,10 @@ and the CLI's help text come from `STRATEGIES`.
 - `lora`: LoRA adapters (default r=4, alpha=8 on every linear layer of the encoder:
   query, key, value, the attention output and both feed-forward layers, and on the head's
   first layer, role `pooler`, where the checkpoint holds it: BERT's pretrained pooler) and
-  the head's new layers, which start from random weights, trained fully (`train_head`: the
-  last classifier layer, and a head's first layer that loading initialised afresh, such as
-  DistilBERT's `pre_classifier`; off, each gets an adapter like the rest, as in the seed
-  experiment); nothing else trains. Its
+  the last classifier layer, which starts from random weights, trained fully (`train_head`;
+  a head's first layer that loading initialised afresh, such as DistilBERT's
+  `pre_classifier`, then stays frozen at its random start; off, each gets an adapter like
+  the rest, as in the seed experiment); nothing else trains. Its
   variants (DoRA, PiSSA, LoRA+) are settings of this one strategy.
 """
 
@@ -181,14 +181,14 @@ def fresh_pooler(model: nn.Module, fresh_keys: Collection[str]) -> bool:
 
 
 def lora_config(cfg: StrategySettings, pooler_fresh: bool = False) -> LoRAConfig:
-    """The LoRAConfig a run's settings describe. `train_head` moves the new head layers from
-    adapters to train_modules: the classifier, and the head's first layer where it is in the
-    targets as the role `pooler` and `pooler_fresh` (initialised afresh, `fresh_pooler`)."""
+    """The LoRAConfig a run's settings describe. `train_head` moves the classifier from an adapter
+    to train_modules, and leaves the head's first layer (the role `pooler` in the targets) frozen
+    at its random start where `pooler_fresh` (initialised afresh, `fresh_pooler`): neither an
+    adapter on it nor trained fully (trained fully, it overfit on MPNet; docs/recipe.md)."""
     moved = {"classifier", *(["pooler"] if pooler_fresh else [])} if cfg.train_head else set()
     targets = [t for t in cfg.targets if t not in moved]
-    train = ["pooler"] if "pooler" in moved and "pooler" in cfg.targets else []
     return LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets or ["encoder"],
-                      scaling=cfg.scaling, train_modules=[*train, "classifier"] if cfg.train_head else [],
+                      scaling=cfg.scaling, train_modules=["classifier"] if cfg.train_head else [],
                       use_dora=cfg.dora, init=cfg.init)
 
 
@@ -199,12 +199,9 @@ class LoRA(Strategy):
     def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
         fresh = fresh_pooler(model, fresh_keys)
         config = lora_config(cfg, fresh)
-        if fresh and cfg.train_head:  # a fresh first layer named by its module, not the role, trains fully too
+        if fresh and cfg.train_head:  # a fresh first layer named by its module, not the role, stays frozen too
             pooler = target_presets(model)["pooler"]
-            named = [t for t in config.targets if resolve_targets(model, [t]) == pooler]
-            if named:
-                config.targets = [t for t in config.targets if t not in named] or ["encoder"]
-                config.train_modules = ["pooler", *[t for t in config.train_modules if t != "pooler"]]
+            config.targets = [t for t in config.targets if resolve_targets(model, [t]) != pooler] or ["encoder"]
         apply_lora(model, config)
 
     def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
@@ -221,12 +218,16 @@ class LoRA(Strategy):
                 groups[1]]
 
     def save(self, model: nn.Module, cfg: StrategySettings, out: Path, fresh: dict[str, torch.Tensor]) -> int:
-        """The adapter in PEFT's format (`adapter/`), and the frozen fresh head weights it sits on."""
-        save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model)
-        size = dir_size(out / ADAPTER_DIR)
+        """The adapter in PEFT's format (`adapter/`), and the frozen fresh head weights it sits on:
+        in `fresh_init.safetensors`, and a frozen fresh layer no adapter wraps (DistilBERT's
+        `pre_classifier`) also whole in the adapter, so that PEFT loads the same model."""
         trained = set(adapter_params(model)) | {n for n, p in model.named_parameters() if p.requires_grad}
         # the LoRA'd classifier's base weights are random (a fresh head) and frozen: keep them
         keep = {k: v for k, v in fresh.items() if k not in trained}
+        wrapped = set(dict(lora_modules(model)))
+        frozen = sorted({k.rsplit(".", 1)[0] for k in keep} - wrapped)
+        save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model, keep_modules=frozen)
+        size = dir_size(out / ADAPTER_DIR)
         if keep:
             save_safetensors_atomic(keep, out / FRESH_INIT)
             size += (out / FRESH_INIT).stat().st_size
