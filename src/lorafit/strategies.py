@@ -224,8 +224,9 @@ class LoRA(Strategy):
         trained = set(adapter_params(model)) | {n for n, p in model.named_parameters() if p.requires_grad}
         # the LoRA'd classifier's base weights are random (a fresh head) and frozen: keep them
         keep = {k: v for k, v in fresh.items() if k not in trained}
-        wrapped = set(dict(lora_modules(model)))
-        frozen = sorted({k.rsplit(".", 1)[0] for k in keep} - wrapped)
+        modules, wrapped = dict(model.named_modules()), set(dict(lora_modules(model)))
+        frozen = sorted(m for m in {k.rsplit(".", 1)[0] for k in keep} - wrapped
+                        if isinstance(modules.get(m), nn.Linear))  # a head layer, not a buffer's owner
         save_adapter(model, out / ADAPTER_DIR, base_model_name=cfg.model, keep_modules=frozen)
         size = dir_size(out / ADAPTER_DIR)
         if keep:
