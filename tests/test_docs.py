@@ -119,12 +119,13 @@ def test_recipe_pooler_adapter_table_is_the_committed_runs():
 
 
 def test_recipe_fresh_first_layer_table_is_the_committed_mpnet_runs():
-    """The MPNet study of the head's fresh first layer: each row's trainable parameters, seeds, mean
-    macro-F1 and mean accuracy are results/mpnet_pooler's."""
+    """The MPNet study of the head's fresh first layer, and full fine-tuning beside it: each row's
+    trainable parameters, seeds, mean macro-F1 and mean accuracy are results/mpnet_pooler's."""
     doc = (ROOT / "docs" / "recipe.md").read_text()
     table = table_after(doc, "| MPNet on drugs | trainable parameters |").replace("**", "")
     for folder, method, label in (("trained", "lora", "first layer trained fully"),
-                                  ("frozen", "lora-nopooler", "first layer frozen at its random start (today)")):
+                                  ("frozen", "lora-nopooler", "first layer frozen at its random start (today)"),
+                                  ("full", "full", "full fine-tuning, for reference")):
         records = sorted((r for r in json.loads((ROOT / "results" / "mpnet_pooler" / folder / "panel.json")
                                                 .read_text())["records"] if r["method"] == method),
                          key=lambda r: r["seed"])
