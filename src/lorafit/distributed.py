@@ -23,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -111,10 +112,36 @@ def my_batches(batches: list[np.ndarray]) -> list[np.ndarray]:
     return batches[rank()::world_size()]
 
 
+RELEASE_WAIT_S = 10.0
+"""The longest `all_reduce` waits for gloo's worker thread to let go of a tensor."""
+
+
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """`dist.all_reduce(t, op)` in place, returning only once the backend holds no reference to `t`.
+
+    gloo runs a collective on a worker thread, which marks it complete and only then
+    drops its references to the tensor. Where the caller has dropped the tensor first,
+    the worker frees it, and a tensor Python has seen needs the GIL to be freed: if the
+    interpreter is finalising by then (a rank that has nothing left to do exits at
+    once), the worker thread is ended inside C++ and the process aborts with "terminate
+    called without an active exception" (rank 1 of a 2-process run, about 1 run in 30
+    on a loaded 2-core machine). Waiting here until the tensor's use count is back to
+    what it was before the call leaves its last reference with the caller. NCCL keeps
+    references for its watchdog instead: the wait is for gloo only.
+    """
+    before = t._use_count()
+    dist.all_reduce(t, op=op)
+    if dist.get_backend() == "gloo":
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while t._use_count() > before and time.monotonic() < deadline:
+            time.sleep(1e-4)
+    return t
+
+
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over ranks, in place (fp32/fp64; gloo has no bf16 all-reduce)."""
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        all_reduce(t, dist.ReduceOp.SUM)
     return t
 
 
@@ -123,7 +150,7 @@ def max_(x: float) -> float:
     if world_size() == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    all_reduce(t, dist.ReduceOp.MAX)
     return float(t.item())
 
 
