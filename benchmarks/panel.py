@@ -12,8 +12,8 @@ on the same train / validation / test cut (`lorafit.data.load_dataset`, same see
   the runs cut it (`--max-length` in `--extra`; at another length than 256 tokens it is
   named `probe-<length>`).
 
-Resumable: a finished run (its final.json, or a reference's JSON) made on this CPU is
-read back. `--extra` adds flags to every lorafit run (for a study; the panel itself
+Resumable: a finished run (its final.json, or a reference's JSON) made on this CPU, with
+the settings and the trainable count today's code gives the request, is read back. `--extra` adds flags to every lorafit run (for a study; the panel itself
 runs with none) and `--tag` names such a study's runs apart.
 
     .venv/bin/python benchmarks/panel.py [--datasets imdb,drugs,spam,rt] [--seeds 0,1,2]
@@ -74,6 +74,7 @@ def lorafit_run(data: Path, strategy: str, seed: int, out: Path, extra: list[str
         raise SystemExit(f"{final} was made on {rec.get('cpu')}, but this machine is {cpu_model()}; "
                          "pass a new --out")
     _same_settings(out, [str(data), strategy, seed, extra, model])
+    _same_trainable(out, rec, [str(data), strategy, seed, extra, model])
     return rec
 
 
@@ -96,6 +97,40 @@ def _same_settings(run: Path, request: list) -> None:
     if differ:
         raise SystemExit(f"{run} was trained with other settings than this request makes now ({', '.join(differ)}: "
                          f"{[saved.get(k) for k in differ]} against {[want[k] for k in differ]}); pass a new --out")
+
+
+def _same_trainable(run: Path, rec: dict, request: list) -> None:
+    """Refuse to read back a run that trained another number of parameters than today's code
+    trains for the request: a rule that changed with no setting of its own (which of a head's
+    layers lora adapts, trains fully or leaves frozen) passes `_same_settings`, but not this."""
+    data, strategy, seed, extra, model = request
+    cfg = _request_config(data, extra, strategy, seed, model)
+    want = trainable_now(cfg, len(rec["label_names"]))
+    if rec["trainable_params"] != want:
+        raise SystemExit(f"{run} trained {rec['trainable_params']:,} parameters, but this request trains {want:,} "
+                         "with today's code (a rule changed since the run was made); pass a new --out")
+
+
+_TRAINABLE: dict[tuple[str, int], int] = {}
+"""trainable_now's counts, by settings (seed and data aside) and number of classes."""
+
+
+def trainable_now(cfg, num_labels: int) -> int:
+    """How many parameters `cfg`'s strategy trains on its model with `num_labels` classes today:
+    the model loaded and set up as `lorafit train` does, nothing trained."""
+    key = (json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data")}, sort_keys=True,
+                      default=str), num_labels)
+    if key not in _TRAINABLE:
+        from lorafit.lora import count_parameters
+        from lorafit.models import load_model
+        from lorafit.strategies import STRATEGIES
+
+        loaded = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
+                            pooling=cfg.pooling)
+        STRATEGIES[cfg.strategy].setup(loaded.model, cfg, loaded.fresh_keys)
+        _TRAINABLE[key] = count_parameters(loaded.model)[0]
+    return _TRAINABLE[key]
+
 
 
 def _effective(config: dict, lr) -> dict:

@@ -161,6 +161,24 @@ def test_panel_reads_back_a_run_only_where_it_trained_as_the_request_would(tmp_p
         _same_settings(saved_last2(tmp_path / "l2-before", standardize=None), last2)
 
 
+def test_panel_reads_back_a_run_only_where_it_trained_what_today_s_code_trains(tmp_path):
+    """A rule with no setting of its own (which head layer lora adapts, trains fully or leaves
+    frozen) changes what a run trains but not its config.json: the read-back compares the run's
+    trainable count with what today's code sets up for the request on the same number of classes."""
+    from panel import _same_trainable, _request_config, trainable_now
+
+    request = ["d.csv", "lora", 0, [], None]
+    today = trainable_now(_request_config(*request[:1], request[3], "lora", 0, None), 2)
+    assert today == 169_730  # the default model's lora run (docs/recipe.md)
+    assert trainable_now(_request_config("d.csv", [], "lora", 1, None), 3) == today + 385  # a third class: 384 + 1
+    run = tmp_path / "run"
+    _same_trainable(run, {"trainable_params": today, "label_names": ["neg", "pos"]}, request)
+    pooler = 384 * 384 + 384  # the pooler trained fully instead of carrying its adapter (rank 4: 4 x 768)
+    earlier = today - 4 * 768 + pooler
+    with pytest.raises(SystemExit, match=f"trained {earlier:,} parameters, but this request trains {today:,}"):
+        _same_trainable(run, {"trainable_params": earlier, "label_names": ["neg", "pos"]}, request)
+
+
 def test_panel_check_takes_named_methods_from_the_references():
     """lora's rows at a new default, checked against the other rows of the same encoder's panel:
     the named methods come from the references, the references' own lora rows do not, and naming
