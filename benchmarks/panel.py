@@ -13,8 +13,9 @@ on the same train / validation / test cut (`lorafit.data.load_dataset`, same see
   named `probe-<length>`).
 
 Resumable: a finished run (its final.json, or a reference's JSON) made on this CPU, with
-the settings and the trainable count today's code gives the request, is read back. `--extra` adds flags to every lorafit run (for a study; the panel itself
-runs with none) and `--tag` names such a study's runs apart.
+the settings and the trainable count today's code gives the request, is read back.
+`--extra` adds flags to every lorafit run (for a study; the panel itself runs with none)
+and `--tag` names such a study's runs apart.
 
     .venv/bin/python benchmarks/panel.py [--datasets imdb,drugs,spam,rt] [--seeds 0,1,2]
         [--strategies full,last-two-layers,lora] [--model PATH] [--out runs/panel] [--results results/panel]
