@@ -146,21 +146,20 @@ def _effective(config: dict, lr) -> dict:
     out = {**config, "lr": lr}
     if out.get("strategy") == "lora":
         fields = {k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__}
-        lora = lora_config(RunConfig(**fields), _pooler_fresh(out.get("model")))
+        loaded = _loaded(out.get("model"))
+        lora = lora_config(RunConfig(**fields), loaded.model, loaded.fresh_keys)
         out["targets"] = (_adapted_modules(out.get("model"), tuple(lora.targets)),
                           _adapted_modules(out.get("model"), tuple(lora.train_modules)))
     return out
 
 
 @functools.cache
-def _pooler_fresh(model: str | None) -> bool:
-    """Whether loading `model` initialises its head's first layer afresh (lorafit.strategies.fresh_pooler),
-    which takes the role `pooler` out of the adapters and leaves the layer frozen."""
+def _loaded(model: str | None):
+    """`model` as `lorafit train` loads it (2 classes): `lora_config` reads from it whether loading
+    initialised the head's first layer afresh, which leaves that layer frozen and out of the adapters."""
     from lorafit.models import load_model
-    from lorafit.strategies import fresh_pooler
 
-    loaded = load_model(model, num_labels=2)
-    return fresh_pooler(loaded.model, loaded.fresh_keys)
+    return load_model(model, num_labels=2)
 
 
 @functools.cache

@@ -81,7 +81,8 @@ def test_peft_loads_the_default_runs_adapter(arch, tmp_path, batch):
     from lorafit.targets import target_presets
 
     model = tiny_model(arch)
-    apply_lora(model, lora_config(RunConfig(), pooler_fresh=arch != "bert"))
+    fresh = {f"{n}.weight" for n in target_presets(model)["pooler"]} if arch != "bert" else set()
+    apply_lora(model, lora_config(RunConfig(), model, fresh))
     _perturb(model)
     presets = target_presets(model)
     assert isinstance(model.get_submodule(presets["pooler"][0]), LoRALinear) is (arch == "bert")

@@ -180,13 +180,18 @@ def fresh_pooler(model: nn.Module, fresh_keys: Collection[str]) -> bool:
     return bool(names) and all(f"{n}.weight" in fresh_keys for n in names)
 
 
-def lora_config(cfg: StrategySettings, pooler_fresh: bool = False) -> LoRAConfig:
-    """The LoRAConfig a run's settings describe. `train_head` moves the classifier from an adapter
-    to train_modules, and leaves the head's first layer (the role `pooler` in the targets) frozen
-    at its random start where `pooler_fresh` (initialised afresh, `fresh_pooler`): neither an
-    adapter on it nor trained fully (trained fully, it overfit on MPNet; docs/recipe.md)."""
-    moved = {"classifier", *(["pooler"] if pooler_fresh else [])} if cfg.train_head else set()
-    targets = [t for t in cfg.targets if t not in moved]
+def lora_config(cfg: StrategySettings, model: nn.Module | None = None, fresh_keys: Collection[str] = ()
+                ) -> LoRAConfig:
+    """The LoRAConfig a run's settings describe on `model` (None: on any model, taking the head's
+    first layer as pretrained). `train_head` moves the classifier from an adapter to
+    train_modules, and where loading initialised the head's first layer afresh (`fresh_pooler`
+    of `model` and its `fresh_keys`) leaves that layer frozen at its random start: no target
+    keeps it, whether it names the role `pooler` or the layer's module, and nothing trains it
+    fully (trained fully, it overfit on MPNet; docs/recipe.md)."""
+    targets = [t for t in cfg.targets if not (cfg.train_head and t == "classifier")]
+    if cfg.train_head and model is not None and fresh_pooler(model, fresh_keys):
+        pooler = target_presets(model)["pooler"]
+        targets = [t for t in targets if t != "pooler" and resolve_targets(model, [t]) != pooler]
     return LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=targets or ["encoder"],
                       scaling=cfg.scaling, train_modules=["classifier"] if cfg.train_head else [],
                       use_dora=cfg.dora, init=cfg.init)
@@ -197,12 +202,7 @@ class LoRA(Strategy):
     description = "LoRA adapters train; the pretrained weights stay frozen"
 
     def setup(self, model: nn.Module, cfg: StrategySettings, fresh_keys: Collection[str] = ()) -> None:
-        fresh = fresh_pooler(model, fresh_keys)
-        config = lora_config(cfg, fresh)
-        if fresh and cfg.train_head:  # a fresh first layer named by its module, not the role, stays frozen too
-            pooler = target_presets(model)["pooler"]
-            config.targets = [t for t in config.targets if resolve_targets(model, [t]) != pooler] or ["encoder"]
-        apply_lora(model, config)
+        apply_lora(model, lora_config(cfg, model, fresh_keys))
 
     def param_groups(self, model: nn.Module, cfg: StrategySettings, lr: float) -> list[dict]:
         """LoRA+ (Hayou et al. 2024): every B at `lora_plus_ratio` times the rate of A;
