@@ -124,8 +124,8 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
     the worker frees it, and a tensor Python has seen needs the GIL to be freed: if the
     interpreter is finalising by then (a rank that has nothing left to do exits at
     once), the worker thread is ended inside C++ and the process aborts with "terminate
-    called without an active exception" (rank 1 of a 2-process run, about 1 run in 30
-    on a loaded 2-core machine). Waiting here until the tensor's use count is back to
+    called without an active exception" (rank 1 of a 2-process run, 2 runs of 87 on a
+    2-core machine). Waiting here until the tensor's use count is back to
     what it was before the call leaves its last reference with the caller. NCCL keeps
     references for its watchdog instead: the wait is for gloo only.
     """
