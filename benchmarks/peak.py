@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from lorafit.machine import cpu_model  # one definition; the other benchmarks import it from here
+from lorafit.machine import cpu_model, gemm_flops  # one definition; the other benchmarks import them from here
 
 
 def cpu_flags() -> list[str]:
@@ -28,22 +27,6 @@ def cpu_flags() -> list[str]:
         return []
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_fp16", "avx512f"))
-
-
-def gemm_flops(m: int, k: int, n: int, dtype: torch.dtype, trials: int = 5, seconds: float = 1.0) -> float:
-    """Best FLOP/s over `trials` of (m x k) @ (k x n), each trial ~`seconds` long, after a warm-up."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    c = torch.empty(m, n, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b, out=c)
-    best = 0.0
-    for _ in range(trials):
-        reps, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds:
-            torch.matmul(a, b, out=c)
-            reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
-    return best
 
 
 def model_shapes(tokens: int = 16 * 256, hidden: int = 384, intermediate: int = 1536) -> dict[str, tuple]:

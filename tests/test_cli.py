@@ -56,6 +56,15 @@ def test_compare_leaves_every_artifact(compare_dir):
     md = (compare_dir / "report.md").read_text()
     assert "| lora |" in md and "169,730" in md
     assert (compare_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # the times beside the CPU they ran on and what it multiplies at, measured by this comparison
+    machine = report["machine"]
+    assert machine["cpu"] == cpu_model() and machine["threads"] == torch.get_num_threads()
+    assert 1e-4 < machine["bf16_tflops"] < 1e3 and 1e-4 < machine["fp32_tflops"] < 1e3
+    precision = lora["precision"]
+    assert {full["precision"], last2["precision"]} == {precision}
+    assert (f"CPU: {cpu_model()}, {machine['threads']} threads, runs in {precision}; its matmul peak, measured "
+            f"after the runs: bf16 {machine['bf16_tflops']:.2f} TFLOP/s, fp32 {machine['fp32_tflops']:.2f} TFLOP/s"
+            ) in md
 
 
 def test_evaluate_and_predict_agree_with_final(compare_dir):

@@ -29,6 +29,7 @@ from torch import nn
 
 from lorafit.config import RunConfig, make_config
 from lorafit.errors import ConfigError, LorafitError, RunDirError
+from lorafit.machine import matmul_peak
 from lorafit.strategies import STRATEGY_NAMES
 
 PathLike = str | os.PathLike
@@ -192,7 +193,9 @@ def compare(*, strategies: Sequence[str] | None = None, out: PathLike | None = N
     results, wall = run_invocation(folder, state, state_path, state["strategies"],
                                    lambda s: with_nproc(compare_child(folder, s, not progress), nproc),
                                    "comparison", "compare", command)
-    report = write_compare_report(results, folder, state["command"], wall, invocations=len(state["invocations"]))
+    on_cpu = all(r["final"].get("device") == "cpu" for r in results.values())  # a GPU's runs: no CPU peak
+    report = write_compare_report(results, folder, state["command"], wall, invocations=len(state["invocations"]),
+                                  machine=matmul_peak() if on_cpu else None)
     return CompareResult(folder, {name: RunResult.read(folder / name) for name in results}, report)
 
 

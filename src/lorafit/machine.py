@@ -1,5 +1,5 @@
 """Facts about the machine a run computes on: the CPU's name (by family and model), whether
-it has bf16 matmul instructions, and where lorafit keeps its caches.
+it has bf16 matmul instructions, its measured matmul peak, and where lorafit keeps its caches.
 
 Measurements and the choices made from them (lorafit.measured, lorafit.precision,
 lorafit.attention) are keyed by these facts, and every run records its CPU in final.json.
@@ -8,6 +8,7 @@ lorafit.attention) are keyed by these facts, and every run records its CPU in fi
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,3 +66,41 @@ def cache_root() -> Path:
         return Path(os.environ["LORAFIT_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lorafit"
+
+
+def gemm_flops(m: int, k: int, n: int, dtype, trials: int = 5, seconds: float = 1.0) -> float:
+    """Best FLOP/s over `trials` of (m x k) @ (k x n) in `dtype` (a torch dtype), each trial
+    about `seconds` long (at least one product), after a warm-up of three products."""
+    import torch
+
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    c = torch.empty(m, n, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b, out=c)
+    best = 0.0
+    for _ in range(trials):
+        reps, t = 0, time.perf_counter()
+        while reps == 0 or time.perf_counter() - t < seconds:
+            torch.matmul(a, b, out=c)
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+PEAK_SIZE, PEAK_TRIALS, PEAK_SECONDS = 1536, 3, 0.2
+"""The quick peak's square product and its trials: about 1.4 s for both dtypes on AMX, within 10% of
+`benchmarks/peak.py`'s longer 2048 x 2048 measurement there (results/quick_peak/)."""
+
+
+def matmul_peak() -> dict:
+    """This CPU's matmul peak as a comparison measures it beside its times (a second or two):
+    {"cpu", "threads", "bf16_tflops", "fp32_tflops", "method"}. A time means little without the
+    CPU and what it multiplies at (bf16 is emulated, and slower than fp32, where the CPU has no
+    bf16 instructions); `benchmarks/peak.py` measures longer and at the model's own shapes."""
+    import torch
+
+    n = PEAK_SIZE
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "bf16_tflops": gemm_flops(n, n, n, torch.bfloat16, PEAK_TRIALS, PEAK_SECONDS) / 1e12,
+            "fp32_tflops": gemm_flops(n, n, n, torch.float32, PEAK_TRIALS, PEAK_SECONDS) / 1e12,
+            "method": f"{n}x{n}x{n} product, best of {PEAK_TRIALS} trials of ~{PEAK_SECONDS} s after a warm-up"}

@@ -149,14 +149,18 @@ def plot_compare(results: dict[str, dict], path: Path) -> None:
 
 
 def write_compare_report(results: dict[str, dict], out: Path, command: str, wall_seconds: float,
-                         invocations: int = 1) -> dict:
+                         invocations: int = 1, machine: dict | None = None) -> dict:
     """report.md, report.json and report.png for a `compare` run; returns the report.
 
-    `wall_seconds` sums the `invocations` (the first run and each `--resume`).
+    `wall_seconds` sums the `invocations` (the first run and each `--resume`); `machine`:
+    `lorafit.machine.matmul_peak()` measured by this invocation, which puts the times in context.
     """
     rows = compare_rows(results)
     report = {"command": command, "wall_seconds": wall_seconds, "invocations": invocations, "rows": rows,
               "config": next(iter(results.values()))["config"]}
+    if machine:
+        report["machine"] = machine
+    precisions = sorted({r["final"].get("precision") for r in results.values()} - {None})
     plot_compare(results, out / "report.png")
     cfg = report["config"]
     kept = "final epoch's" if cfg.get("keep", "best") == "last" else "best-validation epoch's"
@@ -171,6 +175,9 @@ def write_compare_report(results: dict[str, dict], out: Path, command: str, wall
           f"{cfg['max_length']}, batch size {cfg['batch_size']}, seed {cfg['seed']}. Test accuracy is that of the "
           f"{kept} weights. Wall time of the whole comparison: {wall_seconds / 60:.1f} min"
           f"{resumed}."
+          + (f" CPU: {machine['cpu']}, {machine['threads']} threads, runs in {' and '.join(precisions) or '?'}; "
+             f"its matmul peak, measured after the runs: bf16 {machine['bf16_tflops']:.2f} TFLOP/s, fp32 "
+             f"{machine['fp32_tflops']:.2f} TFLOP/s ({machine['method']})." if machine else "")
           + (f" Classes: {', '.join(labels)}." if labels else "")
           + (f" The majority class is {100 * majority:.1f}% of the test texts: the accuracy of always predicting "
              "it." if majority is not None else "")
