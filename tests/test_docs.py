@@ -307,6 +307,18 @@ def test_compare_tables_are_the_committed_reports(doc, name, n):
         assert row in text, f"{doc} lacks results/{name}/report.md row: {row}"
 
 
+def test_readme_peak_is_the_committed_comparisons():
+    """The matmul peak beside the README's times is the one its comparison measured (report.json)."""
+    machine = json.loads((ROOT / "results" / "default_compare" / "report.json").read_text())["machine"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"matmul peak at {machine['bf16_tflops']:.2f} TFLOP/s in bf16 and {machine['fp32_tflops']:.2f} in fp32"
+            in readme)
+    final = json.loads((ROOT / "results" / "default_compare" / "lora" / "final.json").read_text())
+    family_model = machine["cpu"].split("(")[-1].rstrip(")")  # "family 6, model 167"
+    assert machine["cpu"] == final["cpu"]
+    assert f"({family_model}; `--precision auto` chose {final['precision']}" in readme
+
+
 def test_full_scale_probe_accuracies_are_the_committed_probes():
     """The probe's test accuracies in docs/full-scale.md are results/probe/probe_mean.json and probe_cls.json."""
     readme = (ROOT / "docs" / "full-scale.md").read_text()
