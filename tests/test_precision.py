@@ -126,3 +126,21 @@ def test_cpu_description_tells_apart_cpus_with_the_same_generic_name():
     assert describe_cpu(ZEN4 + ZEN5.replace("processor\t: 0", "processor\t: 1")) == describe_cpu(ZEN4)
     assert describe_cpu("model name\t: Some CPU\n") == "Some CPU"  # no family/model lines: the name alone
     assert describe_cpu("processor\t: 0\nflags\t: fpu\n") is None
+
+
+def test_the_quick_matmul_peak_times_one_product_where_one_is_slower_than_a_trial(monkeypatch):
+    """A comparison's peak stays a few seconds long where a dtype is emulated: a product slower
+    than a trial is timed once (the second, warm one) instead of filling the trials; a fast one
+    fills them. Here a trial of 1 ns makes every product 'slow'."""
+    import lorafit.machine as machine
+
+    calls = []
+    real = machine.gemm_flops
+    monkeypatch.setattr(machine, "gemm_flops", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(machine, "PEAK_SIZE", 256)
+    fast = machine.matmul_peak()
+    assert len(calls) == 2 and fast["bf16_tflops"] > 0 and fast["fp32_tflops"] > 0
+    monkeypatch.setattr(machine, "PEAK_SECONDS", 1e-9)
+    slow = machine.matmul_peak()
+    assert len(calls) == 2 and slow["bf16_tflops"] > 0 and slow["fp32_tflops"] > 0  # no trials: one product each
+    assert "256x256x256 product" in slow["method"]
