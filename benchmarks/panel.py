@@ -112,26 +112,26 @@ def _same_trainable(run: Path, rec: dict, request: list) -> None:
                          "with today's code (a rule changed since the run was made); pass a new --out")
 
 
-_TRAINABLE: dict[tuple[str, int], int] = {}
-"""trainable_now's counts, by settings (seed and data aside) and number of classes."""
-
-
 def trainable_now(cfg, num_labels: int) -> int:
     """How many parameters `cfg`'s strategy trains on its model with `num_labels` classes today:
     the model loaded and set up as `lorafit train` does, nothing trained."""
-    key = (json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data")}, sort_keys=True,
-                      default=str), num_labels)
-    if key not in _TRAINABLE:
-        from lorafit.lora import count_parameters
-        from lorafit.models import load_model
-        from lorafit.strategies import STRATEGIES
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "data")}  # what a setup does not read
+    return _trainable(json.dumps(settings, sort_keys=True), num_labels)
 
-        loaded = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
-                            pooling=cfg.pooling)
-        STRATEGIES[cfg.strategy].setup(loaded.model, cfg, loaded.fresh_keys)
-        _TRAINABLE[key] = count_parameters(loaded.model)[0]
-    return _TRAINABLE[key]
 
+@functools.cache
+def _trainable(settings: str, num_labels: int) -> int:
+    """`trainable_now` for a RunConfig's settings as JSON (seed and data at their defaults)."""
+    from lorafit.config import RunConfig
+    from lorafit.lora import count_parameters
+    from lorafit.models import load_model
+    from lorafit.strategies import STRATEGIES
+
+    cfg = RunConfig(**json.loads(settings))
+    loaded = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, attn_dropout=cfg.attn_dropout,
+                        pooling=cfg.pooling)
+    STRATEGIES[cfg.strategy].setup(loaded.model, cfg, loaded.fresh_keys)
+    return count_parameters(loaded.model)[0]
 
 
 def _effective(config: dict, lr) -> dict:

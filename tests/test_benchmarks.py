@@ -168,7 +168,7 @@ def test_panel_reads_back_a_run_only_where_it_trained_what_today_s_code_trains(t
     from panel import _same_trainable, _request_config, trainable_now
 
     request = ["d.csv", "lora", 0, [], None]
-    today = trainable_now(_request_config(*request[:1], request[3], "lora", 0, None), 2)
+    today = trainable_now(_request_config("d.csv", [], "lora", 0, None), 2)
     assert today == 169_730  # the default model's lora run (docs/recipe.md)
     assert trainable_now(_request_config("d.csv", [], "lora", 1, None), 3) == today + 385  # a third class: 384 + 1
     run = tmp_path / "run"
